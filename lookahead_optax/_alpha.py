@@ -1,0 +1,214 @@
+"""The slow-weight step size alpha: a constant, a schedule, or adaptive.
+
+A constant or a schedule (a callable of the number of completed syncs) is
+read once per sync. The adaptive rule of the paper's section 2.1 picks alpha at
+each sync from a quadratic model of the loss with a diagonal empirical Fisher.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_FISHER_SOURCES = ("auto", "inner", "ema")
+
+
+class AdaptiveAlpha(NamedTuple):
+  """Configuration of the adaptive slow step size; build it with :func:`adaptive_alpha`."""
+
+  alpha_low: float
+  """Lower clip of alpha; the upper clip is 1."""
+  fisher: str
+  """Where the diagonal Fisher comes from: ``"inner"``, ``"ema"`` or ``"auto"``."""
+  b2: float
+  """Decay of the squared-gradient average (and bias correction of the inner's)."""
+  eps: float
+  """Added to the Fisher diagonal so the quadratic model is never flat."""
+
+
+class AdaptiveAlphaState(NamedTuple):
+  """What adaptive alpha keeps between steps."""
+
+  fisher: Any
+  """EMA of squared gradients (param-shaped) or ``optax.EmptyState()`` when read from the inner state."""
+  count: jax.Array
+  """Steps folded into the EMA, for bias correction (int32)."""
+
+
+def adaptive_alpha(
+    alpha_low: float = 0.1,
+    *,
+    fisher: str = "auto",
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> AdaptiveAlpha:
+  r"""The adaptive slow step size of the paper's section 2.1.
+
+  At each sync, with slow weights :math:`\phi`, fast weights :math:`\theta_k`,
+  :math:`d = \phi - \theta_k`, a diagonal empirical Fisher :math:`\hat A` and a
+  gradient :math:`g`,
+
+  .. math::
+
+    \hat\alpha = \mathrm{clip}\Big(
+      \frac{(\phi - (\theta_k - \hat A^{-1} g))^\top \hat A\, d}{d^\top \hat A\, d},
+      \alpha_{low}, 1\Big)
+    = \mathrm{clip}\Big(1 + \frac{g^\top d}{d^\top \hat A d}, \alpha_{low}, 1\Big).
+
+  On a quadratic with :math:`\hat A = A` and the exact gradient at
+  :math:`\theta_k` this is Proposition 1's optimal step.
+
+  Which gradient stands in for :math:`\nabla L(\theta_k)`: the gradient passed
+  to the k-th inner update. It was evaluated at :math:`\theta_{k-1}`, one inner
+  step before :math:`\theta_k`; the gradient at :math:`\theta_k` itself only
+  exists after the sync, and waiting for it would delay the sync by one step.
+
+  Fisher source: ``"inner"`` reads the inner optimizer's second moment (the
+  ``nu`` of Adam-like states), bias-corrected with ``b2`` (set it to the inner's
+  ``b2``), at no memory cost; ``"ema"`` keeps its own EMA of squared gradients,
+  one extra param-sized copy in the state, updated every step; ``"auto"``
+  (default) takes ``"inner"`` when the inner state has a ``nu`` and ``"ema"``
+  otherwise. The alpha chosen at the last sync is ``LookaheadState.alpha``.
+
+  Args:
+    alpha_low: lower clip of alpha, in (0, 1]. The paper notes that
+      ``alpha_low > 0`` improves stability; 0.1 is our default.
+    fisher: ``"auto"``, ``"inner"`` or ``"ema"``.
+    b2: EMA decay of squared gradients, in [0, 1).
+    eps: added to the Fisher diagonal, >= 0.
+
+  Returns:
+    An :class:`AdaptiveAlpha`, to pass as ``lookahead(..., alpha=...)``.
+
+  Example:
+    >>> import optax, jax.numpy as jnp
+    >>> from lookahead_optax import lookahead, adaptive_alpha
+    >>> opt = lookahead(optax.adam(1e-2), k=5, alpha=adaptive_alpha(0.2))
+    >>> state = opt.init({"w": jnp.ones(3)})
+  """
+  if not is_real_number(alpha_low) or not 0.0 < alpha_low <= 1.0:
+    raise ValueError(f"adaptive_alpha: alpha_low must be a number in (0, 1], got {alpha_low!r}.")
+  if fisher not in _FISHER_SOURCES:
+    raise ValueError(f"adaptive_alpha: fisher must be one of {_FISHER_SOURCES}, got {fisher!r}.")
+  if not is_real_number(b2) or not 0.0 <= b2 < 1.0:
+    raise ValueError(f"adaptive_alpha: b2 must be a number in [0, 1), got {b2!r}.")
+  if not is_real_number(eps) or not eps >= 0.0:
+    raise ValueError(f"adaptive_alpha: eps must be a number >= 0, got {eps!r}.")
+  return AdaptiveAlpha(float(alpha_low), fisher, float(b2), float(eps))
+
+
+def adaptive_alpha_value(slow, fast, grad, fisher, eps: float = 0.0) -> jax.Array:
+  r"""Unclipped :math:`\hat\alpha = 1 + g^\top d / (d^\top (\hat A + \epsilon) d)`, :math:`d = \phi - \theta_k`.
+
+  All four arguments are pytrees of the same structure; the sums run over every
+  leaf. Returns 1 when the fast weights did not move (:math:`d = 0`).
+  """
+  d = jax.tree.map(lambda s, f: s - f.astype(s.dtype), slow, fast)
+  num = _tree_sum(jax.tree.map(lambda g, d: jnp.real(jnp.conj(g) * d), grad, d))
+  den = _tree_sum(jax.tree.map(lambda a, d: (a.real + eps) * jnp.abs(d) ** 2, fisher, d))
+  safe = jnp.where(den > 0, den, 1.0)
+  return jnp.where(den > 0, 1.0 + num / safe, 1.0)
+
+
+def _tree_sum(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return sum((jnp.sum(x, dtype=jnp.float32) for x in leaves), jnp.zeros((), jnp.float32))
+
+
+def inner_second_moment(inner_state) -> Optional[tuple[Any, jax.Array]]:
+  """The ``(nu, count)`` of an Adam-like inner state, or None if it has none."""
+  nus = optax.tree_utils.tree_get_all_with_path(inner_state, "nu")
+  counts = optax.tree_utils.tree_get_all_with_path(inner_state, "count")
+  if len(nus) != 1 or not counts:
+    return None
+  return nus[0][1], counts[0][1]
+
+
+def init_alpha_state(rule, slow, inner_state):
+  """The alpha state for ``rule`` (``optax.EmptyState()`` unless it keeps an EMA)."""
+  if not isinstance(rule, AdaptiveAlpha) or _uses_inner_fisher(rule, inner_state):
+    return optax.EmptyState()
+  if rule.fisher == "inner":
+    raise ValueError(
+        "adaptive_alpha(fisher='inner') needs an inner optimizer state with a second"
+        " moment 'nu' (Adam-like); this inner state has none. Use fisher='ema'."
+    )
+  zeros = jax.tree.map(lambda s: jnp.zeros_like(s, dtype=jnp.real(s).dtype), slow)
+  return AdaptiveAlphaState(fisher=zeros, count=jnp.zeros((), jnp.int32))
+
+
+def _uses_inner_fisher(rule: AdaptiveAlpha, inner_state) -> bool:
+  return rule.fisher != "ema" and inner_second_moment(inner_state) is not None
+
+
+def observe_gradient(rule, alpha_state, grads):
+  """Fold this step's gradient into the EMA (every step; a no-op for other rules)."""
+  if not isinstance(alpha_state, AdaptiveAlphaState):
+    return alpha_state
+  fisher = jax.tree.map(
+      lambda f, g: rule.b2 * f + (1.0 - rule.b2) * jnp.abs(g).astype(f.dtype) ** 2,
+      alpha_state.fisher,
+      grads,
+  )
+  return AdaptiveAlphaState(fisher=fisher, count=optax.safe_increment(alpha_state.count))
+
+
+def alpha_at_sync(rule, syncs, alpha_state, inner_state, slow, fast, grads, mask, axis_name=None):
+  """The alpha used at this sync, a float32 scalar.
+
+  ``slow``, ``fast`` and ``grads`` hold ``MaskedNode()`` where params are not
+  floating point; ``mask`` does the same to a params-shaped tree.
+  """
+  if isinstance(rule, AdaptiveAlpha):
+    if isinstance(alpha_state, AdaptiveAlphaState):
+      fisher, count = alpha_state.fisher, alpha_state.count
+    else:
+      fisher, count = inner_second_moment(inner_state)
+      fisher = mask(fisher)
+    correction = 1.0 - rule.b2 ** jnp.maximum(count, 1).astype(jnp.float32)
+    fisher = jax.tree.map(lambda f: f / correction.astype(f.dtype), fisher)
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+    raw = adaptive_alpha_value(slow, fast, grads, fisher, rule.eps)
+    if axis_name is not None:
+      raw = jax.lax.pmean(raw, axis_name)
+    return jnp.clip(raw, rule.alpha_low, 1.0).astype(jnp.float32)
+  if callable(rule):
+    return jnp.asarray(rule(syncs), jnp.float32)
+  return jnp.asarray(rule, jnp.float32)
+
+
+def initial_alpha(rule) -> jax.Array:
+  """The value shown in ``LookaheadState.alpha`` before the first sync."""
+  if isinstance(rule, AdaptiveAlpha):
+    return jnp.ones((), jnp.float32)
+  if callable(rule):
+    return jnp.asarray(rule(jnp.zeros((), jnp.int32)), jnp.float32)
+  return jnp.asarray(rule, jnp.float32)
+
+
+def check_alpha(alpha) -> None:
+  """Raise a ValueError naming ``alpha`` unless it is a valid slow step size."""
+  if isinstance(alpha, AdaptiveAlpha) or (callable(alpha) and not isinstance(alpha, jax.Array)):
+    return
+  if isinstance(alpha, bool):
+    raise ValueError(f"lookahead: alpha must be a number in [0, 1] or a schedule, got the bool {alpha!r}.")
+  if isinstance(alpha, jax.core.Tracer):
+    return  # A traced hyperparameter (optax.inject_hyperparams under jit): checked by the caller's values.
+  try:
+    value = float(jnp.asarray(alpha)) if not is_real_number(alpha) else float(alpha)
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+        f"lookahead: alpha must be a number in [0, 1], a schedule or adaptive_alpha(), got {alpha!r}."
+    ) from e
+  if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+    raise ValueError(f"lookahead: alpha must be a finite number in [0, 1], got {alpha!r}.")
+
+
+def is_real_number(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)

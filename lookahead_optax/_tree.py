@@ -1,0 +1,36 @@
+"""Small pytree helpers shared by the combinator and the state utilities."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def is_inexact(x) -> bool:
+  """True for a floating-point or complex array leaf."""
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def map_inexact(f, params, *rest):
+  """``f`` over the floating-point leaves of ``params``; ``MaskedNode()`` elsewhere."""
+  return jax.tree.map(lambda p, *r: f(p, *r) if is_inexact(p) else optax.MaskedNode(), params, *rest)
+
+
+def mask_like(params, tree):
+  """``tree`` (shaped like ``params``) with ``MaskedNode()`` where params are not floating point."""
+  return map_inexact(lambda p, x: x, params, tree)
+
+
+def fill(tree, fallback):
+  """``tree`` with its ``MaskedNode`` leaves taken from ``fallback``."""
+  return jax.tree.map(lambda t, f: f if is_masked(t) else t, tree, fallback, is_leaf=is_masked)
+
+
+def cast_like(tree, ref):
+  """``tree`` cast leaf by leaf to the dtypes of ``ref``."""
+  return jax.tree.map(lambda x, r: jnp.asarray(x).astype(jnp.asarray(r).dtype), tree, ref)

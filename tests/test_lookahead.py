@@ -1,0 +1,438 @@
+"""The combinator against Algorithm 1, optax.lookahead, and its own contracts."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import INNERS, make_params, quadratic_grad, reference_lookahead, run
+from lookahead_optax import LookaheadState, find_lookahead_state, lookahead, slow_params
+
+
+def assert_trajectories_close(fasts, slows, ref_fasts, ref_slows, rtol=2e-5, atol=2e-6):
+  assert len(fasts) == len(slows) == len(ref_fasts) == len(ref_slows)
+  for t, (f, s, rf, rs) in enumerate(zip(fasts, slows, ref_fasts, ref_slows)):
+    chex.assert_trees_all_close(f, rf, rtol=rtol, atol=atol, custom_message=f"fast weights, step {t}")
+    chex.assert_trees_all_close(s, rs, rtol=rtol, atol=atol, custom_message=f"slow weights, step {t}")
+
+
+@pytest.mark.parametrize("inner", sorted(INNERS))
+@pytest.mark.parametrize("policy", ["maintain", "reset", "interpolate"])
+@pytest.mark.parametrize("k,alpha", [(1, 0.5), (3, 0.8), (5, 0.3)])
+def test_matches_algorithm_1(inner, policy, k, alpha, params):
+  steps = 4 * k + 2
+  ref_fasts, ref_slows = reference_lookahead(INNERS[inner](), k, alpha, params, quadratic_grad, steps, policy)
+  fasts, states = run(lookahead(INNERS[inner](), k, alpha, inner_state=policy), params, quadratic_grad, steps)
+  assert_trajectories_close(fasts, [s.slow for s in states], ref_fasts, ref_slows)
+
+
+class TestVariants(chex.TestCase):
+  """One body, run under jit and without it (chex variants)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_adam_interpolate_schedule(self):
+    params = make_params(1)
+    schedule = lambda n: 0.3 + 0.1 * jnp.minimum(n, 4)
+    opt = lookahead(optax.adam(0.05), 4, schedule, inner_state="interpolate")
+    update = self.variant(opt.update)
+    state = opt.init(params)
+    p = params
+    fasts, slows = [], []
+    for t in range(18):
+      u, state = update(quadratic_grad(p, t), state, p)
+      p = optax.apply_updates(p, u)
+      fasts.append(p)
+      slows.append(state.slow)
+    ref_f, ref_s = reference_lookahead(
+        optax.adam(0.05), 4, lambda n: 0.3 + 0.1 * min(n, 4), params, quadratic_grad, 18, "interpolate")
+    assert_trajectories_close(fasts, slows, ref_f, ref_s)
+
+
+@pytest.mark.parametrize("reset", [False, True])
+@pytest.mark.parametrize("inner", ["momentum", "adam"])
+def test_agrees_with_optax_lookahead(inner, reset, params):
+  k, alpha, steps = 4, 0.6, 17
+  peer = optax.lookahead(INNERS[inner](), sync_period=k, slow_step_size=alpha, reset_state=reset)
+  peer_params = optax.LookaheadParams.init_synced(params)
+  peer_state = peer.init(peer_params)
+  ours = lookahead(INNERS[inner](), k, alpha, inner_state="reset" if reset else "maintain")
+  fasts, states = run(ours, params, quadratic_grad, steps)
+  for t in range(steps):
+    u, peer_state = peer.update(quadratic_grad(peer_params.fast, t), peer_state, peer_params)
+    peer_params = optax.apply_updates(peer_params, u)
+    # optax.lookahead applies the slow step one update late (its fast weights
+    # after a sync are the pre-sync ones); compare at its resynchronised points.
+    chex.assert_trees_all_close(states[t].slow, peer_params.slow, rtol=2e-5, atol=2e-6)
+    if (t + 1) % k != 0:
+      chex.assert_trees_all_close(fasts[t], peer_params.fast, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("inner", sorted(INNERS))
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_alpha_one_is_the_inner_optimizer_bitwise(inner, k, params):
+  steps = 100
+  opt = lookahead(INNERS[inner](), k, 1.0)
+  fasts, _ = run(opt, params, quadratic_grad, steps)
+  bare = INNERS[inner]()
+  state, p = bare.init(params), params
+
+  @jax.jit
+  def step(p, state, t):
+    u, state = bare.update(quadratic_grad(p, t), state, p)
+    return optax.apply_updates(p, u), state
+
+  for t in range(steps):
+    p, state = step(p, state, t)
+    chex.assert_trees_all_equal(fasts[t], p, custom_message=f"step {t}")
+
+
+@pytest.mark.parametrize("policy", ["maintain", "reset", "interpolate"])
+@pytest.mark.parametrize("alpha", [0.0, 0.37, 0.5, 1.0])
+def test_fast_equals_slow_bitwise_after_each_sync(policy, alpha, params):
+  k = 3
+  fasts, states = run(lookahead(optax.adam(0.1), k, alpha, inner_state=policy), params, quadratic_grad, 30)
+  for t, (f, s) in enumerate(zip(fasts, states)):
+    if (t + 1) % k == 0:
+      chex.assert_trees_all_equal(f, s.slow, custom_message=f"sync at step {t}")
+      assert int(s.count) == 0
+    else:
+      assert int(s.count) == (t + 1) % k
+
+
+def test_alpha_zero_keeps_slow_weights(params):
+  fasts, states = run(lookahead(optax.sgd(0.1), 2, 0.0), params, quadratic_grad, 20)
+  for s in states:
+    chex.assert_trees_all_close(s.slow, params, rtol=1e-6, atol=1e-7)
+
+
+def test_counter_is_int32_and_stays_below_k(params):
+  fasts, states = run(lookahead(optax.sgd(0.1), 7, 0.5), params, quadratic_grad, 50)
+  assert all(s.count.dtype == jnp.int32 and 0 <= int(s.count) < 7 for s in states)
+  assert int(states[-1].syncs) == 50 // 7
+
+
+def test_non_float_leaves_pass_through():
+  params = {"w": jnp.ones(3), "step": jnp.array(4, jnp.int32), "on": jnp.array([True, False])}
+  inner = optax.sgd(0.5)
+  opt = lookahead(inner, 2, 0.5)
+  state = opt.init(params)
+  assert isinstance(state.slow["step"], optax.MaskedNode) and isinstance(state.slow["on"], optax.MaskedNode)
+  grads = {"w": jnp.ones(3), "step": jnp.array(2, jnp.int32), "on": jnp.array([False, True])}
+  for _ in range(2):
+    u, state = opt.update(grads, state, params)
+    ref_u, _ = inner.update(grads, inner.init(params), params)
+    chex.assert_trees_all_equal(u["step"], ref_u["step"])
+    chex.assert_trees_all_equal(u["on"], ref_u["on"])
+  assert slow_params(state, params)["step"] == 4
+
+
+def test_update_without_params_raises(params):
+  opt = lookahead(optax.sgd(0.1))
+  with pytest.raises(ValueError, match="lookahead: update needs params"):
+    opt.update(params, opt.init(params))
+
+
+def test_extra_args_reach_the_inner_optimizer():
+  """optax.lbfgs needs value, grad and value_fn (its line search); lookahead forwards them."""
+  loss = lambda p: jnp.sum((p["w"] - 3.0) ** 2 * jnp.arange(1.0, 4.0))
+  k, alpha, steps = 3, 0.5, 9
+  params = {"w": jnp.zeros(3)}
+
+  def step(opt, params, state):
+    value, grad = jax.value_and_grad(loss)(params)
+    updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+    return optax.apply_updates(params, updates), state
+
+  opt = lookahead(optax.lbfgs(), k, alpha)
+  ours, state = params, opt.init(params)
+  inner = optax.lbfgs()
+  fast, slow, inner_state = params, params, inner.init(params)  # Algorithm 1, by hand
+  for t in range(steps):
+    ours, state = jax.jit(functools.partial(step, opt))(ours, state)
+    fast, inner_state = step(inner, fast, inner_state)
+    if (t + 1) % k == 0:
+      slow = jax.tree.map(lambda s, f: s + alpha * (f - s), slow, fast)
+      fast = slow
+    chex.assert_trees_all_close(ours, fast, rtol=1e-5, atol=1e-6)
+  assert float(loss(ours)) < 0.05 * float(loss(params))
+
+
+def test_compiles_once_over_200_steps(params):
+  opt = lookahead(optax.adam(0.01), 5, 0.5, inner_state="interpolate")
+  traces = 0
+
+  def step(params, state, t):
+    nonlocal traces
+    traces += 1
+    updates, state = opt.update(quadratic_grad(params, t), state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  state = opt.init(params)
+  params = jax.tree.map(jnp.copy, params)
+  for t in range(200):
+    params, state = step(params, state, t)
+  assert traces == 1
+  assert step._cache_size() == 1
+
+
+def test_vmap_over_independent_runs():
+  opt = lookahead(optax.sgd(0.1, momentum=0.5), 3, 0.5)
+  batch = jax.vmap(make_params_fn := (lambda x: {"w": x}))(jnp.arange(4.0)[:, None] * jnp.ones((4, 2)))
+  del make_params_fn
+  state = jax.vmap(opt.init)(batch)
+  grads = jax.tree.map(jnp.ones_like, batch)
+  for _ in range(3):
+    u, state = jax.vmap(opt.update)(grads, state, batch)
+    batch = optax.apply_updates(batch, u)
+  for i in range(4):
+    single = {"w": jnp.full((2,), float(i))}
+    s = opt.init(single)
+    for _ in range(3):
+      u, s = opt.update({"w": jnp.ones(2)}, s, single)
+      single = optax.apply_updates(single, u)
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], batch), single)
+
+
+def test_pmap_single_device(params):
+  opt = lookahead(optax.adam(0.1), 2, 0.5)
+  rep = jax.tree.map(lambda x: x[None], params)
+  state = jax.pmap(opt.init)(rep)
+  step = jax.pmap(lambda p, s: opt.update(jax.tree.map(jnp.ones_like, p), s, p))
+  u, state = step(rep, state)
+  u2, s2 = opt.update(jax.tree.map(jnp.ones_like, params), opt.init(params), params)
+  chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], u), u2)
+
+
+def test_init_on_abstract_inputs(params):
+  opt = lookahead(optax.adam(0.1), 4, 0.5, inner_state="interpolate")
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  shapes = jax.eval_shape(opt.init, abstract)
+  assert isinstance(shapes, LookaheadState)
+  chex.assert_trees_all_equal_shapes_and_dtypes(shapes.slow, abstract)
+  concrete = opt.init(params)
+  chex.assert_trees_all_equal_structs(shapes, concrete)
+
+
+def test_init_copies_params_so_both_can_be_donated(params):
+  state = lookahead(optax.sgd(0.1)).init(params)
+  for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(state.slow)):
+    assert p.unsafe_buffer_pointer() != s.unsafe_buffer_pointer()
+
+
+def test_tree_map_params_maps_the_slow_weights(params):
+  opt = optax.chain(optax.clip_by_global_norm(1.0), lookahead(optax.adam(0.1), 3, 0.5, inner_state="interpolate"))
+  state = opt.init(params)
+  marked = optax.tree_utils.tree_map_params(opt, lambda p: jnp.full_like(p, 7.0), state,
+                                            transform_non_params=lambda x: x)
+  la = marked[1]
+  chex.assert_trees_all_equal(la.slow, jax.tree.map(lambda p: jnp.full_like(p, 7.0), params))
+  chex.assert_trees_all_equal(la.inner_state[0].mu, jax.tree.map(lambda p: jnp.full_like(p, 7.0), params))
+  assert int(la.count) == 0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_low_precision_dtypes(dtype):
+  params = make_params(2, dtype)
+  k, alpha = 3, 0.5
+  fasts, states = run(lookahead(optax.sgd(0.05, momentum=0.5), k, alpha), params, quadratic_grad, 12)
+  ref_f, ref_s = reference_lookahead(optax.sgd(0.05, momentum=0.5), k, alpha, params, quadratic_grad, 12)
+  for t in range(12):
+    chex.assert_trees_all_equal_dtypes(fasts[t], params)
+    chex.assert_trees_all_equal_dtypes(states[t].slow, params)
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    chex.assert_trees_all_close(fasts[t], ref_f[t], rtol=tol, atol=tol)
+    if (t + 1) % k == 0:
+      chex.assert_trees_all_equal(fasts[t], states[t].slow)
+
+
+def test_complex_params():
+  params = {"z": jnp.array([1 + 2j, -1j, 3.0], jnp.complex64)}
+  grad_fn = lambda p, t: {"z": 0.5 * p["z"] + (0.1 + 0.2j) * t}
+  fasts, states = run(lookahead(optax.sgd(0.2, momentum=0.3), 3, 0.4), params, grad_fn, 9)
+  ref_f, ref_s = reference_lookahead(optax.sgd(0.2, momentum=0.3), 3, 0.4, params, grad_fn, 9)
+  for t in range(9):
+    assert fasts[t]["z"].dtype == jnp.complex64
+    chex.assert_trees_all_close(fasts[t], ref_f[t], rtol=1e-5)
+    chex.assert_trees_all_close(states[t].slow, ref_s[t], rtol=1e-5)
+
+
+# ---------------------------------------------------------------- composition
+
+
+def _slow_of(state):
+  return slow_params(state)
+
+
+def test_last_in_chain(params):
+  opt = optax.chain(optax.clip_by_global_norm(10.0), lookahead(optax.adam(0.05), 3, 0.5))
+  inner = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(0.05))
+  fasts, states = run(opt, params, quadratic_grad, 9)
+  ref_f, ref_s = reference_lookahead(inner, 3, 0.5, params, quadratic_grad, 9)
+  for t in range(9):
+    chex.assert_trees_all_close(fasts[t], ref_f[t], rtol=2e-5, atol=2e-6)
+    chex.assert_trees_all_close(_slow_of(states[t]), ref_s[t], rtol=2e-5, atol=2e-6)
+  found = optax.tree_utils.tree_get(states[-1], "slow")
+  chex.assert_trees_all_equal(found, _slow_of(states[-1]))
+
+
+def test_inject_hyperparams_alpha_and_k(params):
+  opt = optax.inject_hyperparams(lookahead)(inner=optax.sgd(0.05), k=3, alpha=0.5)
+  fasts, states = run(opt, params, quadratic_grad, 9)
+  ref_f, ref_s = reference_lookahead(optax.sgd(0.05), 3, 0.5, params, quadratic_grad, 9)
+  chex.assert_trees_all_close(fasts[-1], ref_f[-1], rtol=2e-5, atol=2e-6)
+  # Set alpha to 1 through the injected hyperparameters: from the synced point on,
+  # lookahead is plain SGD (momentum-free, so its state does not matter).
+  state = states[-1]
+  state.hyperparams["alpha"] = jnp.asarray(1.0)
+  p, bare = fasts[-1], optax.sgd(0.05)
+  ours, _ = run_from(opt, p, state, 6)
+  ref = p
+  for t in range(6):
+    u, _ = bare.update(quadratic_grad(ref, t), bare.init(ref), ref)
+    ref = optax.apply_updates(ref, u)
+  chex.assert_trees_all_close(ours, ref, rtol=1e-6, atol=1e-7)
+
+
+def run_from(opt, params, state, steps):
+  for t in range(steps):
+    u, state = opt.update(quadratic_grad(params, t), state, params)
+    params = optax.apply_updates(params, u)
+  return params, state
+
+
+def test_inject_hyperparams_alpha_schedule(params):
+  sched = optax.linear_schedule(0.2, 0.8, 30)
+  opt = optax.inject_hyperparams(lookahead, static_args=("k",))(inner=optax.sgd(0.05), k=3, alpha=sched)
+  fasts, states = run(opt, params, quadratic_grad, 9)
+  # inject_hyperparams evaluates the schedule at its own step count: alpha at the sync of step t is sched(t).
+  ref_f, ref_s = reference_lookahead(optax.sgd(0.05), 3, lambda n: float(sched(3 * n + 2)), params, quadratic_grad, 9)
+  chex.assert_trees_all_close(fasts[-1], ref_f[-1], rtol=2e-5, atol=2e-6)
+
+
+def test_multisteps_counts_optimizer_steps(params):
+  every = 2
+  opt = optax.MultiSteps(lookahead(optax.sgd(0.05), 3, 0.5), every_k_schedule=every)
+  state = opt.init(params)
+  p = params
+  for t in range(12):
+    u, state = opt.update(quadratic_grad(p, t // every), state, p)  # same grad within an accumulation
+    p = optax.apply_updates(p, u)
+  ref_f, _ = reference_lookahead(optax.sgd(0.05), 3, 0.5, params, quadratic_grad, 6)
+  chex.assert_trees_all_close(p, ref_f[-1], rtol=2e-5, atol=2e-6)
+  assert int(find_lookahead_state(state).syncs) == 2
+
+
+def test_masked(params):
+  mask = jax.tree.map(lambda x: x.ndim >= 1, params)
+  opt = optax.masked(lookahead(optax.sgd(0.1), 2, 0.5), mask)
+  fasts, states = run(opt, params, quadratic_grad, 4)
+  slow = slow_params(states[-1], fasts[-1])
+  chex.assert_trees_all_equal(slow, fasts[-1])  # synced at step 4
+  with pytest.raises(ValueError, match="pass params"):
+    slow_params(states[-1])
+
+
+def test_multi_transform(params):
+  labels = jax.tree.map(lambda x: "la" if x.ndim == 2 else "plain", params)
+  opt = optax.multi_transform({"la": lookahead(optax.adam(0.05), 3, 0.5), "plain": optax.sgd(0.01)}, labels)
+  fasts, states = run(opt, params, quadratic_grad, 6)
+  slow = slow_params(states[-1], fasts[-1])
+  chex.assert_trees_all_equal(slow["dense"]["w"], fasts[-1]["dense"]["w"])
+  two = optax.multi_transform({"la": lookahead(optax.sgd(0.1)), "plain": lookahead(optax.sgd(0.1))}, labels)
+  with pytest.raises(ValueError, match="found 2 LookaheadStates"):
+    slow_params(two.init(params))
+
+
+def test_apply_if_finite_skips_nan_and_keeps_slow(params):
+  opt = optax.apply_if_finite(lookahead(optax.sgd(0.1), 2, 0.5), max_consecutive_errors=5)
+  state = opt.init(params)
+  p = params
+  good = jax.tree.map(jnp.ones_like, params)
+  bad = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+  for g in [good, bad, good]:  # the NaN step is skipped: the second good step syncs
+    u, state = opt.update(g, state, p)
+    p = optax.apply_updates(p, u)
+  chex.assert_tree_all_finite((p, slow_params(state)))
+  expected = jax.tree.map(lambda x: x - 0.1, params)  # slow: x + 0.5 * ((x - 0.2) - x)
+  chex.assert_trees_all_close(slow_params(state), expected, rtol=1e-6)
+  chex.assert_trees_all_equal(p, slow_params(state))
+
+
+def test_no_slow_state_raises():
+  with pytest.raises(ValueError, match="found no LookaheadState"):
+    slow_params(optax.adam(0.1).init({"w": jnp.ones(2)}))
+
+
+# ------------------------------------------------------------ input checking
+
+
+@pytest.mark.parametrize("k", [0, -3, 2.0, True, "5", None, jnp.array(2.5)])
+def test_invalid_k(k):
+  with pytest.raises(ValueError, match=r"lookahead: k must be an int >= 1, got"):
+    lookahead(optax.sgd(0.1), k=k)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), float("inf"), True, "0.5", None])
+def test_invalid_alpha(alpha):
+  with pytest.raises(ValueError, match=r"lookahead: alpha must be"):
+    lookahead(optax.sgd(0.1), alpha=alpha)
+
+
+@pytest.mark.parametrize("inner", [None, "adam", optax.adam, 0.1])
+def test_invalid_inner(inner):
+  with pytest.raises(TypeError, match=r"lookahead: inner must be an optax GradientTransformation"):
+    lookahead(inner)
+
+
+def test_invalid_inner_state_lists_choices():
+  with pytest.raises(ValueError, match=r"'maintain', 'reset', 'interpolate', got 'pullback'"):
+    lookahead(optax.sgd(0.1), inner_state="pullback")
+
+
+def test_invalid_slow_dtype():
+  with pytest.raises(ValueError, match=r"slow_dtype must be a floating dtype, got"):
+    lookahead(optax.sgd(0.1), slow_dtype=jnp.int32)
+
+
+def test_valid_k_forms():
+  for k in [1, np.int64(3), jnp.array(4)]:
+    lookahead(optax.sgd(0.1), k=k)
+
+
+# -------------------------------------------------------- property-based
+
+
+@st.composite
+def pytrees(draw):
+  n = draw(st.integers(1, 3))
+  shapes = [tuple(draw(st.lists(st.integers(1, 3), max_size=2))) for _ in range(n)]
+  seed = draw(st.integers(0, 2**16))
+  rng = np.random.default_rng(seed)
+  return {f"p{i}": jnp.asarray(rng.normal(size=s), jnp.float32) for i, s in enumerate(shapes)}
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(
+    params=pytrees(),
+    k=st.integers(1, 6),
+    alpha=st.floats(0.0, 1.0),
+    policy=st.sampled_from(["maintain", "reset", "interpolate"]),
+    inner=st.sampled_from(["sgd", "momentum", "adam"]),
+)
+def test_property_matches_reference(params, k, alpha, policy, inner):
+  steps = 2 * k + 1
+  fasts, states = run(lookahead(INNERS[inner](), k, alpha, inner_state=policy), params, quadratic_grad, steps, jit=False)
+  ref_f, ref_s = reference_lookahead(INNERS[inner](), k, alpha, params, quadratic_grad, steps, policy)
+  assert_trajectories_close(fasts, [s.slow for s in states], ref_f, ref_s, rtol=1e-4, atol=1e-5)
+  for t in range(steps):
+    if (t + 1) % k == 0:
+      chex.assert_trees_all_equal(fasts[t], states[t].slow)
