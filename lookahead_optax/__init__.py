@@ -1,6 +1,6 @@
 """Lookahead for JAX: a drop-in optax combinator (Zhang et al., NeurIPS 2019)."""
 
-from lookahead_optax._aliases import ranger
+from lookahead_optax._aliases import diloco, ranger, snoo
 from lookahead_optax._alpha import AdaptiveAlpha, AdaptiveAlphaState, adaptive_alpha, adaptive_alpha_value
 from lookahead_optax._lookahead import INNER_STATE_POLICIES, LookaheadState, lookahead
 from lookahead_optax._state import find_lookahead_state, force_sync, slow_params
@@ -14,9 +14,11 @@ __all__ = [
     "LookaheadState",
     "adaptive_alpha",
     "adaptive_alpha_value",
+    "diloco",
     "find_lookahead_state",
     "force_sync",
     "lookahead",
     "ranger",
+    "snoo",
     "slow_params",
 ]
