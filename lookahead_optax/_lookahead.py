@@ -183,15 +183,17 @@ def lookahead(
         return s + o.astype(s.dtype)
 
       slow = map_inexact(new_slow, params, new_updates, state.slow, outer_updates)
-      if policy == "reset":
-        fresh = inner.init(params)
-        inner_new, slow_inner = cast_like(fresh, inner_st), state.slow_inner_state
-      elif policy == "interpolate":
-        inner_new = _interpolate(state.slow_inner_state, inner_st, a)
-        slow_inner = inner_new
-      else:
-        inner_new, slow_inner = inner_st, state.slow_inner_state
+      inner_new, slow_inner = at_sync(inner_st, state.slow_inner_state, a, params)
       return new_updates, slow, inner_new, slow_inner, outer_st, a
+
+    def at_sync(inner_st, slow_inner, a, params):
+      """The inner state policy: the inner and slow inner states after a sync."""
+      if policy == "reset":
+        return cast_like(inner.init(params), inner_st), slow_inner
+      if policy == "interpolate":
+        inner_new = _interpolate(slow_inner, inner_st, a)
+        return inner_new, inner_new
+      return inner_st, slow_inner
 
     def no_sync(_):
       return (inner_updates, state.slow, inner_st, state.slow_inner_state,
@@ -199,9 +201,11 @@ def lookahead(
 
     if use_cond:
       out = jax.lax.cond(sync, lambda x: cast_like(on_sync(x), no_sync(x)), no_sync, None)
+      new_updates, slow, inner_new, slow_inner, outer_st, a = out
     else:
-      out = jax.tree.map(lambda a, b: jnp.where(sync, a, b), cast_like(on_sync(None), no_sync(None)), no_sync(None))
-    new_updates, slow, inner_new, slow_inner, outer_st, a = out
+      new_updates, slow, inner_new, slow_inner, outer_st, a = _select_then_commit(
+          sync, cast_like(on_sync(None), no_sync(None)), no_sync(None), params, axis_name,
+          lambda inner_st, slow_inner, a: at_sync(inner_st, slow_inner, a, params))
     new_state = LookaheadState(
         count=jnp.where(sync, 0, state.count + 1).astype(jnp.int32),
         syncs=jnp.where(sync, optax.safe_increment(state.syncs), state.syncs),
@@ -215,6 +219,33 @@ def lookahead(
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _select_then_commit(sync, on_sync, no_sync, params, axis_name, at_sync):
+  """Combine the two branches without touching slow copies on non-sync steps.
+
+  The updates are selected element-wise (``jnp.where``), so XLA fuses them with
+  the inner update in one pass over memory. Everything that changes only at a
+  sync (slow weights, inner state under "reset"/"interpolate", slow inner
+  state) is written inside a ``lax.cond``: the other k - 1 steps neither read
+  nor write it, and no donated buffer needs a defensive copy. The slow weights
+  are taken from ``params + updates``, the expression ``optax.apply_updates``
+  evaluates (XLA's CSE shares it with the caller's), so fast == slow bitwise.
+  """
+  new_updates, slow_sync, _, _, outer_st, a = on_sync
+  updates, slow, inner_st, slow_inner, _, last_alpha = no_sync
+  new_updates = jax.tree.map(lambda x, y: jnp.where(sync, x, y), new_updates, updates)
+  a = jnp.where(sync, a, last_alpha)
+  exact = lambda p, s: axis_name is None and s.dtype == p.dtype
+  # A slow copy of another dtype is not params + updates: select it element-wise.
+  slow = map_inexact(lambda p, s, s_sync: s if exact(p, s) else jnp.where(sync, s_sync, s), params, slow, slow_sync)
+  fast = map_inexact(lambda p, u, s: (p + u).astype(p.dtype) if exact(p, s) else s, params, new_updates, slow)
+  slow, inner_new, slow_inner = jax.lax.cond(
+      sync,
+      lambda: (fast, *cast_like(at_sync(inner_st, slow_inner, a), (inner_st, slow_inner))),
+      lambda: (slow, inner_st, slow_inner),
+  )
+  return new_updates, slow, inner_new, slow_inner, outer_st, a
 
 
 def _interpolate(slow_state, state, a):
