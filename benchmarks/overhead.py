@@ -55,7 +55,8 @@ IMPLS = [
     Impl("lookahead (reset)", lambda inner, k: lookahead(inner, k, 0.5, inner_state="reset")),
     Impl("lookahead (interpolate)", lambda inner, k: lookahead(inner, k, 0.5, inner_state="interpolate")),
     Impl("optax.lookahead", lambda inner, k: optax.lookahead(inner, k, 0.5),
-         wrap=optax.LookaheadParams.init_synced),
+         # separate buffers for fast and slow, so that both can be donated
+         wrap=lambda p: optax.LookaheadParams(fast=p, slow=jax.tree.map(jnp.copy, p))),
 ]
 
 
