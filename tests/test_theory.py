@@ -135,7 +135,7 @@ def test_nqm_loss_is_equation_5():
 # Deterministic quadratic (Fig. 4): exact rates vs the measured log-distance slope.
 
 
-def measured_rates(opt, a, period, steps, windows=20):
+def measured_rates(opt, a, period, steps, windows=40):
   """Per-coordinate rate per step of ``opt`` on 1/2 sum_i a_i x_i^2, from the log-distance slope.
 
   Records |x_i| after every ``period`` updates; the slope is a least-squares fit
@@ -212,7 +212,7 @@ def test_lookahead_cm_rate_matches_measured_slope(lr, beta, k, alpha, policy):
     sync[:, 1, 0] = sync[:, 1, 1] = 0.0
   keep = separated(sync)
   exact = theory.lookahead_cm_rate(a, lr, beta, k, alpha, policy)
-  keep &= (exact < 0.999) & (exact > 0.5)  # measurable in float32 within a few thousand steps
+  keep &= (exact < 0.999) & (exact**k > 0.3)  # measurable: a few thousand steps, >100 syncs before underflow
   a, exact = a[keep][::3], exact[keep][::3]
   assert len(a) >= 3
   steps = int(60 / np.min(-np.log(exact)))
