@@ -1,0 +1,65 @@
+"""Run a check script in a fresh Python process with its own simulated CPU devices.
+
+Multi-device checks need ``--xla_force_host_platform_device_count`` set before
+jax starts its backend, and pytest workers have usually started it already, so
+each check script runs in a subprocess and prints one JSON line of results. A
+script's results are computed once per test session, even when pytest-xdist
+spreads the tests that read them over several workers (a file lock serialises
+the first run; later readers load the cached JSON).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def device_env(devices: int) -> dict:
+  """The environment of a child process that sees ``devices`` CPU devices."""
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+  return env
+
+
+def run_script(script: str, *args: str, devices: int = 8, timeout: float = 300) -> dict:
+  """Run ``tests/distributed/<script>`` with ``devices`` CPU devices; its last stdout line, parsed as JSON."""
+  proc = subprocess.run(
+      [sys.executable, os.path.join(HERE, script), *args],
+      env=device_env(devices), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+  )
+  if proc.returncode != 0:
+    raise RuntimeError(f"{script} {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def session_results(script: str, *args: str, devices: int = 8) -> dict:
+  """``run_script`` once per test session, shared by all xdist workers through a cache file."""
+  run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  if run_id is None:
+    return run_script(script, *args, devices=devices)
+  name = "_".join([os.path.splitext(script)[0], *args, str(devices)])
+  cache = os.path.join(tempfile.gettempdir(), f"lookahead_optax_{run_id}_{name}.json")
+  with open(cache + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if os.path.exists(cache):
+        with open(cache) as f:
+          return json.load(f)
+      results = run_script(script, *args, devices=devices)
+      with open(cache, "w") as f:
+        json.dump(results, f)
+      return results
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
