@@ -72,7 +72,7 @@ def figure3(path: Optional[str] = None, data: Optional[dict] = None) -> dict:
   norm = colors.Normalize(0.0, 1.0)
   for alpha, final, at_t in zip(data["alpha"], data["la_final"], data["la_at_T"]):
     ax.loglog(final, at_t, color=cm.viridis(norm(alpha)), lw=0.7, alpha=0.8)
-  ax.loglog(data["sgd_final"], data["sgd_at_T"], color="black", lw=2.5, label="SGD")
+  ax.loglog(data["sgd_final"], data["sgd_at_T"], color="black", lw=1.8, ls="--", label="SGD")
   ax.plot([], [], color=cm.viridis(0.6), lw=1.5, label=f"Lookahead(SGD), k={FIG3_K}")
   lo = min(data["sgd_final"].min(), data["la_final"].min())
   ax.loglog([lo, 10.0], [lo, 10.0], color="gray", ls=":", lw=1, label="converged (y = x)")
