@@ -1,0 +1,98 @@
+"""One of two JAX processes (2 CPU devices each) training data-parallel over gloo on 127.0.0.1.
+
+    python multiprocess_worker.py PROCESS_ID PORT OUT.npz
+
+Run by ``test_multiprocess.py``, which starts both processes, then checks that
+they end with identical weights, equal to a single-process run. Two runs over
+the 4 global devices:
+
+- Lookahead(Adam), data parallel with ``jax.jit``: params replicated, the
+  global batch sharded over the devices, each process feeding its own half;
+- DiLoCo (``diloco``), one replica per device under ``jax.shard_map``, each
+  replica on its own data, pseudo-gradients averaged across processes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+
+PROCESS_ID, PORT, OUT = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{PORT}", num_processes=2, process_id=PROCESS_ID, initialization_timeout=60)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from lookahead_optax import diloco, lookahead  # noqa: E402
+from multidevice_checks import make_problem, mlp_loss  # noqa: E402
+
+K, LOOKAHEAD_STEPS, DILOCO_STEPS = 3, 13, 7
+
+
+def host(x):
+  """A replicated global array as a numpy array on this process."""
+  return np.asarray(x.addressable_data(0))
+
+
+def lookahead_run(mesh):
+  params, x, y = make_problem(batch=32)
+  opt = lookahead(optax.adam(0.02, eps=1e-3), K, 0.5)
+  batch = NamedSharding(mesh, P("data"))
+  half = slice(16 * PROCESS_ID, 16 * (PROCESS_ID + 1))  # this process's share of the global batch
+  x_g = jax.make_array_from_process_local_data(batch, np.asarray(x)[half], x.shape)
+  y_g = jax.make_array_from_process_local_data(batch, np.asarray(y)[half], y.shape)
+  p = jax.device_put(params, NamedSharding(mesh, P()))
+  state = opt.init(p)
+
+  @jax.jit
+  def step(params, state, x, y):
+    updates, state = opt.update(jax.grad(mlp_loss)(params, x, y), state, params)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(LOOKAHEAD_STEPS):
+    p, state = step(p, state, x_g, y_g)
+  return {f"lookahead/fast/{k}": host(v) for k, v in p.items()} | {
+      f"lookahead/slow/{k}": host(v) for k, v in state.slow.items()}
+
+
+def diloco_run(mesh):
+  n = jax.device_count()
+  params, x, y = make_problem(batch=8 * n, seed=1)
+  opt = diloco(optax.adam(0.02), k=K, outer_learning_rate=0.7, outer_momentum=0.9, axis_name="data")
+  spec = NamedSharding(mesh, P("data"))
+  squeeze = lambda tree: jax.tree.map(lambda a: a[0], tree)
+  expand = lambda tree: jax.tree.map(lambda a: a[None], tree)
+
+  def body(params, state, x, y):
+    params, state = squeeze(params), squeeze(state)
+    updates, state = opt.update(jax.grad(mlp_loss)(params, x[0], y[0]), state, params)
+    return expand(optax.apply_updates(params, updates)), expand(state)
+
+  smap = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data"), check_vma=False))
+  global_array = lambda a: jax.make_array_from_callback(a.shape, spec, lambda idx: np.asarray(a)[idx])
+  p = jax.tree.map(lambda a: global_array(np.stack([np.asarray(a)] * n)), params)
+  xs, ys = global_array(np.asarray(x).reshape(n, -1, 16)), global_array(np.asarray(y).reshape(n, -1, 4))
+  state = smap(lambda q: expand(opt.init(squeeze(q))))(p)
+  step = smap(body)
+  for _ in range(DILOCO_STEPS):
+    p, state = step(p, state, xs, ys)
+  gather = lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True))
+  return {f"diloco/fast/{k}": gather(v) for k, v in p.items()} | {
+      f"diloco/slow/{k}": gather(v) for k, v in state.slow.items()}
+
+
+def main():
+  assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
+  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  np.savez(OUT, **lookahead_run(mesh), **diloco_run(mesh))
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,92 @@
+"""Two JAX processes on 127.0.0.1 (2 CPU devices each, gloo collectives) vs one process.
+
+``multiprocess_worker.py`` trains Lookahead(Adam) data-parallel and DiLoCo
+across the 4 global devices; here both processes are started on a free port
+(with a timeout; both are killed if either fails) and their final weights are
+compared with each other (bitwise) and with single-process references computed
+in this process: the same Lookahead training on one device with the full
+batch, and DiLoCo as a Python loop over 4 replica copies.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import multidevice_checks as md
+from lookahead_optax import lookahead
+from multidevice_utils import HERE, ROOT, device_env
+
+TIMEOUT = 180
+TOL = 1e-6
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+  """The two processes' final weights: a list of two dicts of numpy arrays."""
+  tmp = tmp_path_factory.mktemp("multiprocess")
+  port = free_port()
+  env = device_env(2)
+  procs = [
+      subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"), str(i), str(port),
+                        str(tmp / f"out{i}.npz")], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+      for i in range(2)
+  ]
+  try:
+    logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{logs[i][-3000:]}"
+  return [dict(np.load(tmp / f"out{i}.npz")) for i in range(2)]
+
+
+def test_processes_end_bitwise_identical(outputs):
+  a, b = outputs
+  assert sorted(a) == sorted(b) and any(k.startswith("diloco/") for k in a) and any(k.startswith("lookahead/") for k in a)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_lookahead_equals_single_process_run(outputs):
+  params, x, y = md.make_problem(batch=32)
+  opt = lookahead(optax.adam(0.02, eps=1e-3), 3, 0.5)
+  state = opt.init(params)
+  step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *opt.update(jax.grad(md.mlp_loss)(p, x, y), s, p)))
+  for _ in range(13):  # 4 syncs, then one step into the next cycle
+    params, state = step(params, state)
+  for out in outputs:
+    for name in params:
+      np.testing.assert_allclose(out[f"lookahead/fast/{name}"], params[name], rtol=0, atol=TOL, err_msg=name)
+      np.testing.assert_allclose(out[f"lookahead/slow/{name}"], state.slow[name], rtol=0, atol=TOL, err_msg=name)
+
+
+def test_diloco_equals_reference_loop(outputs):
+  params, x, y = md.make_problem(batch=8 * 4, seed=1)
+  slows, fasts = md.reference_diloco(optax.adam(0.02), params, x.reshape(4, -1, 16), y.reshape(4, -1, 4),
+                                     steps=7, k=3, lr=0.7, mu=0.9)
+  for out in outputs:
+    for name in params:
+      slow = out[f"diloco/slow/{name}"]
+      assert (slow == slow[:1]).all(), f"slow {name} differs across replicas"
+      np.testing.assert_allclose(slow[0], slows[-1][name], rtol=0, atol=TOL, err_msg=name)
+      for m in range(4):
+        np.testing.assert_allclose(out[f"diloco/fast/{name}"][m], fasts[-1][m][name], rtol=0, atol=TOL, err_msg=name)
