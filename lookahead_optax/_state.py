@@ -86,7 +86,9 @@ def force_sync(params, opt_state, alpha: Optional[Any] = None):
   left as they are. ``alpha`` defaults to the alpha of the last sync
   (``LookaheadState.alpha``: the constant alpha, or the schedule's or adaptive
   rule's latest value); pass ``alpha=0.0`` to just reset the fast weights onto
-  the slow ones. Pure: the arguments are not modified.
+  the slow ones. Pure: the arguments are not modified. The returned state
+  holds plain arrays where the lookahead state was; with an ``nnx.Optimizer``
+  write it back with ``nnx.update(optimizer.opt_state, nnx.state(opt_state))``.
 
   Example:
     >>> import jax.numpy as jnp, optax
