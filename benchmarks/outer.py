@@ -306,8 +306,9 @@ def reading(results: dict) -> list:
   out = []
   sp = {n: np.mean([r["final_val_loss"] for r in runs]) for n, runs in results["single_process"].items()}
   sd = {n: np.std([r["final_val_loss"] for r in runs]) for n, runs in results["single_process"].items()}
-  best = min(sp, key=sp.get)
-  out.append(f"- Equal steps, single process: lowest final validation loss is {best} ({sp[best]:.4f}).")
+  best = min(sp, key=sp.get) if sp else None
+  if best:
+    out.append(f"- Equal steps, single process: lowest final validation loss is {best} ({sp[best]:.4f}).")
   for name, v in sp.items():
     if name != "AdamW" and "AdamW" in sp:
       verdict = "better than" if v < sp["AdamW"] - sd["AdamW"] else ("worse than" if v > sp["AdamW"] + sd["AdamW"]
