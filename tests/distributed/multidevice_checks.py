@@ -233,6 +233,9 @@ def check_jit_fsdp():
   return out
 
 
+EAGER_UPDATE_VARIANTS = ("maintain", "reset", "outer")  # op-by-op dispatch compiles every primitive: keep few
+
+
 def check_explicit_sharding():
   """Sharding in types (AxisType.Explicit): the checks optax runs on its own optimizers, and a training run."""
   mesh = fsdp_mesh(jax.sharding.AxisType.Explicit)
@@ -250,6 +253,8 @@ def check_explicit_sharding():
       out["slow_type_is_param_type"][v] = typ(state0.slow) == typ(params_s) == typ(state3.slow)
       out["init_vs_jit_init"][v] = typ(state0) == typ(state1)
       out["update_vs_init"][v] = typ(state3) == typ(state0)
+      if v not in EAGER_UPDATE_VARIANTS:
+        continue
       try:
         _, state2 = opt.update(grads, state0, params_s)  # eager, as optax's own sharding test does
         out["jit_update_vs_update"][v] = typ(state3) == typ(state2)

@@ -69,7 +69,7 @@ def test_explicit_sharding_types(results, variant):
     assert out["outer_type_is_param_type"]
 
 
-@pytest.mark.parametrize("variant", ["maintain", "interpolate", "outer"])
+@pytest.mark.parametrize("variant", ["maintain", "outer"])
 def test_explicit_sharding_eager_update(results, variant):
   out = check(results, "explicit")
   assert variant not in out["eager_update_error"], out["eager_update_error"].get(variant)
