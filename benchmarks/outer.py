@@ -23,7 +23,7 @@ about real communication cost; only losses and round counts are reported.
 
 Regenerate ``benchmarks/results/outer.{md,json}`` and ``outer_*.png`` with::
 
-    python -m benchmarks.outer            # full run (~10-15 min on 2 CPU cores)
+    python -m benchmarks.outer            # full run: ~21 CPU-minutes (43 min wall on a loaded 2-core box)
     python -m benchmarks.outer --quick    # smoke test (seconds), writes to --out
 """
 
