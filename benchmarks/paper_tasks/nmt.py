@@ -10,18 +10,21 @@ peak; "Adam-" drops the warmup (the same decay from the first step); Adafactor
 (``optax.adafactor``, its own peak grid) uses the warmup schedule. Test
 numbers are disjoint from the training numbers; we report greedy-decoding
 exact match and character BLEU (``sacrebleu``, ``tokenize="char"``, since each
-German target is one word).
+German target is one word). The loss, greedy decoding and the data-parallel
+batches over a ``jax.devices()`` mesh come from ``benchmarks/nmt.py``.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from benchmarks import data, harness, models
+from benchmarks import nmt as translation
 from benchmarks.paper_tasks import Sweep, cell, curve, early_sentence, summarize, tail_mean, verdict, warmup_rsqrt, with_lr
 from lookahead_optax import lookahead
 
@@ -36,29 +39,6 @@ OPTIMIZERS = ("Adam", "LA(Adam)", "Adam-", "LA(Adam-)", "Adafactor")
 # Table 4 of the paper: BLEU of the Transformer base model after 50k steps on WMT'14 En-De.
 PAPER_TABLE4 = {"Adam": ("24.6", "24.6"), "LA(Adam)": ("24.68", "24.70"), "Adam-": ("-", "-"),
                 "LA(Adam-)": ("24.3", "24.4"), "Adafactor": ("24.17", "24.51")}
-
-
-def seq2seq_loss(apply):
-  """Teacher-forced token cross-entropy, padding masked: ``loss(params, batch)``."""
-
-  def loss(params, batch):
-    logits = apply(params, batch.x, batch.y[:, :-1])
-    return harness.cross_entropy(logits, batch.y[:, 1:], batch.y[:, 1:] != data.PAD)
-
-  return loss
-
-
-def greedy_decode(graphdef, params, src, length: int):
-  """Greedy decoding: ``(batch, length)`` target tokens starting with BOS (decoder re-run per position)."""
-  model = nnx.merge(graphdef, params)
-  memory, mask = model.encode(src)
-  tgt = jnp.zeros((src.shape[0], length), jnp.int32).at[:, 0].set(data.BOS)
-
-  def body(t, tgt):
-    logits = model.decode(memory, mask, tgt[:, :-1])
-    return tgt.at[:, t + 1].set(jnp.argmax(logits[:, t], -1).astype(jnp.int32))
-
-  return jax.lax.fori_loop(0, length - 1, body, tgt)
 
 
 def detokenize(tokens: np.ndarray, vocab: list[str]) -> list[str]:
@@ -85,10 +65,11 @@ def run(cfg: dict, seeds: int = 3, progress: bool = True) -> dict:
   make_model = lambda seed: models.Seq2SeqTransformer(len(ds.src_vocab), len(ds.tgt_vocab), cfg["dim"], cfg["heads"],
                                                       cfg["layers"], rngs=nnx.Rngs(seed))
   graphdef = nnx.split(make_model(0))[0]
-  apply, _ = harness.functional(make_model(0))
-  loss_fn = seq2seq_loss(apply)
+  # Loss, greedy decoding and the data-parallel mesh come from benchmarks/nmt.py.
+  task = translation.TranslationTask(ds, graphdef, None)
+  loss_fn = task.loss
   eval_loss = jax.jit(loss_fn)
-  decode = jax.jit(lambda p, src: greedy_decode(graphdef, p, src, ds.test.y.shape[1]))
+  mesh = translation.data_mesh()
 
   def optimizer(name, lr):
     adam = optax.scale_by_adam(b1=0.9, b2=0.98, eps=1e-9)
@@ -102,17 +83,18 @@ def run(cfg: dict, seeds: int = 3, progress: bool = True) -> dict:
     return lookahead(inner, k=5, alpha=0.5) if name.startswith("LA(") else inner
 
   def run_one(name, lr, seed):
-    params = harness.functional(make_model(seed))[1]
-    batches = data.batches(train_split, cfg["batch"], np.random.default_rng(seed))
+    params = jax.device_put(nnx.split(make_model(seed))[1], NamedSharding(mesh, P()))  # replicated
+    batches = translation.sharded_batches(train_split, cfg["batch"], np.random.default_rng(seed), mesh)
     eval_fn = lambda p: {"val_loss": eval_loss(p, val_split)}
     final, opt_state, hist = harness.train(loss_fn, params, optimizer(name, lr), batches, steps, eval_fn=eval_fn,
                                            eval_every=cfg["eval_every"], desc=f"nmt {name} lr={lr:g} s={seed}",
                                            progress=progress)
     weights = harness.eval_params(final, opt_state)
-    hyps = detokenize(jax.device_get(decode(weights, ds.test.x)), ds.tgt_vocab)
+    pred = jax.device_get(translation.greedy_decode(task, weights, ds.test.x))
+    hyps = detokenize(pred, ds.tgt_vocab)
     return {"train_loss": tail_mean(hist.losses), "curve": curve(hist.losses), "seconds": hist.seconds,
             "val_loss": float(eval_loss(weights, val_split)), "test_loss": float(eval_loss(weights, ds.test)),
-            "exact_match": float(np.mean([h == r for h, r in zip(hyps, refs)])),
+            "exact_match": translation.exact_match(pred, ds.test.y),
             "bleu": float(sacrebleu.corpus_bleu(hyps, [refs], tokenize="char").score),
             "examples": [[data.english_number(int(k)), r, h] for k, r, h in zip(ds.test_numbers[:3], refs, hyps)]}
 

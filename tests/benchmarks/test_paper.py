@@ -8,9 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
-from benchmarks import data, harness, models, paper
+from benchmarks import data, harness, paper
 from benchmarks.paper_tasks import Sweep, nmt, padded_chunks, step_decay, summarize, verdict, warmup_rsqrt, with_lr
 from benchmarks.paper_tasks.lm import windows
 
@@ -20,58 +19,59 @@ def tiny_configs():
   cfgs = paper.configs(quick=True)
   cfgs["image"].update(widths=(4, 8), steps=24, eval_every=12, robust_lrs=(0.3,), robust_momenta=(0.5,),
                        k_alpha=((5, 0.5),), trace_start=0.5, trace_updates=4)
-  cfgs["lm"].update(embed=8, hidden=16, steps=6, eval_every=3, max_chars=4000, train_eval_chars=512)
-  cfgs["nmt"].update(dim=16, heads=2, layers=1, steps=6, eval_every=3, n_train=64, n_val=16, n_test=16,
-                     max_number=100, batch=16)
   return cfgs
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+  """The image task end to end (every section of it); compilation dominates, so one task only."""
   out = str(tmp_path_factory.mktemp("paper"))
-  with jax.numpy_rank_promotion("allow"):  # the shared models broadcast their position tables
-    summary = paper.run(("image", "lm", "nmt"), quick=True, seeds=1, out=out, cfgs=tiny_configs(), progress=False)
+  summary = paper.run(("image",), quick=True, seeds=1, out=out, cfgs=tiny_configs(), progress=False)
   return out, summary
 
 
 def test_run_writes_summary_report_and_figures(tiny_run):
-  out, summary = tiny_run
+  out, _ = tiny_run
   with open(os.path.join(out, "summary.json")) as f:
     on_disk = json.load(f)
-  assert set(on_disk["tasks"]) == {"image", "lm", "nmt"}
+  assert set(on_disk["tasks"]) == {"image"} and on_disk["quick"] is True
   assert on_disk["environment"]["jax"] == jax.__version__ and on_disk["seeds"] == 1
-  image, lm, nmt_res = (on_disk["tasks"][t] for t in ("image", "lm", "nmt"))
+  image = on_disk["tasks"]["image"]
   assert set(image["main"]) == {"SGD", "Polyak", "Adam", "LA(SGD)", "LA(Adam)"}
-  assert set(lm["main"]) == {"SGD", "LA(SGD)", "Adam", "LA(Adam)", "Polyak"}
-  assert set(nmt_res["main"]) == {"Adam", "LA(Adam)", "Adam-", "LA(Adam-)", "Adafactor"}
   for opt, res in image["main"].items():
     acc = res["summary"]["test_acc"]
-    assert len(acc["values"]) == 1 and all(0.0 <= v <= 1.0 for v in acc["values"]), opt
-    assert acc["mean"] == pytest.approx(np.mean(acc["values"])) and acc["std"] == pytest.approx(np.std(acc["values"]))
+    assert len(acc["values"]) == 1 and 0.0 <= acc["values"][0] <= 1.0, opt
+  assert set(image["robust"]["lr"]) == {"SGD lr=0.3", "LA(SGD) lr=0.3"}
+  assert set(image["robust"]["momentum"]) == {"SGD momentum=0.5", "LA(SGD) momentum=0.5"}
   assert set(image["k_alpha"]) == {"k=5 alpha=0.5", "SGD"}
-  assert len(image["trace"]["fast_acc"]) == len(image["trace"]["slow_acc"]) == 4
-  for res in lm["main"].values():
-    assert all(np.isfinite(res["summary"][k]["mean"]) and res["summary"][k]["mean"] > 1.0
-               for k in ("train_ppl", "val_ppl", "test_ppl"))
-  for res in nmt_res["main"].values():
-    assert 0.0 <= res["summary"]["exact_match"]["mean"] <= 1.0 and 0.0 <= res["summary"]["bleu"]["mean"] <= 100.0
-  assert set(nmt_res["robust"]) == {"Adam lr=0.01", "LA(Adam) lr=0.01"}
-  for fig in ("fig5_image", "fig8_robustness", "fig9_k_alpha", "fig10_trace", "fig7a_lm", "fig7b_nmt"):
+  # k=5, alpha=0.5 is the LA(SGD) setting of the main table: the same run, reused
+  assert image["k_alpha"]["k=5 alpha=0.5"]["summary"]["test_acc"] == image["main"]["LA(SGD)"]["summary"]["test_acc"]
+  trace = image["trace"]
+  assert trace["steps"] == [13, 14, 15, 16] and len(trace["fast_acc"]) == len(trace["slow_acc"]) == 4
+  for fig in ("fig5_image", "fig8_robustness", "fig9_k_alpha", "fig10_trace"):
     with open(os.path.join(out, f"paper_{fig}.png"), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", fig
   text = open(os.path.join(out, "paper.md")).read()
   # each of our tables sits next to the paper's numbers, quoted from its text
-  for quoted in ("95.27 ± .06", "78.24 ± .02", "57.72", "24.70", "77.72"):
+  for quoted in ("95.27 ± .06", "76.88 ± .39", "78.24 ± .02", "77.72"):
     assert quoted in text, quoted
-  assert "## 1. Image" in text and "## 2. Language" in text and "## 3. Translation" in text
+  assert "## 1. Image" in text and "What matches and what does not" in text
 
 
 def test_training_lowers_the_loss(tiny_run):
   _, summary = tiny_run
-  for opt in ("SGD", "LA(SGD)", "Adam"):
+  for opt in ("SGD", "LA(SGD)", "Adam", "LA(Adam)"):
     curve = np.asarray(summary["tasks"]["image"]["main"][opt]["curves"][0])
-    assert curve[-3:, 1].mean() < curve[:3, 1].mean(), opt  # 24 steps: the loss falls from ln(10)
-  assert summary["tasks"]["image"]["main"]["LA(SGD)"]["summary"]["test_acc"]["mean"] > 0.2  # chance is 0.1
+    assert curve[-3:, 1].mean() < curve[:3, 1].mean(), opt  # 24 steps: the loss falls from about ln(10)
+
+
+def test_slow_weights_only_move_at_syncs(tiny_run):
+  """Fig. 10's trace: the slow-weight accuracy changes only after a sync (every k=5 updates)."""
+  _, summary = tiny_run
+  trace = summary["tasks"]["image"]["trace"]
+  for step, before, after in zip(trace["steps"][1:], trace["slow_acc"], trace["slow_acc"][1:]):
+    if step % 5:
+      assert after == before, step
 
 
 def test_bad_arguments_are_named():
@@ -146,18 +146,7 @@ def test_sweep_tunes_on_seed_zero_reuses_runs_and_skips_diverged():
   assert text.startswith("B beats A on accuracy") and "clearly" in text
 
 
-def test_greedy_decode_matches_a_step_by_step_loop():
-  """The fixed-buffer greedy decoder equals re-running the model on the growing prefix."""
-  model = models.Seq2SeqTransformer(11, 9, 16, 2, 1, max_len=16, rngs=nnx.Rngs(3))
-  graphdef, params = nnx.split(model)
-  src = jnp.array([[4, 5, 6, data.EOS, 0], [7, data.EOS, 0, 0, 0]], jnp.int32)
-  with jax.numpy_rank_promotion("allow"):  # the shared model broadcasts its position table
-    out = np.asarray(jax.jit(lambda p, s: nmt.greedy_decode(graphdef, p, s, 6))(params, src))
-    prefix = np.full((2, 1), data.BOS, np.int32)
-    for _ in range(5):
-      nxt = np.asarray(model(src, jnp.asarray(prefix)))[:, -1].argmax(-1)
-      prefix = np.concatenate([prefix, nxt[:, None].astype(np.int32)], 1)
-  np.testing.assert_array_equal(out, prefix)
+def test_detokenize_stops_at_eos_or_padding():
   vocab = ["<pad>", "<bos>", "<eos>", "a", "b"]
   assert nmt.detokenize(np.array([[1, 3, 4, 2, 3], [1, 4, 0, 3, 3]]), vocab) == ["ab", "b"]
 
