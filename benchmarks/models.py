@@ -128,7 +128,7 @@ class TransformerLM(nnx.Module):
     self.out = nnx.Linear(dim, vocab, rngs=rngs)
 
   def __call__(self, tokens):
-    x = self.embed(tokens) + self.pos[: tokens.shape[1]]
+    x = self.embed(tokens) + self.pos[None, : tokens.shape[1]]
     for block in self.blocks:
       x = block(x, causal=True)
     return self.out(self.norm(x))
@@ -150,13 +150,13 @@ class Seq2SeqTransformer(nnx.Module):
 
   def encode(self, src):
     mask = src != 0
-    x = self.src_embed(src) + self.pos[: src.shape[1]]
+    x = self.src_embed(src) + self.pos[None, : src.shape[1]]
     for block in self.encoder:
       x = block(x, self_mask=mask)
     return self.enc_norm(x), mask
 
   def decode(self, memory, src_mask, tgt_in):
-    y = self.tgt_embed(tgt_in) + self.pos[: tgt_in.shape[1]]
+    y = self.tgt_embed(tgt_in) + self.pos[None, : tgt_in.shape[1]]
     for block in self.decoder:
       y = block(y, memory, causal=True, context_mask=src_mask)
     return self.out(self.dec_norm(y))

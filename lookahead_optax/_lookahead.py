@@ -118,9 +118,9 @@ def lookahead(
   inner = optax.with_extra_args_support(inner)
   policy = inner_state
   # Element-wise work is selected with jnp.where so XLA fuses it with the inner
-  # update; stateful or collective sync work goes in a lax.cond so that it only
-  # runs on sync steps.
-  use_cond = outer is not None or axis_name is not None or isinstance(alpha, _alpha.AdaptiveAlpha)
+  # update (see _select_then_commit); collectives (DiLoCo) and adaptive alpha's
+  # global reductions go in a lax.cond so that they only run on sync steps.
+  use_cond = axis_name is not None or isinstance(alpha, _alpha.AdaptiveAlpha)
   # alpha == 1 known at trace time: the reset term is exactly zero, so leave it
   # out and let XLA fuse (and contract) the inner update exactly as without lookahead.
   alpha_is_one = outer is None and _alpha.is_real_number(alpha) and float(alpha) == 1.0
@@ -168,14 +168,18 @@ def lookahead(
             _pmean(pseudo_grad, axis_name), state.outer_state, state.slow
         )
 
-      def reset(p, u, g, o):
+      def reset(p, u, s, g, o):
+        if axis_name is not None or s.dtype != p.dtype:
+          # The slow weights are not params + updates here (replicas hold different
+          # params, or another dtype): land on them in one rounding.
+          return ((s + o.astype(s.dtype)).astype(p.dtype) - p).astype(u.dtype)
         # new_slow - fast written as g + o so that alpha=1 gives exactly 0.
         return (u + (g + o.astype(g.dtype)).astype(u.dtype)).astype(u.dtype)
 
       if alpha_is_one:
         new_updates = inner_updates
       else:
-        new_updates = fill(map_inexact(reset, params, inner_updates, pseudo_grad, outer_updates), inner_updates)
+        new_updates = fill(map_inexact(reset, params, inner_updates, state.slow, pseudo_grad, outer_updates), inner_updates)
 
       def new_slow(p, u, s, o):
         if axis_name is None and s.dtype == p.dtype:
@@ -233,17 +237,19 @@ def _select_then_commit(sync, on_sync, no_sync, params, axis_name, at_sync):
   evaluates (XLA's CSE shares it with the caller's), so fast == slow bitwise.
   """
   new_updates, slow_sync, _, _, outer_st, a = on_sync
-  updates, slow, inner_st, slow_inner, _, last_alpha = no_sync
+  updates, slow, inner_st, slow_inner, last_outer_st, last_alpha = no_sync
   new_updates = jax.tree.map(lambda x, y: jnp.where(sync, x, y), new_updates, updates)
   a = jnp.where(sync, a, last_alpha)
   exact = lambda p, s: axis_name is None and s.dtype == p.dtype
   # A slow copy of another dtype is not params + updates: select it element-wise.
   slow = map_inexact(lambda p, s, s_sync: s if exact(p, s) else jnp.where(sync, s_sync, s), params, slow, slow_sync)
   fast = map_inexact(lambda p, u, s: (p + u).astype(p.dtype) if exact(p, s) else s, params, new_updates, slow)
-  slow, inner_new, slow_inner = jax.lax.cond(
+  # The outer state (e.g. SNOO's momentum) is committed only at a sync.
+  slow, inner_new, slow_inner, outer_st = jax.lax.cond(
       sync,
-      lambda: (fast, *cast_like(at_sync(inner_st, slow_inner, a), (inner_st, slow_inner))),
-      lambda: (slow, inner_st, slow_inner),
+      lambda: (fast, *cast_like(at_sync(inner_st, slow_inner, a), (inner_st, slow_inner)),
+               cast_like(outer_st, last_outer_st)),
+      lambda: (slow, inner_st, slow_inner, last_outer_st),
   )
   return new_updates, slow, inner_new, slow_inner, outer_st, a
 

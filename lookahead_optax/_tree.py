@@ -32,5 +32,24 @@ def fill(tree, fallback):
 
 
 def cast_like(tree, ref):
-  """``tree`` cast leaf by leaf to the dtypes of ``ref``."""
-  return jax.tree.map(lambda x, r: jnp.asarray(x).astype(jnp.asarray(r).dtype), tree, ref)
+  """``tree`` cast leaf by leaf to the type of ``ref``: dtype, varying mesh axes and sharding.
+
+  So that the two branches of a ``lax.cond`` agree: a constant in one branch is
+  per-replica in the other under ``shard_map``, and a fresh ``init`` has no
+  sharding under an explicit-sharding mesh.
+  """
+  def leaf(x, r):
+    x = jnp.asarray(x).astype(jnp.asarray(r).dtype)
+    xt, rt = jax.typeof(x), jax.typeof(r)
+    missing = tuple(sorted(_varying_axes(rt) - _varying_axes(xt)))
+    if missing:
+      x = jax.lax.pcast(x, missing, to="varying")
+    if not rt.sharding.mesh.empty and xt.sharding.spec != rt.sharding.spec:
+      x = jax.sharding.reshard(x, rt.sharding.spec)
+    return x
+  return jax.tree.map(leaf, tree, ref)
+
+
+def _varying_axes(aval) -> frozenset:
+  mat = getattr(aval, "manual_axis_type", None)  # older jax: ``vma``
+  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))

@@ -13,6 +13,9 @@ import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# Scripts that tests run in subprocesses: not test modules (pytest --doctest-modules would import them).
+collect_ignore_glob = ["distributed/*_worker.py", "distributed/*_checks.py"]
+
 
 def make_params(seed: int = 0, dtype=jnp.float32):
   """Nested-dict params of mixed shapes."""
