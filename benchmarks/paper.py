@@ -124,7 +124,9 @@ def main(argv=None):
   parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS),
                       help="tasks to run (default: all); results of other tasks already in --out are kept")
   parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3; 1 with --quick)")
-  parser.add_argument("--out", default=harness.RESULTS, help="output directory (default benchmarks/results)")
+  parser.add_argument("--out", default=None,
+                      help="output directory (default benchmarks/results; with --quick benchmarks/results/quick, "
+                           "so that a smoke run never overwrites the committed full results)")
   parser.add_argument("--dataset", default="digits", choices=["digits", "cifar10"],
                       help="image task data: scikit-learn digits (default) or CIFAR-10 binary files")
   parser.add_argument("--data-dir", default=None, help="directory holding cifar-10-batches-bin (with --dataset cifar10)")
@@ -134,6 +136,8 @@ def main(argv=None):
   parser.add_argument("--report-only", action="store_true",
                       help="train nothing: rewrite paper.md and the figures from --out/summary.json")
   args = parser.parse_args(argv)
+  if args.out is None:
+    args.out = os.path.join(harness.RESULTS, "quick") if args.quick else harness.RESULTS
   if args.report_only:
     with open(os.path.join(args.out, "summary.json")) as f:
       print("wrote", write_report(json.load(f), args.out))
