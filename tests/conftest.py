@@ -90,6 +90,24 @@ def run(opt, params, grad_fn, steps, jit=True, extra=None):
   return fasts, states
 
 
+def jit_and_count_traces(opt, params, steps):
+  """Run ``steps`` jitted, donated steps; returns (traces, compiled executables, final state)."""
+  traces = 0
+
+  def step(params, state, t):
+    nonlocal traces
+    traces += 1
+    updates, state = opt.update(quadratic_grad(params, t), state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  state = opt.init(params)
+  params = jax.tree.map(jnp.copy, params)
+  for t in range(steps):
+    params, state = step(params, state, t)
+  return traces, step._cache_size(), state
+
+
 INNERS = {
     "sgd": lambda: optax.sgd(0.05),
     "momentum": lambda: optax.sgd(0.05, momentum=0.9),

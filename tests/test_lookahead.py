@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import INNERS, make_params, quadratic_grad, reference_lookahead, run
+from conftest import INNERS, jit_and_count_traces, make_params, quadratic_grad, reference_lookahead, run
 from lookahead_optax import LookaheadState, find_lookahead_state, lookahead, slow_params
 
 
@@ -166,22 +166,8 @@ def test_extra_args_reach_the_inner_optimizer():
 
 
 def test_compiles_once_over_200_steps(params):
-  opt = lookahead(optax.adam(0.01), 5, 0.5, inner_state="interpolate")
-  traces = 0
-
-  def step(params, state, t):
-    nonlocal traces
-    traces += 1
-    updates, state = opt.update(quadratic_grad(params, t), state, params)
-    return optax.apply_updates(params, updates), state
-
-  step = jax.jit(step, donate_argnums=(0, 1))
-  state = opt.init(params)
-  params = jax.tree.map(jnp.copy, params)
-  for t in range(200):
-    params, state = step(params, state, t)
-  assert traces == 1
-  assert step._cache_size() == 1
+  traces, compiled, _ = jit_and_count_traces(lookahead(optax.adam(0.01), 5, 0.5, inner_state="interpolate"), params, 200)
+  assert (traces, compiled) == (1, 1)
 
 
 def test_vmap_over_independent_runs():

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import make_params, quadratic_grad, reference_lookahead, run
+from conftest import jit_and_count_traces, make_params, quadratic_grad, reference_lookahead, run
 from lookahead_optax import diloco, find_lookahead_state, lookahead, slow_params, snoo
 
 TOL = dict(rtol=2e-5, atol=2e-6)
@@ -184,23 +184,8 @@ def test_extra_args_reach_the_inner_optimizer_with_an_outer_optimizer(small):
 
 
 def test_snoo_compiles_once(small):
-  params = small
-  opt = snoo(optax.adam(0.01), k=5, inner_state="interpolate")
-  traces = 0
-
-  def step(params, state, t):
-    nonlocal traces
-    traces += 1
-    updates, state = opt.update(quadratic_grad(params, t), state, params)
-    return optax.apply_updates(params, updates), state
-
-  step = jax.jit(step, donate_argnums=(0, 1))
-  state = opt.init(params)
-  params = jax.tree.map(jnp.copy, params)
-  for t in range(40):
-    params, state = step(params, state, t)
-  assert traces == 1
-  assert step._cache_size() == 1
+  traces, compiled, state = jit_and_count_traces(snoo(optax.adam(0.01), k=5, inner_state="interpolate"), small, 40)
+  assert (traces, compiled) == (1, 1)
   assert int(state.syncs) == 8
 
 
