@@ -21,10 +21,22 @@ Under ``vmap`` a ``lax.cond`` on a per-replica counter becomes a ``select``
 that evaluates both branches, so the wall time of the simulation says nothing
 about real communication cost; only losses and round counts are reported.
 
+3. **Translation, equal steps** (``--task translation``): experiment 1's four
+   optimizers on the number-word translation Transformer of ``benchmarks/nmt.py``
+   (``make_translation_task``, ``train_translation``, ``greedy_decode``,
+   ``exact_match``), with the inner AdamW on nmt's warmup-then-rsqrt schedule
+   (``warmup_rsqrt_schedule``, beta2 = 0.98); test loss and greedy exact match
+   of the slow weights, several seeds.
+
 Regenerate ``benchmarks/results/outer.{md,json}`` and ``outer_*.png`` with::
 
     python -m benchmarks.outer            # full run: ~21 CPU-minutes (43 min wall on a loaded 2-core box)
     python -m benchmarks.outer --quick    # smoke test (seconds), writes to --out
+
+and ``benchmarks/results/outer_translation.{md,json,png}`` with::
+
+    python -m benchmarks.outer --task translation           # full run: ~10 min wall on a loaded 2-core box
+    python -m benchmarks.outer --task translation --quick   # smoke test (seconds), writes to --out
 """
 
 from __future__ import annotations
@@ -40,10 +52,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks import data, harness, models
+from benchmarks import data, harness, models, nmt
 from lookahead_optax import diloco, lookahead, snoo
 
 AXIS = "replica"
+TRANSLATION_STEPS = 400
 
 FULL = dict(steps=600, seeds=3, batch=16, seq_len=64, dim=64, layers=2, heads=4, lr=2e-3, eval_every=50,
             eval_batches=8, replicas=4, replica_batch=8, dp_steps=600, sync_periods=(10, 30), max_chars=None,
@@ -57,9 +70,12 @@ QUICK = dict(steps=10, seeds=1, batch=4, seq_len=16, dim=16, layers=1, heads=2, 
 # ------------------------------------------------------------------ optimizers
 
 
-def single_process_optimizers(lr: float, only=None) -> dict:
-  """Name -> factory of the optimizers of experiment 1 (equal inner AdamW); ``only``: name prefixes to keep."""
-  adamw = lambda: optax.adamw(lr, weight_decay=0.01)
+def single_process_optimizers(lr: float, only=None, adamw=None) -> dict:
+  """Name -> factory of the optimizers of experiments 1 and 3 (equal inner AdamW); ``only``: name prefixes to keep.
+
+  ``adamw``: factory of the inner AdamW (default ``optax.adamw(lr, weight_decay=0.01)``).
+  """
+  adamw = adamw or (lambda: optax.adamw(lr, weight_decay=0.01))
   opts = {
       "AdamW": adamw,
       "Lookahead(AdamW), k=5, alpha=0.5": lambda: lookahead(adamw(), k=5, alpha=0.5),
@@ -355,15 +371,165 @@ def run(quick: bool = False, out_dir: str = harness.RESULTS, progress: bool = Tr
   return results
 
 
+# ----------------------------------------------------------------- translation
+
+TRANSLATION_FULL = dict(steps=TRANSLATION_STEPS, seeds=3, batch=32, dim=32, heads=4, layers=2, lr=2e-3, warmup=100,
+                        n_train=4000, eval_every=200, eval_n=200, single=("AdamW", "Lookahead", "SNOO"))
+TRANSLATION_QUICK = dict(steps=10, seeds=1, batch=8, dim=8, heads=2, layers=1, lr=1e-2, warmup=2, n_train=200,
+                         eval_every=0, eval_n=16, single=("SNOO(AdamW), k=5",))
+
+
+def translation_adamw(lr: float, warmup: int):
+  """Factory of nmt's Adam (warmup then rsqrt decay, beta2 = 0.98) with decoupled weight decay 0.01."""
+  return lambda: optax.adamw(nmt.warmup_rsqrt_schedule(lr, warmup), b1=0.9, b2=0.98, eps=1e-9, weight_decay=0.01)
+
+
+def committed_init(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``tx`` whose ``init`` places the state like the (replicated) params, as ``nmt.train_translation`` holds them.
+
+  An eager ``init`` leaves scalars such as AdamW's count uncommitted, so the
+  training step compiles twice (first call, then with the committed state it
+  returns); a committed state makes it compile once.
+  """
+  def init(params):
+    return jax.device_put(tx.init(params), jax.tree.leaves(params)[0].sharding)
+
+  return optax.GradientTransformation(init, tx.update)
+
+
+def translation(cfg: dict, progress: bool) -> dict:
+  """Experiment 3: name -> list over seeds of {"first_loss", "losses", "evals", "test_loss", "exact_match", ...}."""
+  tasks = [nmt.make_translation_task(seed=seed, n_train=cfg["n_train"], dim=cfg["dim"], heads=cfg["heads"],
+                                     layers=cfg["layers"]) for seed in range(cfg["seeds"])]
+  opts = single_process_optimizers(cfg["lr"], cfg["single"], translation_adamw(cfg["lr"], cfg["warmup"]))
+  every = max(1, cfg["steps"] // 100)
+  tail = max(1, cfg["steps"] // 10)
+  out = {}
+  for name, make in opts.items():
+    runs = []
+    for seed, task in enumerate(tasks):
+      _, _, hist = nmt.train_translation(task, committed_init(make()), cfg["steps"], batch_size=cfg["batch"], seed=seed,
+                                         eval_every=cfg["eval_every"], eval_n=cfg["eval_n"],
+                                         desc=f"{name} seed {seed}", progress=progress)
+      runs.append({"first_loss": float(hist.losses[0]), "train_loss": float(hist.losses[-tail:].mean()),
+                   "loss_steps": list(range(1, cfg["steps"] + 1, every)),
+                   "losses": hist.losses[::every].tolist(), "evals": hist.evals, "seconds": hist.seconds,
+                   **hist.evals[-1][1]})
+    out[name] = runs
+  return out
+
+
+def _smooth(x: np.ndarray, width: int) -> np.ndarray:
+  width = max(1, min(width, len(x)))
+  return np.convolve(x, np.ones(width) / width, mode="valid")
+
+
+def plot_translation(results: dict, out_dir: str) -> str:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax_train, ax_test) = plt.subplots(1, 2, figsize=(10, 4))
+  for name, runs in results["runs"].items():
+    losses = np.asarray([r["losses"] for r in runs])
+    steps = np.asarray(runs[0]["loss_steps"], dtype=float)
+    width = max(1, len(steps) // 20)
+    mean = _smooth(losses.mean(0), width)
+    line, = ax_train.plot(_smooth(steps, width), mean, label=name)
+    evals = [[(s, m["test_loss"]) for s, m in r["evals"]] for r in runs]
+    x = [s for s, _ in evals[0]]
+    mean, std = _mean_curve(evals, 1)
+    ax_test.plot(x, mean, marker=".", color=line.get_color(), label=name)
+    ax_test.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+  ax_train.set(xlabel="step", ylabel="training loss (fast weights, smoothed)", yscale="log",
+               title="Number-word translation: training")
+  ax_test.set(xlabel="step", ylabel="test loss (slow weights)", yscale="log", title="test (mean ± std over seeds)")
+  ax_test.legend(fontsize=7)
+  fig.tight_layout()
+  path = os.path.join(out_dir, "outer_translation.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def reading_translation(results: dict) -> list:
+  """Who wins and who loses on translation, computed from the numbers (one std of AdamW as the band)."""
+  runs = results["runs"]
+  out = []
+  for key, label, sign in (("exact_match", "exact match", -1.0), ("test_loss", "test loss", 1.0)):
+    mean = {n: np.mean([r[key] for r in rs]) for n, rs in runs.items()}
+    if "AdamW" not in mean:
+      continue
+    band = np.std([r[key] for r in runs["AdamW"]])
+    for name, v in mean.items():
+      if name == "AdamW":
+        continue
+      d = sign * (v - mean["AdamW"])
+      verdict = "worse than" if d > band else ("better than" if d < -band else "within one std of")
+      scale = 100.0 if key == "exact_match" else 1.0
+      out.append(f"- {name}: {label} {scale * v:.4g} vs {scale * mean['AdamW']:.4g}: {verdict} AdamW.")
+  return out
+
+
+def markdown_translation(results: dict) -> str:
+  cfg, env = results["config"], results["environment"]
+  lines = ["# Beyond Lookahead: SNOO on number-word translation", "",
+           f"Generated by `python -m benchmarks.outer --task translation{' --quick' if results['quick'] else ''}` "
+           f"in {results['seconds']:.0f} s on {env['platform']} ({env['cpus']} CPUs); jax {env['jax']}, "
+           f"optax {env['optax']}.", "",
+           f"`Seq2SeqTransformer` (dim {cfg['dim']}, {cfg['layers']} layers, {cfg['heads']} heads) from "
+           f"`benchmarks/nmt.py`, English -> German number words ({cfg['n_train']} training pairs, test numbers "
+           f"disjoint), {cfg['steps']} steps, batch {cfg['batch']}, inner AdamW(peak lr={cfg['lr']}, linear warmup "
+           f"{cfg['warmup']} steps then 1/sqrt decay, beta2=0.98, wd=0.01), {cfg['seeds']} seeds (model init and "
+           f"batch order), mean ± std. Test loss (teacher forced) and greedy exact match on the first "
+           f"{cfg['eval_n']} test sentences, of the slow weights for Lookahead/SNOO.", ""]
+  runs = results["runs"]
+  base = np.mean([r["test_loss"] for r in runs["AdamW"]]) if "AdamW" in runs else np.nan
+  rows = [[name, harness.mean_std([100.0 * r["exact_match"] for r in rs]), harness.mean_std([r["test_loss"] for r in rs]),
+           f"{np.mean([r['test_loss'] for r in rs]) - base:+.4f}", harness.mean_std([r["train_loss"] for r in rs])]
+          for name, rs in runs.items()]
+  lines += [harness.markdown_table(["optimizer", "test exact match %", "test loss", "Δ test loss vs AdamW",
+                                    "train loss (last 10% of steps)"], rows), "",
+            "![](outer_translation.png)", "", "## Reading", ""] + results.get("reading", []) + [""]
+  return "\n".join(lines)
+
+
+def run_translation(quick: bool = False, out_dir: str = harness.RESULTS, progress: bool = True, **overrides) -> dict:
+  """Experiment 3; writes ``outer_translation.{json,md,png}`` under ``out_dir``."""
+  cfg = dict(TRANSLATION_QUICK if quick else TRANSLATION_FULL)
+  cfg.update({k: v for k, v in overrides.items() if v is not None})
+  start = time.perf_counter()
+  results: dict[str, Any] = {"task": "translation", "config": cfg, "quick": quick,
+                             "environment": harness.environment()}
+  results["runs"] = translation(cfg, progress)
+  results["seconds"] = time.perf_counter() - start
+  results["reading"] = reading_translation(results)
+  os.makedirs(out_dir, exist_ok=True)
+  results["figures"] = [os.path.basename(plot_translation(results, out_dir))]
+  harness.write_json(os.path.join(out_dir, "outer_translation.json"), results)
+  with open(os.path.join(out_dir, "outer_translation.md"), "w") as f:
+    f.write(markdown_translation(results))
+  return results
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--task", choices=("lm", "translation"), default="lm",
+                      help="lm: experiments 1 and 2 (outer.{md,json}); translation: experiment 3 "
+                           "(outer_translation.{md,json,png}) (default lm)")
   parser.add_argument("--quick", action="store_true", help="tiny model, few steps, one seed (smoke test)")
   parser.add_argument("--out", default=harness.RESULTS, help="output folder (default benchmarks/results)")
   parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 3; quick 1)")
-  parser.add_argument("--steps", type=int, default=None, help="steps of the single-process runs (default 600)")
+  parser.add_argument("--steps", type=int, default=None,
+                      help=f"steps of the single-process runs (default 600; translation {TRANSLATION_STEPS})")
   parser.add_argument("--dp-steps", type=int, default=None, help="steps of the replica runs (default 600)")
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
+  if args.task == "translation":
+    results = run_translation(args.quick, args.out, not args.no_progress, seeds=args.seeds, steps=args.steps)
+    print(markdown_translation(results))
+    return
   results = run(args.quick, args.out, not args.no_progress, seeds=args.seeds, steps=args.steps,
                 dp_steps=args.dp_steps)
   print(markdown(results))

@@ -77,7 +77,7 @@ def test_agrees_with_optax_lookahead(inner, reset, params):
       chex.assert_trees_all_close(fasts[t], peer_params.fast, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("inner,k", zip(sorted(INNERS), [1, 3, 7, 4]))
+@pytest.mark.parametrize("inner,k", list(zip(sorted(INNERS), [1, 3, 7, 4])))
 def test_alpha_one_is_the_inner_optimizer_bitwise(inner, k, params):
   steps = 100
   opt = lookahead(INNERS[inner](), k, 1.0)

@@ -51,3 +51,20 @@ def test_help_documents_the_options(capsys):
   assert exit_.value.code == 0
   text = capsys.readouterr().out
   assert "--quick" in text and "--out" in text and "DiLoCo" in text
+
+
+def test_translation_quick_run_writes_its_own_results_and_learns(tmp_path):
+  with jax.numpy_rank_promotion("allow"):  # models.Seq2SeqTransformer broadcasts its position table
+    outer.main(["--task", "translation", "--quick", "--out", str(tmp_path), "--no-progress"])
+  for name in ("outer_translation.md", "outer_translation.json", "outer_translation.png"):
+    assert os.path.getsize(tmp_path / name) > 0
+  assert not (tmp_path / "outer.md").exists() and not (tmp_path / "outer.json").exists()  # the LM results untouched
+  saved = json.loads((tmp_path / "outer_translation.json").read_text())
+  assert saved["task"] == "translation" and saved["config"]["seeds"] == 1
+  (name, (run,)), = saved["runs"].items()
+  assert name.startswith("SNOO(AdamW)")
+  assert len(run["losses"]) == saved["config"]["steps"] and all(math.isfinite(v) for v in run["losses"])
+  assert math.isfinite(run["test_loss"]) and 0.0 <= run["exact_match"] <= 1.0
+  # Training decreased the loss: last step below the loss at initialisation (step 1, same model).
+  assert run["train_loss"] < run["first_loss"]
+  assert name in (tmp_path / "outer_translation.md").read_text()
