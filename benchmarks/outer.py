@@ -35,7 +35,7 @@ Regenerate ``benchmarks/results/outer.{md,json}`` and ``outer_*.png`` with::
 
 and ``benchmarks/results/outer_translation.{md,json,png}`` with::
 
-    python -m benchmarks.outer --task translation           # full run: ~10 min wall on a loaded 2-core box
+    python -m benchmarks.outer --task translation           # full run: ~6 min wall on a loaded 2-core box
     python -m benchmarks.outer --task translation --quick   # smoke test (seconds), writes to --out
 """
 
@@ -486,8 +486,9 @@ def markdown_translation(results: dict) -> str:
            f"{cfg['eval_n']} test sentences, of the slow weights for Lookahead/SNOO.", ""]
   runs = results["runs"]
   base = np.mean([r["test_loss"] for r in runs["AdamW"]]) if "AdamW" in runs else np.nan
-  rows = [[name, harness.mean_std([100.0 * r["exact_match"] for r in rs]), harness.mean_std([r["test_loss"] for r in rs]),
-           f"{np.mean([r['test_loss'] for r in rs]) - base:+.4f}", harness.mean_std([r["train_loss"] for r in rs])]
+  rows = [[name, harness.mean_std([100.0 * r["exact_match"] for r in rs]),
+           harness.mean_std([r["test_loss"] for r in rs]), f"{np.mean([r['test_loss'] for r in rs]) - base:+.4f}",
+           harness.mean_std([r["train_loss"] for r in rs])]
           for name, rs in runs.items()]
   lines += [harness.markdown_table(["optimizer", "test exact match %", "test loss", "Δ test loss vs AdamW",
                                     "train loss (last 10% of steps)"], rows), "",
