@@ -113,6 +113,10 @@ def train(
 
   params = jax.tree.map(jnp.copy, params)  # the step donates its inputs
   opt_state = tx.init(params)
+  leaves = jax.tree.leaves(params)
+  if leaves and all(getattr(x, "sharding", None) is not None and x.sharding.is_fully_replicated for x in leaves):
+    # Scalars created by init (step counters) go where the params are, so the step compiles once.
+    opt_state = jax.device_put(opt_state, leaves[0].sharding)
   step = make_step(loss_fn, tx)
   losses, evals = [], []
   start = time.perf_counter()
