@@ -1,12 +1,14 @@
-"""Ready-made combinations built on :func:`lookahead`."""
+"""Ready-made combinations built on :func:`lookahead`; each checks its own arguments and names itself in errors."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Hashable, Optional
 
 import optax
+from jax.typing import DTypeLike
 
-from lookahead_optax._lookahead import lookahead
+from lookahead_optax._config import check_number, make_config
+from lookahead_optax._lookahead import build
 
 
 def ranger(
@@ -17,7 +19,11 @@ def ranger(
     weight_decay: float = 0.0,
     k: int = 6,
     alpha: float = 0.5,
-    **lookahead_kwargs: Any,
+    *,
+    inner_state_policy: str = "maintain",
+    slow_dtype: Optional[DTypeLike] = None,
+    axis_name: Optional[Hashable] = None,
+    placement_check: str = "warn",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Ranger: RAdam inside Lookahead, with the popular PyTorch "Ranger" defaults.
 
@@ -27,7 +33,8 @@ def ranger(
   The defaults (``b1=0.95``, ``b2=0.999``, ``eps=1e-5``, ``k=6``, ``alpha=0.5``)
   are those of the widely used PyTorch Ranger; gradient centralization, which
   that package also applies, is not included. ``weight_decay`` is AdamW-style
-  (decoupled, scaled by the learning rate).
+  (decoupled, scaled by the learning rate). The keyword-only arguments are
+  :func:`lookahead`'s.
 
   Example:
     >>> import jax.numpy as jnp
@@ -35,20 +42,37 @@ def ranger(
     >>> opt = ranger(1e-3)
     >>> state = opt.init({"w": jnp.zeros(3)})
   """
+  check_number("ranger", "learning_rate", learning_rate, 0.0, float("inf"), low_open=True, schedule=True)
+  check_number("ranger", "b1", b1, 0.0, 1.0, high_open=True)
+  check_number("ranger", "b2", b2, 0.0, 1.0, high_open=True)
+  check_number("ranger", "eps", eps, 0.0, float("inf"), low_open=True)
+  check_number("ranger", "weight_decay", weight_decay, 0.0, float("inf"))
   inner = optax.chain(
       optax.scale_by_radam(b1=b1, b2=b2, eps=eps),
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
   )
-  return lookahead(inner, k=k, alpha=alpha, **lookahead_kwargs)
+  return build(make_config("ranger", inner, k, alpha, inner_state_policy, None, slow_dtype, axis_name,
+                           placement_check))
+
+
+def _nesterov(caller: str, outer_learning_rate, outer_momentum) -> optax.GradientTransformation:
+  check_number(caller, "outer_learning_rate", outer_learning_rate, 0.0, float("inf"), low_open=True,
+               schedule=True)
+  check_number(caller, "outer_momentum", outer_momentum, 0.0, 1.0, high_open=True)
+  return optax.sgd(outer_learning_rate, momentum=outer_momentum, nesterov=True)
 
 
 def snoo(
     inner: optax.GradientTransformation,
     k: int = 20,
-    learning_rate: optax.ScalarOrSchedule = 0.7,
-    momentum: float = 0.9,
-    **lookahead_kwargs: Any,
+    outer_learning_rate: optax.ScalarOrSchedule = 0.7,
+    outer_momentum: float = 0.9,
+    *,
+    inner_state_policy: str = "maintain",
+    slow_dtype: Optional[DTypeLike] = None,
+    axis_name: Optional[Hashable] = None,
+    placement_check: str = "warn",
 ) -> optax.GradientTransformationExtraArgs:
   r"""SNOO: Lookahead whose slow step is Nesterov SGD on the pseudo-gradient.
 
@@ -59,28 +83,38 @@ def snoo(
 
     b_t = \mu\, b_{t-1} + s_t, \qquad w_{t+1} = w_t - \eta\,(\mu\, b_t + s_t).
 
-  ``momentum=0`` and ``learning_rate=alpha`` is plain Lookahead.
+  ``outer_momentum=0`` with ``outer_learning_rate=alpha`` is plain Lookahead.
+  The inner learning rate belongs to ``inner``; SNOO has no ``alpha`` (the
+  outer optimizer takes the slow step). It is
+  ``lookahead(inner, k, outer=optax.sgd(outer_learning_rate, outer_momentum, nesterov=True))``.
 
   Args:
     inner: the inner (fast) optimizer, e.g. ``optax.adamw(...)``.
     k: inner steps between slow steps.
-    learning_rate: the outer learning rate :math:`\eta`.
-    momentum: the outer Nesterov momentum :math:`\mu`.
-    **lookahead_kwargs: passed to :func:`lookahead` (``inner_state``,
-      ``slow_dtype``, ``axis_name``).
+    outer_learning_rate: the outer learning rate :math:`\eta` > 0 (or a schedule
+      of the number of syncs).
+    outer_momentum: the outer Nesterov momentum :math:`\mu` in [0, 1).
+    inner_state_policy: ``"maintain"`` or ``"reset"``, as in :func:`lookahead`.
+    slow_dtype: as in :func:`lookahead`.
+    axis_name: as in :func:`lookahead` (SNOO across replicas is :func:`diloco`).
+    placement_check: as in :func:`lookahead`.
+
+  Defaults (``k=20``, 0.7, 0.9) are DiLoCo's outer settings; tune ``k`` and
+  the outer learning rate for your problem.
 
   Example:
     >>> import jax.numpy as jnp, optax
     >>> from lookahead_optax import snoo
-    >>> opt = snoo(optax.adamw(1e-3), k=20)
+    >>> opt = snoo(optax.adamw(1e-3), k=20, outer_learning_rate=0.7, outer_momentum=0.9)
     >>> state = opt.init({"w": jnp.zeros(3)})
 
   References:
     Kallusky, Rao, Nandavanam, Shi, `SNOO: Step-K Nesterov Outer Optimizer
     <https://arxiv.org/abs/2510.15830>`_, 2025.
   """
-  outer = optax.sgd(learning_rate, momentum=momentum, nesterov=True)
-  return lookahead(inner, k=k, outer=outer, **lookahead_kwargs)
+  outer = _nesterov("snoo", outer_learning_rate, outer_momentum)
+  return build(make_config("snoo", inner, k, None, inner_state_policy, outer, slow_dtype, axis_name,
+                           placement_check))
 
 
 def diloco(
@@ -88,14 +122,17 @@ def diloco(
     k: int = 500,
     outer_learning_rate: optax.ScalarOrSchedule = 0.7,
     outer_momentum: float = 0.9,
-    axis_name: Any = "replica",
-    **lookahead_kwargs: Any,
+    axis_name: Hashable = "replica",
+    *,
+    inner_state_policy: str = "maintain",
+    slow_dtype: Optional[DTypeLike] = None,
+    placement_check: str = "warn",
 ) -> optax.GradientTransformationExtraArgs:
   r"""DiLoCo: replicas train independently for k steps, then take one shared Nesterov outer step.
 
-  Use inside ``jax.shard_map`` or ``jax.pmap`` over ``axis_name``, with each
-  replica's own gradients (no gradient all-reduce in the training step). At
-  each sync, on replica :math:`m` with fast weights :math:`\theta^m`:
+  Call ``update`` inside ``jax.shard_map`` or ``jax.pmap`` over ``axis_name``,
+  with each replica's own gradients (no gradient all-reduce in the training
+  step). At each sync, on replica :math:`m` with fast weights :math:`\theta^m`:
 
   .. math::
 
@@ -105,7 +142,18 @@ def diloco(
   The only cross-replica communication is that one average every ``k`` steps,
   inside the sync branch. Defaults are the DiLoCo paper's: inner AdamW (pass
   it), ``k=500`` inner steps, outer Nesterov with learning rate 0.7 and
-  momentum 0.9.
+  momentum 0.9. It is :func:`snoo` with ``axis_name``.
+
+  Args:
+    inner: the inner optimizer of each replica, e.g. ``optax.adamw(...)``.
+    k: inner steps between syncs (DiLoCo's H).
+    outer_learning_rate: the outer learning rate > 0 (or a schedule of the
+      number of syncs).
+    outer_momentum: the outer Nesterov momentum in [0, 1).
+    axis_name: the mapped axis over the replicas.
+    inner_state_policy: ``"maintain"`` or ``"reset"``, as in :func:`lookahead`.
+    slow_dtype: as in :func:`lookahead`.
+    placement_check: as in :func:`lookahead`.
 
   Example:
     >>> import optax
@@ -116,5 +164,9 @@ def diloco(
     Douillard et al., `DiLoCo: Distributed Low-Communication Training of
     Language Models <https://arxiv.org/abs/2311.08105>`_, 2023.
   """
-  outer = optax.sgd(outer_learning_rate, momentum=outer_momentum, nesterov=True)
-  return lookahead(inner, k=k, outer=outer, axis_name=axis_name, **lookahead_kwargs)
+  if axis_name is None:
+    raise ValueError("diloco: axis_name must name the mapped replica axis, got None. For a single replica "
+                     "use snoo(...), the same slow step without the average.")
+  outer = _nesterov("diloco", outer_learning_rate, outer_momentum)
+  return build(make_config("diloco", inner, k, None, inner_state_policy, outer, slow_dtype, axis_name,
+                           placement_check))

@@ -73,7 +73,8 @@ def adaptive_alpha(
   ``b2``), at no memory cost; ``"ema"`` keeps its own EMA of squared gradients,
   one extra param-sized copy in the state, updated every step; ``"auto"``
   (default) takes ``"inner"`` when the inner state has a ``nu`` and ``"ema"``
-  otherwise. The alpha chosen at the last sync is ``LookaheadState.alpha``.
+  otherwise. The alpha chosen at the last sync is ``LookaheadState.alpha``
+  (0 before the first sync).
 
   Args:
     alpha_low: lower clip of alpha, in (0, 1]. The paper notes that
@@ -183,31 +184,27 @@ def alpha_at_sync(rule, syncs, alpha_state, inner_state, slow, fast, grads, mask
   return jnp.asarray(rule, jnp.float32)
 
 
-def initial_alpha(rule) -> jax.Array:
-  """The value shown in ``LookaheadState.alpha`` before the first sync."""
-  if isinstance(rule, AdaptiveAlpha):
-    return jnp.ones((), jnp.float32)
-  if callable(rule):
-    return jnp.asarray(rule(jnp.zeros((), jnp.int32)), jnp.float32)
-  return jnp.asarray(rule, jnp.float32)
+def initial_alpha() -> jax.Array:
+  """``LookaheadState.alpha`` before the first sync: 0, no slow step taken yet."""
+  return jnp.zeros((), jnp.float32)
 
 
-def check_alpha(alpha) -> None:
+def check_alpha(caller: str, alpha) -> None:
   """Raise a ValueError naming ``alpha`` unless it is a valid slow step size."""
   if isinstance(alpha, AdaptiveAlpha) or (callable(alpha) and not isinstance(alpha, jax.Array)):
     return
   if isinstance(alpha, bool):
-    raise ValueError(f"lookahead: alpha must be a number in [0, 1] or a schedule, got the bool {alpha!r}.")
+    raise ValueError(f"{caller}: alpha must be a number in [0, 1] or a schedule, got the bool {alpha!r}.")
   if isinstance(alpha, jax.core.Tracer):
     return  # A traced hyperparameter (optax.inject_hyperparams under jit): checked by the caller's values.
   try:
     value = float(jnp.asarray(alpha)) if not is_real_number(alpha) else float(alpha)
   except (TypeError, ValueError) as e:
     raise ValueError(
-        f"lookahead: alpha must be a number in [0, 1], a schedule or adaptive_alpha(), got {alpha!r}."
+        f"{caller}: alpha must be a number in [0, 1], a schedule or adaptive_alpha(), got {alpha!r}."
     ) from e
   if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-    raise ValueError(f"lookahead: alpha must be a finite number in [0, 1], got {alpha!r}.")
+    raise ValueError(f"{caller}: alpha must be a finite number in [0, 1], got {alpha!r}.")
 
 
 def is_real_number(x) -> bool:

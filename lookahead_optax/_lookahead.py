@@ -1,21 +1,34 @@
-"""The Lookahead combinator: k fast steps of any optax optimizer, then one slow step."""
+"""The Lookahead combinator: k fast steps of any optax optimizer, then one slow step.
+
+An update is a short pipeline of module-level functions, read top to bottom in
+``update_fn`` below:
+
+1. the inner step, ``inner.update``: the inner updates, and the fast weights
+   ``params + updates`` (:func:`fast_weights`);
+2. :func:`slow_step`: the new slow weights, from plain alpha or any ``outer``
+   optimizer applied to the pseudo-gradient, with the outer state and the alpha
+   used;
+3. the landing: element-wise ``where(sync, land on the new slow weights, inner
+   updates)`` (:func:`landing_updates`), which XLA fuses into the inner
+   optimizer's own loop;
+4. :func:`commit`: one ``lax.cond`` that writes what changes only at a sync,
+   the slow weights and the inner-state policy.
+
+Where the slow step runs is decided by one rule, :func:`is_fused`.
+"""
 
 from __future__ import annotations
 
-import numbers
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Hashable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+from jax.typing import DTypeLike
 
-from lookahead_optax import _alpha
+from lookahead_optax import _alpha, _placement, _policy
+from lookahead_optax._config import AlphaLike, Config, make_config
 from lookahead_optax._tree import cast_like, fill, is_inexact, map_inexact, mask_like
-
-INNER_STATE_POLICIES = ("maintain", "reset", "interpolate")
-
-AlphaLike = Union[float, jax.Array, Callable[[jax.Array], jax.Array], _alpha.AdaptiveAlpha]
 
 
 class LookaheadState(NamedTuple):
@@ -25,14 +38,14 @@ class LookaheadState(NamedTuple):
   """Inner steps taken since the last sync, in ``[0, k)`` (int32)."""
   syncs: jax.Array
   """Number of completed syncs (int32); the argument of an alpha schedule."""
-  alpha: jax.Array
-  """The slow step size used at the last sync (float32), for logging."""
+  alpha: Union[jax.Array, optax.EmptyState]
+  """The slow step size used at the last sync (float32; 0 before the first sync); ``EmptyState()`` with ``outer``."""
   slow: optax.Params
   """Slow weights, shaped like params; ``optax.MaskedNode()`` where params are not floating point."""
   inner_state: optax.OptState
   """State of the inner (fast) optimizer."""
   slow_inner_state: optax.OptState
-  """``inner_state="interpolate"`` only: the inner state after the last sync; else ``EmptyState()``."""
+  """``inner_state_policy="interpolate"`` only: the inner state after the last sync; else ``EmptyState()``."""
   outer_state: optax.OptState
   """State of the outer optimizer of the slow step; ``EmptyState()`` for plain Lookahead."""
   alpha_state: optax.OptState
@@ -42,19 +55,20 @@ class LookaheadState(NamedTuple):
 def lookahead(
     inner: optax.GradientTransformation,
     k: int = 5,
-    alpha: AlphaLike = 0.5,
+    alpha: Optional[AlphaLike] = None,
     *,
-    inner_state: str = "maintain",
+    inner_state_policy: str = "maintain",
     outer: Optional[optax.GradientTransformation] = None,
-    slow_dtype: Optional[Any] = None,
-    axis_name: Optional[Any] = None,
+    slow_dtype: Optional[DTypeLike] = None,
+    axis_name: Optional[Hashable] = None,
+    placement_check: str = "warn",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Lookahead: ``k`` steps of ``inner`` forward, one slow step back.
 
   The params you hold are the fast weights :math:`\theta`; the state keeps the
   slow weights :math:`\phi`. Each update is one step of ``inner``. On every
   ``k``-th update (a *sync*) the slow weights move toward the fast weights and
-  the returned updates reset the fast weights onto them (Algorithm 1):
+  the returned updates land the fast weights on them (Algorithm 1):
 
   .. math::
 
@@ -63,17 +77,19 @@ def lookahead(
     \theta_{t+1,0} = \phi_t .
 
   With ``outer`` the slow step is any optax optimizer applied to the
-  pseudo-gradient :math:`\phi_{t-1} - \theta_{t,k}` with the slow weights as
-  params (``outer=None`` is ``optax.sgd(alpha)``; a Nesterov ``outer`` is
-  SNOO). With ``axis_name`` the pseudo-gradient is averaged over that mapped
-  axis at each sync, inside the sync branch only (DiLoCo).
+  pseudo-gradient :math:`\Delta = \phi_{t-1} - \theta_{t,k}` with the slow
+  weights as params: :math:`\phi_t = \phi_{t-1} + \mathrm{outer}(\Delta)`.
+  ``outer=optax.sgd(alpha)`` is plain Lookahead; a Nesterov ``outer`` is SNOO
+  (:func:`snoo`). With ``axis_name`` the pseudo-gradient is averaged over that
+  mapped axis at each sync (DiLoCo, :func:`diloco`).
 
   Contracts: right after each sync, ``optax.apply_updates(params, updates)`` is
-  bitwise equal to the new slow weights (the slow weights are computed as that
-  sum; with ``slow_dtype`` or ``axis_name`` the fast weights are the slow
-  weights rounded to the params' dtype, up to one rounding); ``alpha=1`` gives
-  the inner optimizer's trajectory bit for bit; one trace serves every step.
-  Lookahead must be the last transformation applied to the updates.
+  bitwise equal to the new slow weights (with ``slow_dtype`` or ``axis_name``:
+  the slow weights rounded to the params' dtype, within one rounding);
+  ``alpha=1`` gives the inner optimizer's trajectory bit for bit; one trace
+  serves every step. Lookahead must be the last transformation applied to the
+  updates: at the first update of each cycle it checks that the params it
+  receives are its slow weights, and warns otherwise (``placement_check``).
 
   Args:
     inner: any optax gradient transformation, the fast optimizer. Extra keyword
@@ -81,17 +97,24 @@ def lookahead(
     k: the sync period, an int >= 1 (or an integer array under
       ``optax.inject_hyperparams``).
     alpha: the slow step size in [0, 1]; or a schedule, a callable of the number
-      of completed syncs; or :func:`adaptive_alpha`.
-    inner_state: what the inner state does at a sync: ``"maintain"`` (carry on,
-      the paper's default), ``"reset"`` (re-initialise), or ``"interpolate"``
-      (floating-point leaves move toward their value at the previous sync with
-      the same alpha; integer leaves such as counts are maintained).
-    outer: optional optax transformation for the slow step (see above).
+      of completed syncs; or :func:`adaptive_alpha`. Default 0.5. Not with
+      ``outer``, which takes the slow step instead.
+    inner_state_policy: what the inner state does at a sync: ``"maintain"``
+      (carry on, the paper's default), ``"reset"`` (moment buffers
+      re-initialised; learning-rate schedules and other counters keep their
+      progress), or ``"interpolate"`` (moment buffers move toward their value
+      at the previous sync with the same alpha).
+    outer: optional optax transformation that takes the slow step (see above).
     slow_dtype: dtype of the slow weights (e.g. ``jnp.float32`` under bfloat16
       params); default: the params' dtype.
-    axis_name: a mapped axis name (``pmap``/``shard_map``) over which to average
+    axis_name: a mapped axis name (``shard_map``/``pmap``) over which to average
       the pseudo-gradient at each sync; for data-parallel training where each
-      replica computes its own gradients (DiLoCo).
+      replica computes its own gradients (DiLoCo). ``update`` must then run
+      inside that mapped axis.
+    placement_check: ``"warn"`` (default), ``"raise"`` or ``"off"``: what to do
+      when, at the first update of a cycle, the params differ from the slow
+      weights (a transformation placed after lookahead, or params changed
+      outside the optimizer). The check runs once per cycle.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -114,110 +137,61 @@ def lookahead(
     Zhang, Lucas, Hinton, Ba, `Lookahead Optimizer: k steps forward, 1 step back
     <https://arxiv.org/abs/1907.08610>`_, NeurIPS 2019.
   """
-  _check_arguments(inner, k, alpha, inner_state, outer, slow_dtype)
-  inner = optax.with_extra_args_support(inner)
-  policy = inner_state
-  # Element-wise work is selected with jnp.where so XLA fuses it with the inner
-  # update (see _select_then_commit); collectives (DiLoCo) and adaptive alpha's
-  # global reductions go in a lax.cond so that they only run on sync steps.
-  use_cond = axis_name is not None or isinstance(alpha, _alpha.AdaptiveAlpha)
-  # alpha == 1 known at trace time: the reset term is exactly zero, so leave it
-  # out and let XLA fuse (and contract) the inner update exactly as without lookahead.
-  alpha_is_one = outer is None and _alpha.is_real_number(alpha) and float(alpha) == 1.0
+  return build(make_config("lookahead", inner, k, alpha, inner_state_policy, outer, slow_dtype, axis_name,
+                           placement_check))
+
+
+def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
+  """The transformation for a checked configuration (shared by :func:`lookahead` and its aliases)."""
 
   def init_fn(params):
-    slow = map_inexact(
-        lambda p: jnp.array(p, dtype=slow_dtype or jnp.asarray(p).dtype, copy=True), params
-    )
-    state = inner.init(params)
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+      return jax.eval_shape(init_fn, params)  # abstract params: the state's shapes, dtypes and shardings
+    slow = map_inexact(lambda p: jnp.array(p, dtype=cfg.slow_dtype or p.dtype, copy=True), params)
+    inner_state = cfg.inner.init(params)
+    _placement.check_inner_state(cfg, inner_state)
     return LookaheadState(
         count=jnp.zeros((), jnp.int32),
         syncs=jnp.zeros((), jnp.int32),
-        alpha=_alpha.initial_alpha(alpha),
+        alpha=_alpha.initial_alpha() if cfg.outer is None else optax.EmptyState(),
         slow=slow,
-        inner_state=state,
-        slow_inner_state=inner.init(params) if policy == "interpolate" else optax.EmptyState(),
-        outer_state=optax.EmptyState() if outer is None else outer.init(slow),
-        alpha_state=_alpha.init_alpha_state(alpha, slow, state),
+        inner_state=inner_state,
+        slow_inner_state=_policy.snapshot_init(cfg.policy, inner_state),
+        outer_state=optax.EmptyState() if cfg.outer is None else cfg.outer.init(slow),
+        alpha_state=_alpha.init_alpha_state(cfg.alpha, slow, inner_state),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError(
-          "lookahead: update needs params (the fast weights) to place the slow step; "
-          "got params=None. Call opt.update(grads, state, params)."
-      )
-    inner_updates, inner_st = inner.update(updates, state.inner_state, params, **extra_args)
+    _placement.check_update(cfg, state, params)
+    _placement.announce(cfg, updates)  # force_sync looking for this lookahead stops here
     grads = mask_like(params, updates)
-    alpha_state = _alpha.observe_gradient(alpha, state.alpha_state, grads)
-    sync = state.count >= k - 1
+    exact = exact_leaves(cfg, params, state.slow)
+    alpha_state = _alpha.observe_gradient(cfg.alpha, state.alpha_state, grads)
+    sync = _placement.check_then_sync(cfg, state, params, exact)
 
-    def on_sync(_):
-      fast = map_inexact(lambda p, u: (p + u).astype(p.dtype), params, inner_updates)
-      a = _alpha.alpha_at_sync(
-          alpha, state.syncs, alpha_state, inner_st, state.slow, fast, grads,
-          lambda tree: mask_like(params, tree), axis_name,
-      )
-      pseudo_grad = map_inexact(lambda p, s, f: s - f.astype(s.dtype), params, state.slow, fast)
-      if outer is None:
-        shared = _pmean(pseudo_grad, axis_name)
-        outer_updates = map_inexact(lambda p, g: (-a * g).astype(g.dtype), params, shared)
-        outer_st = state.outer_state
-      else:
-        outer_updates, outer_st = outer.update(
-            _pmean(pseudo_grad, axis_name), state.outer_state, state.slow
-        )
-
-      def reset(p, u, s, g, o):
-        if axis_name is not None or s.dtype != p.dtype:
-          # The slow weights are not params + updates here (replicas hold different
-          # params, or another dtype): land on them in one rounding.
-          return ((s + o.astype(s.dtype)).astype(p.dtype) - p).astype(u.dtype)
-        # new_slow - fast written as g + o so that alpha=1 gives exactly 0.
-        return (u + (g + o.astype(g.dtype)).astype(u.dtype)).astype(u.dtype)
-
-      if alpha_is_one:
-        new_updates = inner_updates
-      else:
-        new_updates = fill(map_inexact(reset, params, inner_updates, state.slow, pseudo_grad, outer_updates), inner_updates)
-
-      def new_slow(p, u, s, o):
-        if axis_name is None and s.dtype == p.dtype:
-          return (p + u).astype(p.dtype)  # exactly what apply_updates will produce
-        return s + o.astype(s.dtype)
-
-      slow = map_inexact(new_slow, params, new_updates, state.slow, outer_updates)
-      inner_new, slow_inner = at_sync(inner_st, state.slow_inner_state, a, params)
-      return new_updates, slow, inner_new, slow_inner, outer_st, a
-
-    def at_sync(inner_st, slow_inner, a, params):
-      """The inner state policy: the inner and slow inner states after a sync."""
-      if policy == "reset":
-        return cast_like(inner.init(params), inner_st), slow_inner
-      if policy == "interpolate":
-        inner_new = _interpolate(slow_inner, inner_st, a)
-        return inner_new, inner_new
-      return inner_st, slow_inner
-
-    def no_sync(_):
-      return (inner_updates, state.slow, inner_st, state.slow_inner_state,
-              state.outer_state, state.alpha)
-
-    if use_cond:
-      out = jax.lax.cond(sync, lambda x: cast_like(on_sync(x), no_sync(x)), no_sync, None)
-      new_updates, slow, inner_new, slow_inner, outer_st, a = out
+    fused = is_fused(cfg, exact)
+    if fused:
+      inner_updates, inner_state = cfg.inner.update(updates, state.inner_state, params, **extra_args)
+      delta, step, outer_state, alpha = slow_step(
+          cfg, state, params, fast_weights(params, inner_updates), grads, inner_state, alpha_state)
+      target = fused_landing(cfg, params, inner_updates, delta, step)
+      slow = state.slow
     else:
-      new_updates, slow, inner_new, slow_inner, outer_st, a = _select_then_commit(
-          sync, cast_like(on_sync(None), no_sync(None)), no_sync(None), params, axis_name,
-          lambda inner_st, slow_inner, a: at_sync(inner_st, slow_inner, a, params))
+      slow, outer_state, alpha, syncs = staged_sync(cfg, sync, state, params, updates, grads, alpha_state, extra_args)
+      inner_updates, inner_state = cfg.inner.update(
+          updates, after(state.inner_state, syncs), params, **extra_args)
+      target = map_inexact(staged_landing, params, inner_updates, slow)
+    new_updates = landing_updates(sync, params, inner_updates, target)
+    slow, inner_state, slow_inner_state = commit(
+        cfg, sync, params, new_updates, exact, slow, inner_state, state.slow_inner_state, alpha)
     new_state = LookaheadState(
         count=jnp.where(sync, 0, state.count + 1).astype(jnp.int32),
-        syncs=jnp.where(sync, optax.safe_increment(state.syncs), state.syncs),
-        alpha=a,
+        syncs=jnp.where(sync, optax.safe_increment(state.syncs), state.syncs) if fused else syncs,
+        alpha=jax.tree.map(lambda a, last: jnp.where(sync, a, last), alpha, state.alpha),
         slow=slow,
-        inner_state=inner_new,
-        slow_inner_state=slow_inner,
-        outer_state=outer_st,
+        inner_state=inner_state,
+        slow_inner_state=slow_inner_state,
+        outer_state=outer_state,
         alpha_state=alpha_state,
     )
     return new_updates, new_state
@@ -225,84 +199,164 @@ def lookahead(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _select_then_commit(sync, on_sync, no_sync, params, axis_name, at_sync):
-  """Combine the two branches without touching slow copies on non-sync steps.
+def exact_leaves(cfg: Config, params, slow):
+  """Per leaf: is the new slow weight exactly ``params + updates``?
 
-  The updates are selected element-wise (``jnp.where``), so XLA fuses them with
-  the inner update in one pass over memory. Everything that changes only at a
-  sync (slow weights, inner state under "reset"/"interpolate", slow inner
-  state) is written inside a ``lax.cond``: the other k - 1 steps neither read
-  nor write it, and no donated buffer needs a defensive copy. The slow weights
-  are taken from ``params + updates``, the expression ``optax.apply_updates``
-  evaluates (XLA's CSE shares it with the caller's), so fast == slow bitwise.
+  True when the slow weights have the params' dtype and all replicas hold the
+  same params (no ``axis_name``): then a sync defines the slow weights as the
+  sum ``optax.apply_updates`` computes, so fast == slow bitwise. Otherwise the
+  fast weights are the slow weights rounded to the params' dtype.
   """
-  new_updates, slow_sync, _, _, outer_st, a = on_sync
-  updates, slow, inner_st, slow_inner, last_outer_st, last_alpha = no_sync
-  new_updates = jax.tree.map(lambda x, y: jnp.where(sync, x, y), new_updates, updates)
-  a = jnp.where(sync, a, last_alpha)
-  exact = lambda p, s: axis_name is None and s.dtype == p.dtype
-  # A slow copy of another dtype is not params + updates: select it element-wise.
-  slow = map_inexact(lambda p, s, s_sync: s if exact(p, s) else jnp.where(sync, s_sync, s), params, slow, slow_sync)
-  fast = map_inexact(lambda p, u, s: (p + u).astype(p.dtype) if exact(p, s) else s, params, new_updates, slow)
-  # The outer state (e.g. SNOO's momentum) is committed only at a sync.
-  slow, inner_new, slow_inner, outer_st = jax.lax.cond(
-      sync,
-      lambda: (fast, *cast_like(at_sync(inner_st, slow_inner, a), (inner_st, slow_inner)),
-               cast_like(outer_st, last_outer_st)),
-      lambda: (slow, inner_st, slow_inner, last_outer_st),
-  )
-  return new_updates, slow, inner_new, slow_inner, outer_st, a
+  return map_inexact(lambda p, s: cfg.axis_name is None and s.dtype == p.dtype, params, slow)
 
 
-def _interpolate(slow_state, state, a):
-  """Floating leaves of ``state`` moved toward ``slow_state`` with step ``a``; others kept."""
-  def leaf(s, x):
-    if not is_inexact(x):
-      return x
-    return (s + a * (x - s)).astype(x.dtype)
-  return jax.tree.map(leaf, slow_state, state)
+def is_fused(cfg: Config, exact) -> bool:
+  """Where the slow step runs: fused into every step, or staged in a sync-only branch.
+
+  Fused when the slow step is element-wise arithmetic on the buffers the
+  landing reads anyway: a constant, scheduled or injected alpha, no ``outer``,
+  no ``axis_name``, slow weights in the params' dtype. XLA then evaluates it
+  inside the inner optimizer's loop, and the only extra work of a non-sync step
+  is one read of the slow weights.
+
+  Everything else is staged: computed in a ``lax.cond`` taken only at a sync,
+  before the landing. That is where collectives (DiLoCo's ``pmean``), global
+  reductions (adaptive alpha, or a ``clip_by_global_norm`` inside ``outer``),
+  the outer optimizer's state and a slow copy of another dtype are read and
+  written; a non-sync step does exactly what a fused one does.
+  """
+  return cfg.outer is None and cfg.axis_name is None and not cfg.adaptive and all(
+      jax.tree.leaves(exact))
 
 
-def _pmean(tree, axis_name):
-  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+def fast_weights(params, inner_updates):
+  """The fast weights after the inner step: exactly what ``optax.apply_updates`` computes."""
+  return map_inexact(lambda p, u: (p + u).astype(p.dtype), params, inner_updates)
 
 
-def _check_arguments(inner, k, alpha, inner_state, outer, slow_dtype) -> None:
-  for name, tx in (("inner", inner), ("outer", outer)):
-    if tx is None and name == "outer":
-      continue
-    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
-      raise TypeError(
-          f"lookahead: {name} must be an optax GradientTransformation (with init and update), "
-          f"got {tx!r} of type {type(tx).__name__}."
-      )
-  _check_k(k)
-  _alpha.check_alpha(alpha)
-  if inner_state not in INNER_STATE_POLICIES:
-    raise ValueError(
-        f"lookahead: inner_state must be one of {', '.join(map(repr, INNER_STATE_POLICIES))}, "
-        f"got {inner_state!r}."
-    )
-  if slow_dtype is not None:
-    try:
-      dtype = jnp.dtype(slow_dtype)
-    except TypeError as e:
-      raise ValueError(f"lookahead: slow_dtype must be a floating dtype, got {slow_dtype!r}.") from e
-    if not jnp.issubdtype(dtype, jnp.inexact):
-      raise ValueError(f"lookahead: slow_dtype must be a floating dtype, got {slow_dtype!r}.")
+def pseudo_gradient(cfg: Config, params, slow, fast):
+  r"""The pseudo-gradient :math:`\Delta = \phi - \theta_k`, in the slow weights' dtype; averaged over ``axis_name``."""
+  delta = map_inexact(lambda p, s, f: s - f.astype(s.dtype), params, slow, fast)
+  return delta if cfg.axis_name is None else jax.lax.pmean(delta, cfg.axis_name)
 
 
-def _check_k(k) -> None:
-  if isinstance(k, jax.core.Tracer):
-    if not jnp.issubdtype(k.dtype, jnp.integer) or k.ndim:
-      raise ValueError(f"lookahead: k must be an integer scalar >= 1, got a traced {k.dtype}{list(k.shape)}.")
-    return  # a traced hyperparameter under optax.inject_hyperparams
-  bad = f"lookahead: k must be an int >= 1, got {k!r} ({type(k).__name__})."
-  if isinstance(k, (bool, np.bool_)):
-    raise ValueError(bad)
-  if isinstance(k, (jax.Array, np.ndarray)):
-    if k.ndim or not jnp.issubdtype(k.dtype, jnp.integer):
-      raise ValueError(bad)
-    k = int(k)
-  if not isinstance(k, numbers.Integral) or k < 1:
-    raise ValueError(bad)
+def slow_step(cfg: Config, state: LookaheadState, params, fast, grads, inner_state, alpha_state):
+  r"""The slow step at a sync: returns ``(delta, step, outer_state, alpha)``, new slow weights ``slow + step``.
+
+  Plain Lookahead: :math:`\mathrm{step} = -\alpha\Delta`, and ``alpha`` is the
+  step size used. With ``outer``: ``step, outer_state = outer.update(delta,
+  outer_state, slow)``, and there is no alpha (``EmptyState()``).
+  """
+  delta = pseudo_gradient(cfg, params, state.slow, fast)
+  if cfg.outer is not None:
+    step, outer_state = cfg.outer.update(delta, state.outer_state, state.slow)
+    return delta, step, outer_state, optax.EmptyState()
+  alpha = _alpha.alpha_at_sync(cfg.alpha, state.syncs, alpha_state, inner_state, state.slow, fast, grads,
+                               lambda tree: mask_like(params, tree), cfg.axis_name)
+  step = jax.tree.map(lambda d: (-alpha * d).astype(d.dtype), delta)
+  return delta, step, state.outer_state, alpha
+
+
+def new_slow_weights(slow, step):
+  """``slow + step`` in the slow weights' dtype (``optax.apply_updates`` on the slow weights)."""
+  return jax.tree.map(lambda s, o: (s + o.astype(s.dtype)).astype(s.dtype), slow, step)
+
+
+def fused_landing(cfg: Config, params, inner_updates, delta, step):
+  r"""Updates from :math:`\theta_{k-1}` onto the new slow weights, element-wise: :math:`u + (\Delta + \mathrm{step})`.
+
+  Written so that ``alpha=1`` gives exactly the inner updates (``delta + step``
+  is then exactly 0); a Python ``alpha=1`` skips the term, so XLA compiles the
+  inner update exactly as without lookahead.
+  """
+  if _alpha.is_real_number(cfg.alpha) and float(cfg.alpha) == 1.0:
+    return inner_updates
+  return map_inexact(lambda p, u, d, s: (u + (d + s).astype(u.dtype)).astype(u.dtype),
+                     params, inner_updates, delta, step)
+
+
+def staged_landing(p, u, new_slow):
+  """Update from the params onto the new slow weights of a staged step, computed in the wider dtype."""
+  wide = jnp.promote_types(p.dtype, new_slow.dtype)
+  return (new_slow.astype(wide) - p.astype(wide)).astype(u.dtype)
+
+
+def staged_sync(cfg: Config, sync, state: LookaheadState, params, updates, grads, alpha_state, extra_args):
+  """The sync-only branch of a staged slow step: the k-th inner step, the slow step, the outer state.
+
+  Returns the slow weights, outer state, alpha and sync count: their new values
+  at a sync, the stored ones on other steps. The branch computes the k-th inner
+  step for the fast weights only; the inner state is updated, as on every step,
+  by the inner step that follows it (ordered after it with :func:`after`, so
+  that every buffer is updated in place).
+  """
+
+  def at_sync(slow, outer_state, alpha, syncs):
+    inner_updates, inner_state = cfg.inner.update(updates, state.inner_state, params, **extra_args)
+    current = state._replace(slow=slow, outer_state=outer_state, syncs=syncs)
+    _, step, outer_state, alpha = slow_step(
+        cfg, current, params, fast_weights(params, inner_updates), grads, inner_state, alpha_state)
+    return new_slow_weights(slow, step), outer_state, alpha, optax.safe_increment(syncs)
+
+  stored = (state.slow, state.outer_state, state.alpha, state.syncs)
+  return jax.lax.cond(sync, lambda *x: cast_like(at_sync(*x), stored), lambda *x: x, *stored)
+
+
+def after(tree, syncs):
+  """``tree`` unchanged, read only after the staged sync branch (which produced ``syncs``).
+
+  Multiplying by a 1 that XLA cannot fold (``syncs >= 0``) makes the inner
+  step depend on the branch: it then overwrites the inner state in place after
+  the branch has read it, instead of XLA copying the state to keep both.
+  """
+  one = syncs >= 0
+  return jax.tree.map(lambda x: x * one.astype(x.dtype) if is_inexact(x) else x, tree)
+
+
+def landing_updates(sync, params, inner_updates, target):
+  """``where(sync, target, inner updates)`` element-wise; non-floating leaves keep the inner updates."""
+  return fill(map_inexact(lambda p, u, t: jnp.where(sync, t, u), params, inner_updates, target), inner_updates)
+
+
+def commit(cfg: Config, sync, params, updates, exact, slow, inner_state, slow_inner_state, alpha):
+  """One ``lax.cond`` for what changes only at a sync: the slow weights and the inner-state policy.
+
+  Where the slow weight is exactly ``params + updates`` (:func:`exact_leaves`)
+  it is taken from that sum, the expression ``optax.apply_updates`` evaluates
+  (XLA shares it with the caller's), so fast == slow bitwise; the other slow
+  weights already hold their new value (staged). Non-sync steps neither read nor
+  write anything here.
+  """
+  landed = map_inexact(lambda p, u, s, e: (p + u).astype(p.dtype) if e else s, params, updates, slow, exact)
+  stored = (slow, inner_state, slow_inner_state)
+
+  def at_sync():
+    policy = _policy.at_sync(cfg.policy, inner_state, slow_inner_state, alpha, params,
+                             fresh=lambda: cfg.inner.init(params))
+    return cast_like((landed, *policy), stored)
+
+  return jax.lax.cond(sync, at_sync, lambda: stored)
+
+
+def sync_now(cfg: Config, state: LookaheadState, params, grads=None):
+  """A sync at the current params, with no inner step: the slow step, the landing and the commit.
+
+  What :func:`lookahead_optax.force_sync` runs; returns ``(new_state, new_params)``.
+  """
+  grads = mask_like(params, grads) if grads is not None else map_inexact(jnp.zeros_like, params)
+  fast = map_inexact(lambda p: p, params)
+  delta, step, outer_state, alpha = slow_step(cfg, state, params, fast, grads, state.inner_state, state.alpha_state)
+  exact = exact_leaves(cfg, params, state.slow)
+  slow = new_slow_weights(state.slow, step)
+  zeros = map_inexact(jnp.zeros_like, params)
+  target = map_inexact(lambda p, z, s, e, d, o: (d + o).astype(p.dtype) if e else staged_landing(p, z, s),
+                       params, zeros, slow, exact, delta, step)
+  updates = landing_updates(jnp.bool_(True), params, zeros, target)
+  slow, inner_state, slow_inner_state = commit(
+      cfg, jnp.bool_(True), params, updates, exact, slow, state.inner_state, state.slow_inner_state, alpha)
+  new_state = state._replace(
+      count=jnp.zeros_like(state.count), syncs=optax.safe_increment(state.syncs),
+      alpha=alpha if cfg.outer is None else state.alpha, slow=slow, inner_state=inner_state,
+      slow_inner_state=slow_inner_state, outer_state=outer_state)
+  return new_state, optax.apply_updates(params, updates)
+

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lookahead_optax._lookahead import LookaheadState
+from lookahead_optax import _placement
+from lookahead_optax._lookahead import LookaheadState, sync_now
 from lookahead_optax._tree import fill, is_masked
 
 
@@ -23,7 +24,11 @@ def _unwrap(x):
   return getattr(x, "value", x) if not isinstance(x, (jax.Array, jnp.ndarray)) else x
 
 
-def find_lookahead_state(opt_state) -> LookaheadState:
+def _plain(tree):
+  return jax.tree.map(_unwrap, tree, is_leaf=lambda x: hasattr(x, "get_value"))
+
+
+def find_lookahead_state(opt_state: optax.OptState) -> LookaheadState:
   """The single :class:`LookaheadState` inside ``opt_state``.
 
   It may be nested anywhere: in ``optax.chain``, ``inject_hyperparams``,
@@ -41,10 +46,10 @@ def find_lookahead_state(opt_state) -> LookaheadState:
         f"type {type(opt_state).__name__}. Pass the state returned by an optimizer built with "
         "lookahead_optax.lookahead (with one lookahead in it)."
     )
-  return jax.tree.map(_unwrap, found[0], is_leaf=lambda x: x is not found[0] and hasattr(x, "get_value"))
+  return _plain(found[0])
 
 
-def slow_params(opt_state, params: Optional[Any] = None):
+def slow_params(opt_state: optax.OptState, params: Optional[optax.Params] = None) -> optax.Params:
   """The slow weights held in ``opt_state``, shaped like params.
 
   Leaves that lookahead does not track (integer or boolean params, or params
@@ -68,54 +73,81 @@ def slow_params(opt_state, params: Optional[Any] = None):
           "leaves are not tracked); pass params=... to fill them in, got params=None."
       )
     return slow
-  params = jax.tree.map(_unwrap, params, is_leaf=lambda x: hasattr(x, "get_value"))
+  params = _plain(params)
   slow = fill(slow, params)
   return jax.tree.map(lambda s, p: jnp.asarray(s).astype(jnp.asarray(p).dtype), slow, params)
 
 
-def force_sync(params, opt_state, alpha: Optional[Any] = None):
-  r"""Take the slow step now, mid-cycle: returns ``(params, opt_state)``, synced.
+def force_sync(
+    opt_state: optax.OptState,
+    params: optax.Params,
+    tx: optax.GradientTransformation,
+    *,
+    grads: Optional[optax.Updates] = None,
+) -> tuple[optax.OptState, optax.Params]:
+  r"""Take a regular sync now, mid-cycle: returns ``(opt_state, params)``, synced.
 
   For the end of training, or before a checkpoint that must hold the slow model
   (what timm calls ``sync_lookahead()``). With the current params as the fast
-  weights :math:`\theta`:
+  weights :math:`\theta_j` after :math:`j < k` inner steps, it does exactly what
+  the regular sync of an optimizer with ``k = j`` does at that point: the slow
+  step (plain, scheduled or adaptive alpha, or the ``outer`` optimizer with its
+  state; averaged over ``axis_name``), the params landing on the new slow
+  weights, the inner-state policy, the counters. Pure: the arguments are not
+  modified.
 
-  .. math::  \phi \leftarrow \phi + \alpha(\theta - \phi), \qquad \theta \leftarrow \phi
+  ``tx`` is the optimizer that made ``opt_state`` (a lookahead, a chain holding
+  one, a Flax ``TrainState.tx`` or ``nnx.Optimizer.tx``): ``force_sync`` runs
+  its update once in a probing mode to find the lookahead's configuration, then
+  acts on the lookahead state only; every other part of ``opt_state`` is
+  returned unchanged. Under ``axis_name`` call it inside the mapped axis, as the
+  update.
 
-  and the cycle counter restarts at 0. The inner and outer optimizer states are
-  left as they are. ``alpha`` defaults to the alpha of the last sync
-  (``LookaheadState.alpha``: the constant alpha, or the schedule's or adaptive
-  rule's latest value); pass ``alpha=0.0`` to just reset the fast weights onto
-  the slow ones. Pure: the arguments are not modified. The returned state
-  holds plain arrays where the lookahead state was; with an ``nnx.Optimizer``
-  write it back with ``nnx.update(optimizer.opt_state, nnx.state(opt_state))``.
+  Args:
+    opt_state: the optimizer state holding one :class:`LookaheadState`.
+    params: the current (fast) params.
+    tx: the optimizer that made ``opt_state``.
+    grads: adaptive alpha only: the gradients of the last update (its estimate
+      uses the gradient at the fast weights). Other alphas take no gradient.
+
+  Returns:
+    ``(opt_state, params)`` after the sync: ``params`` equal the slow weights.
 
   Example:
     >>> import jax.numpy as jnp, optax
-    >>> from lookahead_optax import lookahead, force_sync, slow_params
+    >>> from lookahead_optax import lookahead, force_sync
     >>> opt = lookahead(optax.sgd(1.0), k=5, alpha=0.5)
     >>> params = {"w": jnp.zeros(2)}
     >>> state = opt.init(params)
     >>> updates, state = opt.update({"w": jnp.ones(2)}, state, params)
     >>> params = optax.apply_updates(params, updates)  # fast: -1, slow: 0
-    >>> params, state = force_sync(params, state)
+    >>> state, params = force_sync(state, params, opt)
     >>> params["w"]
     Array([-0.5, -0.5], dtype=float32)
   """
   old = find_lookahead_state(opt_state)
-  a = old.alpha if alpha is None else jnp.asarray(alpha, jnp.float32)
-
-  def step(s, p):
-    if is_masked(s):
-      return s
-    p = jnp.asarray(_unwrap(p))
-    return s + (a * (p.astype(s.dtype) - s)).astype(s.dtype)
-
-  slow = jax.tree.map(step, old.slow, params, is_leaf=is_masked)
-  new = old._replace(slow=slow, count=jnp.zeros_like(old.count))
-  new_params = jax.tree.map(
-      lambda s, p: p if is_masked(s) else s.astype(jnp.asarray(_unwrap(p)).dtype),
-      slow, params, is_leaf=is_masked,
-  )
-  new_state = jax.tree.map(lambda x: new if _is_state(x) else x, opt_state, is_leaf=_is_state)
-  return new_params, new_state
+  params = _plain(params)
+  probe_grads = jax.tree.map(jnp.zeros_like, params) if grads is None else grads
+  try:
+    with _placement.probing():
+      tx.update(probe_grads, _plain(opt_state), params)
+  except _placement.FoundLookahead as found:
+    cfg, received = found.cfg, found.updates
+  else:
+    raise ValueError(
+        f"force_sync: tx does not reach a lookahead update; pass the optimizer that made opt_state "
+        f"(got {tx!r}).")
+  if cfg.adaptive and grads is None:
+    raise ValueError(
+        f"force_sync: this {cfg.caller} uses adaptive_alpha, whose slow step needs the gradient of the last "
+        "update: pass grads=...")
+  if not cfg.adaptive and grads is not None:
+    raise ValueError(
+        f"force_sync: grads is only used by adaptive_alpha; this {cfg.caller} has alpha={cfg.alpha!r} and "
+        f"outer={cfg.outer!r}. Leave grads out.")
+  # What the lookahead itself sees: MaskedNode where it keeps no slow weight (non-float or masked out).
+  tracked = jax.tree.map(lambda s, p: s if is_masked(s) else p, old.slow, params, is_leaf=is_masked)
+  new, synced = sync_now(cfg, old, tracked, received if cfg.adaptive else None)
+  new_params = jax.tree.map(lambda s, p, q: p if is_masked(s) else q, old.slow, params, synced, is_leaf=is_masked)
+  new_state = jax.tree.map(lambda x: new if _is_state(x) else x, _plain(opt_state), is_leaf=_is_state)
+  return new_state, new_params

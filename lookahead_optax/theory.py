@@ -47,7 +47,9 @@ maintaining the momentum gives the per-sync map
 inner step is :math:`\rho(B)^{1/k}`. On a diagonal quadratic the rate is the
 largest rate over its curvatures.
 
-**Proposition 1** (section 2.1): :func:`optimal_alpha_quadratic`.
+**Proposition 1** (section 2.1): :func:`optimal_alpha_quadratic`, and
+:func:`adaptive_alpha_value`, the estimate that :func:`lookahead_optax.adaptive_alpha`
+clips at each sync.
 """
 
 from __future__ import annotations
@@ -57,6 +59,14 @@ import numbers
 from typing import NamedTuple, Optional
 
 import numpy as np
+
+from lookahead_optax._alpha import adaptive_alpha_value
+
+__all__ = [
+    "Moments", "OptimalRate", "adaptive_alpha_value", "cm_rate", "lookahead_cm_rate", "nqm_expected_loss",
+    "nqm_lookahead_moments", "nqm_lookahead_variance", "nqm_sgd_moments", "nqm_sgd_variance",
+    "optimal_alpha_quadratic", "optimal_rate",
+]
 
 _INNER_STATES = ("maintain", "reset")
 
@@ -393,7 +403,7 @@ def cm_rate(a, lr, momentum) -> np.ndarray:
   return _spectral_radius_2x2(_cm_matrix(a, lr, momentum))
 
 
-def lookahead_cm_rate(a, lr, momentum, k: int, alpha, inner_state: str = "maintain") -> np.ndarray:
+def lookahead_cm_rate(a, lr, momentum, k: int, alpha, inner_state_policy: str = "maintain") -> np.ndarray:
   r"""Exact convergence rate per inner step of Lookahead wrapping classical momentum on :math:`\tfrac12 a x^2`.
 
   With :math:`M^k = \begin{pmatrix} p & q \\ s & u\end{pmatrix}` (see
@@ -406,7 +416,7 @@ def lookahead_cm_rate(a, lr, momentum, k: int, alpha, inner_state: str = "mainta
     B = 1 - \alpha + \alpha p \quad (\text{``reset''}),
 
   and the rate per inner step is :math:`\rho(B)^{1/k}`, as for
-  ``lookahead(optax.sgd(lr, momentum=beta), k, alpha, inner_state=...)``.
+  ``lookahead(optax.sgd(lr, momentum=beta), k, alpha, inner_state_policy=...)``.
 
   Args:
     a: curvatures > 0.
@@ -414,7 +424,7 @@ def lookahead_cm_rate(a, lr, momentum, k: int, alpha, inner_state: str = "mainta
     momentum: :math:`\beta \in [0, 1)`.
     k: sync period, an int >= 1.
     alpha: slow step size in [0, 1].
-    inner_state: ``"maintain"`` (the paper's default) or ``"reset"``.
+    inner_state_policy: ``"maintain"`` (the paper's default) or ``"reset"``.
 
   Returns:
     The rate per inner step, broadcast over ``a``, ``lr``, ``momentum``, ``alpha``.
@@ -427,13 +437,13 @@ def lookahead_cm_rate(a, lr, momentum, k: int, alpha, inner_state: str = "mainta
   fn = "lookahead_cm_rate"
   a, lr, momentum = _positive("a", a, fn), _positive("lr", lr, fn), _momentum(momentum, fn)
   k, alpha = _k(k, fn), _alpha(alpha, fn, low_open=False)
-  if inner_state not in _INNER_STATES:
-    raise ValueError(f"{fn}: inner_state must be one of {_INNER_STATES}, got {inner_state!r}.")
+  if inner_state_policy not in _INNER_STATES:
+    raise ValueError(f"{fn}: inner_state_policy must be one of {_INNER_STATES}, got {inner_state_policy!r}.")
   mk = _power_2x2(_cm_matrix(a, lr, momentum), k)
   p, q, s, u = mk[..., 0, 0], mk[..., 0, 1], mk[..., 1, 0], mk[..., 1, 1]
   p, q, s, u, alpha = np.broadcast_arrays(p, q, s, u, alpha)
   head = 1.0 - alpha + alpha * p
-  if inner_state == "reset":
+  if inner_state_policy == "reset":
     per_sync = np.abs(head)
   else:
     b = np.stack([np.stack([head, alpha * q], -1), np.stack([s, u], -1)], -2)
@@ -456,7 +466,7 @@ def optimal_rate(
     *,
     k: Optional[int] = None,
     alpha: float = 0.5,
-    inner_state: str = "maintain",
+    inner_state_policy: str = "maintain",
     num_curvatures: int = 1000,
     num_lr: int = 200,
 ) -> OptimalRate:
@@ -481,7 +491,7 @@ def optimal_rate(
     momentum: :math:`\beta \in [0, 1)`.
     k: ``None`` for classical momentum, or Lookahead's sync period.
     alpha: Lookahead's slow step size in [0, 1].
-    inner_state: ``"maintain"`` or ``"reset"`` (see :func:`lookahead_cm_rate`).
+    inner_state_policy: ``"maintain"`` or ``"reset"`` (see :func:`lookahead_cm_rate`).
     num_curvatures: curvature grid size, >= 2.
     num_lr: learning-rate grid size, >= 3.
 
@@ -502,8 +512,8 @@ def optimal_rate(
   if k is not None:
     k = _k(k, fn)
     alpha = float(_alpha(alpha, fn, low_open=False))
-    if inner_state not in _INNER_STATES:
-      raise ValueError(f"{fn}: inner_state must be one of {_INNER_STATES}, got {inner_state!r}.")
+    if inner_state_policy not in _INNER_STATES:
+      raise ValueError(f"{fn}: inner_state_policy must be one of {_INNER_STATES}, got {inner_state_policy!r}.")
   for name, value, low in (("num_curvatures", num_curvatures, 2), ("num_lr", num_lr, 3)):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
       raise ValueError(f"{fn}: {name} must be an int >= {low}, got {value!r}.")
@@ -515,7 +525,7 @@ def optimal_rate(
     lr = np.exp(log_lr)[..., None]
     if k is None:
       return np.max(cm_rate(curvatures, lr, beta), axis=-1)
-    return np.max(lookahead_cm_rate(curvatures, lr, beta, k, alpha, inner_state), axis=-1)
+    return np.max(lookahead_cm_rate(curvatures, lr, beta, k, alpha, inner_state_policy), axis=-1)
 
   log_grid = np.log(2.0 * (1.0 + beta) / kappas)[:, None] + np.linspace(math.log(1e-6), 0.0, num_lr)
   values = worst(log_grid)

@@ -6,8 +6,8 @@ import chex
 import optax
 import pytest
 
-from conftest import quadratic_grad, reference_lookahead, run
 from lookahead_optax import lookahead, ranger
+from tests.helpers import quadratic_grad, reference_lookahead, run
 
 LR = 0.05
 # The plain loops of Algorithm 1 run eagerly, so these runs do too: optax's RAdam
@@ -51,16 +51,16 @@ def test_ranger_passes_its_arguments_on(params):
   schedule = optax.linear_schedule(LR, LR / 10, steps)
   inner = optax.radam(schedule, b1=0.9, b2=0.99, eps=1e-6)
   ref = reference_lookahead(inner, k, alpha, params, quadratic_grad, steps, policy="reset")
-  opt = ranger(schedule, b1=0.9, b2=0.99, eps=1e-6, k=k, alpha=alpha, inner_state="reset")
+  opt = ranger(schedule, b1=0.9, b2=0.99, eps=1e-6, k=k, alpha=alpha, inner_state_policy="reset")
   fasts, states = run(opt, params, quadratic_grad, steps, **EAGER)
   assert_trajectories_close(fasts, states, *ref)
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"k": 0}, "k must be an int >= 1, got 0"),
-    ({"k": 2.5}, "k must be an int >= 1, got 2.5"),
-    ({"alpha": 1.5}, "alpha must be a finite number in \\[0, 1\\], got 1.5"),
-    ({"inner_state": "keep"}, "inner_state must be one of .*got 'keep'"),
+    ({"k": 0}, "ranger: k must be an int >= 1, got 0"),
+    ({"k": 2.5}, "ranger: k must be an int >= 1, got 2.5"),
+    ({"alpha": 1.5}, "ranger: alpha must be a finite number in \\[0, 1\\], got 1.5"),
+    ({"inner_state_policy": "keep"}, "ranger: inner_state_policy must be one of .*got 'keep'"),
 ])
 def test_ranger_argument_errors_name_the_argument_and_value(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -13,15 +13,9 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import INNERS, jit_and_count_traces, make_params, quadratic_grad, reference_lookahead, run
 from lookahead_optax import LookaheadState, find_lookahead_state, lookahead, slow_params
-
-
-def assert_trajectories_close(fasts, slows, ref_fasts, ref_slows, rtol=2e-5, atol=2e-6):
-  assert len(fasts) == len(slows) == len(ref_fasts) == len(ref_slows)
-  for t, (f, s, rf, rs) in enumerate(zip(fasts, slows, ref_fasts, ref_slows)):
-    chex.assert_trees_all_close(f, rf, rtol=rtol, atol=atol, custom_message=f"fast weights, step {t}")
-    chex.assert_trees_all_close(s, rs, rtol=rtol, atol=atol, custom_message=f"slow weights, step {t}")
+from tests.helpers import (INNERS, assert_trajectories_close, jit_and_count_traces, make_params, quadratic_grad,
+                           reference_lookahead, run)
 
 
 CASES = [(inner, policy) for inner in sorted(INNERS) for policy in ["maintain", "reset", "interpolate"]]
@@ -32,7 +26,7 @@ CASES = [(inner, policy) for inner in sorted(INNERS) for policy in ["maintain", 
 def test_matches_algorithm_1(inner, policy, k, alpha, params):
   steps = 4 * k + 2
   ref_fasts, ref_slows = reference_lookahead(INNERS[inner](), k, alpha, params, quadratic_grad, steps, policy)
-  fasts, states = run(lookahead(INNERS[inner](), k, alpha, inner_state=policy), params, quadratic_grad, steps)
+  fasts, states = run(lookahead(INNERS[inner](), k, alpha, inner_state_policy=policy), params, quadratic_grad, steps)
   assert_trajectories_close(fasts, [s.slow for s in states], ref_fasts, ref_slows)
 
 
@@ -43,7 +37,7 @@ class TestVariants(chex.TestCase):
   def test_adam_interpolate_schedule(self):
     params = make_params(1)
     schedule = lambda n: 0.3 + 0.1 * jnp.minimum(n, 4)
-    opt = lookahead(optax.adam(0.05), 4, schedule, inner_state="interpolate")
+    opt = lookahead(optax.adam(0.05), 4, schedule, inner_state_policy="interpolate")
     update = self.variant(opt.update)
     state = opt.init(params)
     p = params
@@ -65,7 +59,7 @@ def test_agrees_with_optax_lookahead(inner, reset, params):
   peer = optax.lookahead(INNERS[inner](), sync_period=k, slow_step_size=alpha, reset_state=reset)
   peer_params = optax.LookaheadParams.init_synced(params)
   peer_state = peer.init(peer_params)
-  ours = lookahead(INNERS[inner](), k, alpha, inner_state="reset" if reset else "maintain")
+  ours = lookahead(INNERS[inner](), k, alpha, inner_state_policy="reset" if reset else "maintain")
   fasts, states = run(ours, params, quadratic_grad, steps)
   for t in range(steps):
     u, peer_state = peer.update(quadratic_grad(peer_params.fast, t), peer_state, peer_params)
@@ -98,7 +92,7 @@ def test_alpha_one_is_the_inner_optimizer_bitwise(inner, k, params):
 @pytest.mark.parametrize("policy,alpha", [("maintain", 0.37), ("maintain", 0.0), ("reset", 0.5), ("interpolate", 0.9)])
 def test_fast_equals_slow_bitwise_after_each_sync(policy, alpha, params):
   k = 3
-  fasts, states = run(lookahead(optax.adam(0.1), k, alpha, inner_state=policy), params, quadratic_grad, 30)
+  fasts, states = run(lookahead(optax.adam(0.1), k, alpha, inner_state_policy=policy), params, quadratic_grad, 30)
   for t, (f, s) in enumerate(zip(fasts, states)):
     if (t + 1) % k == 0:
       chex.assert_trees_all_equal(f, s.slow, custom_message=f"sync at step {t}")
@@ -166,7 +160,7 @@ def test_extra_args_reach_the_inner_optimizer():
 
 
 def test_compiles_once_over_200_steps(params):
-  traces, compiled, _ = jit_and_count_traces(lookahead(optax.adam(0.01), 5, 0.5, inner_state="interpolate"), params, 200)
+  traces, compiled, _ = jit_and_count_traces(lookahead(optax.adam(0.01), 5, 0.5, inner_state_policy="interpolate"), params, 200)
   assert (traces, compiled) == (1, 1)
 
 
@@ -188,24 +182,37 @@ def test_vmap_over_independent_runs():
     chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], batch), single)
 
 
-def test_pmap_single_device(params):
-  opt = lookahead(optax.adam(0.1), 2, 0.5)
+def test_pmap_single_device_through_syncs(params):
+  k, steps = 2, 5
+  opt = lookahead(optax.adam(0.1), k, 0.5)
   rep = jax.tree.map(lambda x: x[None], params)
   state = jax.pmap(opt.init)(rep)
-  step = jax.pmap(lambda p, s: opt.update(jax.tree.map(jnp.ones_like, p), s, p))
-  u, state = step(rep, state)
-  u2, s2 = opt.update(jax.tree.map(jnp.ones_like, params), opt.init(params), params)
-  chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], u), u2)
+
+  def step(p, s, t):
+    u, s = opt.update(quadratic_grad(p, t), s, p)
+    return optax.apply_updates(p, u), s
+
+  pstep = jax.pmap(step, in_axes=(0, 0, None))
+  for t in range(steps):
+    rep, state = pstep(rep, state, t)
+  ref_f, ref_s = reference_lookahead(optax.adam(0.1), k, 0.5, params, quadratic_grad, steps)
+  assert int(state.syncs[0]) == steps // k
+  chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], rep), ref_f[-1], rtol=2e-5, atol=2e-6)
+  chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], state.slow), ref_s[-1], rtol=2e-5, atol=2e-6)
 
 
-def test_init_on_abstract_inputs(params):
-  opt = lookahead(optax.adam(0.1), 4, 0.5, inner_state="interpolate")
+@pytest.mark.parametrize("under_eval_shape", [True, False])
+def test_init_on_abstract_inputs(params, under_eval_shape):
+  """jax.ShapeDtypeStruct params: init gives the state's shapes and dtypes, as jax.eval_shape(init) does."""
+  opt = lookahead(optax.adam(0.1), 4, 0.5, inner_state_policy="interpolate")
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  shapes = jax.eval_shape(opt.init, abstract)
+  shapes = jax.eval_shape(opt.init, abstract) if under_eval_shape else opt.init(abstract)
   assert isinstance(shapes, LookaheadState)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
   chex.assert_trees_all_equal_shapes_and_dtypes(shapes.slow, abstract)
   concrete = opt.init(params)
   chex.assert_trees_all_equal_structs(shapes, concrete)
+  chex.assert_trees_all_equal_shapes_and_dtypes(shapes, concrete)
 
 
 def test_init_copies_params_so_both_can_be_donated(params):
@@ -215,7 +222,7 @@ def test_init_copies_params_so_both_can_be_donated(params):
 
 
 def test_tree_map_params_maps_the_slow_weights(params):
-  opt = optax.chain(optax.clip_by_global_norm(1.0), lookahead(optax.adam(0.1), 3, 0.5, inner_state="interpolate"))
+  opt = optax.chain(optax.clip_by_global_norm(1.0), lookahead(optax.adam(0.1), 3, 0.5, inner_state_policy="interpolate"))
   state = opt.init(params)
   marked = optax.tree_utils.tree_map_params(opt, lambda p: jnp.full_like(p, 7.0), state,
                                             transform_non_params=lambda x: x)
@@ -270,29 +277,47 @@ def test_last_in_chain(params):
   chex.assert_trees_all_equal(found, _slow_of(states[-1]))
 
 
-def test_inject_hyperparams_alpha_and_k(params):
+def run_from(opt, params, state, t0, steps):
+  for t in range(t0, t0 + steps):
+    u, state = opt.update(quadratic_grad(params, t), state, params)
+    params = optax.apply_updates(params, u)
+  return params, state
+
+
+def test_inject_hyperparams_alpha_and_k_changed_during_a_run(params):
+  """k and alpha injected as hyperparameters, then both changed mid-run through the state."""
+  opt = optax.inject_hyperparams(lookahead)(inner=optax.adam(0.05), k=3, alpha=0.5)
+  p, state = run_from(opt, params, opt.init(params), 0, 9)  # three syncs with k=3, alpha=0.5
+  state.hyperparams["k"] = jnp.asarray(4)
+  state.hyperparams["alpha"] = jnp.asarray(0.8)
+  p, state = run_from(opt, p, state, 9, 8)  # two syncs with k=4, alpha=0.8
+  assert int(find_lookahead_state(state).syncs) == 5
+  # Reference: Algorithm 1 by hand with the same change after step 9.
+  inner = optax.adam(0.05)
+  fast, slow, inner_state = params, params, inner.init(params)
+  for t in range(17):
+    k, a = (3, 0.5) if t < 9 else (4, 0.8)
+    u, inner_state = inner.update(quadratic_grad(fast, t), inner_state, fast)
+    fast = optax.apply_updates(fast, u)
+    if (t + 1 if t < 9 else t + 1 - 9) % k == 0:
+      slow = jax.tree.map(lambda s, f: s + a * (f - s), slow, fast)
+      fast = slow
+  chex.assert_trees_all_close(p, fast, rtol=2e-5, atol=2e-6)
+  chex.assert_trees_all_close(slow_params(state), slow, rtol=2e-5, atol=2e-6)
+  assert float(find_lookahead_state(state).alpha) == pytest.approx(0.8)
+
+
+def test_inject_hyperparams_alpha_one_is_the_inner_optimizer(params):
+  """alpha set to 1 through the injected hyperparameters: from the synced point on, plain SGD."""
   opt = optax.inject_hyperparams(lookahead)(inner=optax.sgd(0.05), k=3, alpha=0.5)
-  fasts, states = run(opt, params, quadratic_grad, 9)
-  ref_f, ref_s = reference_lookahead(optax.sgd(0.05), 3, 0.5, params, quadratic_grad, 9)
-  chex.assert_trees_all_close(fasts[-1], ref_f[-1], rtol=2e-5, atol=2e-6)
-  # Set alpha to 1 through the injected hyperparameters: from the synced point on,
-  # lookahead is plain SGD (momentum-free, so its state does not matter).
-  state = states[-1]
+  p, state = run_from(opt, params, opt.init(params), 0, 9)
   state.hyperparams["alpha"] = jnp.asarray(1.0)
-  p, bare = fasts[-1], optax.sgd(0.05)
-  ours, _ = run_from(opt, p, state, 6)
-  ref = p
+  ours, _ = run_from(opt, p, state, 0, 6)
+  bare, ref = optax.sgd(0.05), p
   for t in range(6):
     u, _ = bare.update(quadratic_grad(ref, t), bare.init(ref), ref)
     ref = optax.apply_updates(ref, u)
   chex.assert_trees_all_close(ours, ref, rtol=1e-6, atol=1e-7)
-
-
-def run_from(opt, params, state, steps):
-  for t in range(steps):
-    u, state = opt.update(quadratic_grad(params, t), state, params)
-    params = optax.apply_updates(params, u)
-  return params, state
 
 
 def test_inject_hyperparams_alpha_schedule(params):
@@ -301,7 +326,8 @@ def test_inject_hyperparams_alpha_schedule(params):
   fasts, states = run(opt, params, quadratic_grad, 9)
   # inject_hyperparams evaluates the schedule at its own step count: alpha at the sync of step t is sched(t).
   ref_f, ref_s = reference_lookahead(optax.sgd(0.05), 3, lambda n: float(sched(3 * n + 2)), params, quadratic_grad, 9)
-  chex.assert_trees_all_close(fasts[-1], ref_f[-1], rtol=2e-5, atol=2e-6)
+  assert_trajectories_close(fasts, [slow_params(s) for s in states], ref_f, ref_s)
+  assert float(find_lookahead_state(states[-1]).alpha) == pytest.approx(float(sched(8)))
 
 
 def test_multisteps_counts_optimizer_steps(params):
@@ -358,40 +384,10 @@ def test_no_slow_state_raises():
     slow_params(optax.adam(0.1).init({"w": jnp.ones(2)}))
 
 
-# ------------------------------------------------------------ input checking
-
-
-@pytest.mark.parametrize("k", [0, -3, 2.0, True, "5", None, jnp.array(2.5)])
-def test_invalid_k(k):
-  with pytest.raises(ValueError, match=r"lookahead: k must be an int >= 1, got"):
-    lookahead(optax.sgd(0.1), k=k)
-
-
-@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), float("inf"), True, "0.5", None])
-def test_invalid_alpha(alpha):
-  with pytest.raises(ValueError, match=r"lookahead: alpha must be"):
-    lookahead(optax.sgd(0.1), alpha=alpha)
-
-
-@pytest.mark.parametrize("inner", [None, "adam", optax.adam, 0.1])
-def test_invalid_inner(inner):
-  with pytest.raises(TypeError, match=r"lookahead: inner must be an optax GradientTransformation"):
-    lookahead(inner)
-
-
-def test_invalid_inner_state_lists_choices():
-  with pytest.raises(ValueError, match=r"'maintain', 'reset', 'interpolate', got 'pullback'"):
-    lookahead(optax.sgd(0.1), inner_state="pullback")
-
-
-def test_invalid_slow_dtype():
-  with pytest.raises(ValueError, match=r"slow_dtype must be a floating dtype, got"):
-    lookahead(optax.sgd(0.1), slow_dtype=jnp.int32)
-
-
-def test_valid_k_forms():
-  for k in [1, np.int64(3), jnp.array(4)]:
-    lookahead(optax.sgd(0.1), k=k)
+@pytest.mark.parametrize("k", [1, np.int64(3), jnp.array(4)])
+def test_valid_k_forms_sync_every_k_steps(k, params):
+  fasts, states = run(lookahead(optax.sgd(0.1), k=k), params, quadratic_grad, 8)
+  assert [int(s.syncs) for s in states] == [(t + 1) // int(k) for t in range(8)]
 
 
 # -------------------------------------------------------- property-based
@@ -416,7 +412,7 @@ def pytrees(draw):
 )
 def test_property_matches_reference(params, k, alpha, policy, inner):
   steps = 2 * k + 1
-  fasts, states = run(lookahead(INNERS[inner](), k, alpha, inner_state=policy), params, quadratic_grad, steps, jit=False)
+  fasts, states = run(lookahead(INNERS[inner](), k, alpha, inner_state_policy=policy), params, quadratic_grad, steps, jit=False)
   ref_f, ref_s = reference_lookahead(INNERS[inner](), k, alpha, params, quadratic_grad, steps, policy)
   assert_trajectories_close(fasts, [s.slow for s in states], ref_f, ref_s, rtol=1e-4, atol=1e-5)
   for t in range(steps):

@@ -22,65 +22,9 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import jit_and_count_traces, make_params, quadratic_grad, reference_lookahead, run
 from lookahead_optax import diloco, find_lookahead_state, lookahead, slow_params, snoo
-
-TOL = dict(rtol=2e-5, atol=2e-6)
-
-
-@pytest.fixture
-def small():
-  """Two leaves: enough for tree handling, cheap to compile (these tests compile one step each)."""
-  rng = np.random.default_rng(5)
-  return {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
-
-
-def reference_snoo(inner, k, lr, mu, params, grad_fn, steps, policy="maintain"):
-  """SNOO's Algorithm 1 as a plain loop; returns fast weights, slow weights and momentum b after each step."""
-  slow, fast, b = params, params, jax.tree.map(jnp.zeros_like, params)
-  state = inner.init(params)
-  fasts, slows, bs = [], [], []
-  for t in range(steps):
-    updates, state = inner.update(grad_fn(fast, t), state, fast)
-    fast = optax.apply_updates(fast, updates)
-    if (t + 1) % k == 0:
-      s = jax.tree.map(lambda w, f: w - f, slow, fast)
-      b = jax.tree.map(lambda b, s: mu * b + s, b, s)
-      slow = jax.tree.map(lambda w, b, s: w - lr * (mu * b + s), slow, b, s)
-      fast = slow
-      if policy == "reset":
-        state = inner.init(fast)
-    fasts.append(fast)
-    slows.append(slow)
-    bs.append(b)
-  return fasts, slows, bs
-
-
-def replica_grad(params, t, m):
-  """Replica m's gradient at step t: the quadratic of conftest with replica-specific noise and target."""
-  g = quadratic_grad(params, 1000 * m + t)
-  return jax.tree.map(lambda g: g - 0.3 * m, g)
-
-
-def reference_diloco(inner, k, lr, mu, params, replicas, steps):
-  """DiLoCo as a Python loop over M copies; returns per step the list of M fast weights and the slow weights."""
-  slow, b = params, jax.tree.map(jnp.zeros_like, params)
-  fast = [params] * replicas
-  states = [inner.init(params) for _ in range(replicas)]
-  fasts, slows = [], []
-  for t in range(steps):
-    for m in range(replicas):
-      updates, states[m] = inner.update(replica_grad(fast[m], t, m), states[m], fast[m])
-      fast[m] = optax.apply_updates(fast[m], updates)
-    if (t + 1) % k == 0:
-      delta = jax.tree.map(lambda w, *fs: sum(w - f for f in fs) / replicas, slow, *fast)
-      b = jax.tree.map(lambda b, d: mu * b + d, b, delta)
-      slow = jax.tree.map(lambda w, b, d: w - lr * (mu * b + d), slow, b, delta)
-      fast = [slow] * replicas
-    fasts.append(list(fast))
-    slows.append(slow)
-  return fasts, slows
-
+from tests.helpers import (TOL, jit_and_count_traces, make_params, quadratic_grad, reference_diloco,
+                           reference_lookahead, reference_snoo, replica_grad, run)
 
 def assert_close(got, want, what, t):
   chex.assert_trees_all_close(got, want, **TOL, custom_message=f"{what}, step {t}")
@@ -95,7 +39,7 @@ def test_snoo_matches_its_algorithm_1(inner, k, small):
   make = {"momentum": lambda: optax.sgd(0.05, momentum=0.9), "adam": lambda: optax.adam(0.05)}[inner]
   lr, mu, steps = 0.7, 0.9, 3 * k + 2
   ref_f, ref_s, ref_b = reference_snoo(make(), k, lr, mu, params, quadratic_grad, steps)
-  fasts, states = run(snoo(make(), k=k, learning_rate=lr, momentum=mu), params, quadratic_grad, steps)
+  fasts, states = run(snoo(make(), k=k, outer_learning_rate=lr, outer_momentum=mu), params, quadratic_grad, steps)
   for t in range(steps):
     assert_close(fasts[t], ref_f[t], "fast weights", t)
     assert_close(states[t].slow, ref_s[t], "slow weights", t)
@@ -107,7 +51,7 @@ def test_outer_nesterov_sgd_is_snoo_and_keeps_the_inner_state_policy(small):
   params = small
   k, lr, mu, steps = 3, 0.5, 0.6, 11
   ref_f, ref_s, _ = reference_snoo(optax.adam(0.05), k, lr, mu, params, quadratic_grad, steps, policy="reset")
-  opt = lookahead(optax.adam(0.05), k, inner_state="reset", outer=optax.sgd(lr, momentum=mu, nesterov=True))
+  opt = lookahead(optax.adam(0.05), k, inner_state_policy="reset", outer=optax.sgd(lr, momentum=mu, nesterov=True))
   fasts, states = run(opt, params, quadratic_grad, steps)
   for t in range(steps):
     assert_close(fasts[t], ref_f[t], "fast weights", t)
@@ -119,28 +63,28 @@ def test_snoo_with_zero_momentum_is_lookahead(small):
   """The paper's remark: mu = 0 and learning rate alpha is Lookahead (Algorithm 1 of Zhang et al.)."""
   k, alpha, steps = 4, 0.6, 14
   ref_f, ref_s = reference_lookahead(optax.adam(0.05), k, alpha, params, quadratic_grad, steps)
-  fasts, states = run(snoo(optax.adam(0.05), k=k, learning_rate=alpha, momentum=0.0), params, quadratic_grad, steps)
+  fasts, states = run(snoo(optax.adam(0.05), k=k, outer_learning_rate=alpha, outer_momentum=0.0), params, quadratic_grad, steps)
   for t in range(steps):
     assert_close(fasts[t], ref_f[t], "fast weights", t)
     assert_close(states[t].slow, ref_s[t], "slow weights", t)
 
 
-@pytest.mark.parametrize("policy,alpha", [("maintain", 0.3), ("reset", 0.5), ("interpolate", 0.8)])
-def test_outer_sgd_alpha_is_plain_lookahead_bitwise(policy, alpha, small):
-  """outer=optax.sgd(alpha) is the slow step of plain Lookahead, bit for bit."""
+@pytest.mark.parametrize("policy,alpha", [("maintain", 0.3), ("reset", 0.5)])
+def test_outer_sgd_alpha_is_plain_lookahead(policy, alpha, small):
+  """outer=optax.sgd(alpha) is the slow step of plain Lookahead (staged instead of fused: to a rounding)."""
   params, k, steps = small, 3, 10
-  plain_f, plain_s = run(lookahead(optax.adam(0.05), k, alpha, inner_state=policy), params, quadratic_grad, steps)
-  outer_f, outer_s = run(lookahead(optax.adam(0.05), k, alpha, inner_state=policy, outer=optax.sgd(alpha)),
+  plain_f, plain_s = run(lookahead(optax.adam(0.05), k, alpha, inner_state_policy=policy), params, quadratic_grad, steps)
+  outer_f, outer_s = run(lookahead(optax.adam(0.05), k, inner_state_policy=policy, outer=optax.sgd(alpha)),
                          params, quadratic_grad, steps)
   for t in range(steps):
-    chex.assert_trees_all_equal(outer_f[t], plain_f[t], custom_message=f"fast, step {t}")
-    chex.assert_trees_all_equal(outer_s[t].slow, plain_s[t].slow, custom_message=f"slow, step {t}")
+    chex.assert_trees_all_close(outer_f[t], plain_f[t], rtol=1e-6, atol=1e-7, custom_message=f"fast, step {t}")
+    chex.assert_trees_all_close(outer_s[t].slow, plain_s[t].slow, rtol=1e-6, atol=1e-7, custom_message=f"slow, step {t}")
 
 
-@pytest.mark.parametrize("policy", ["maintain", "interpolate"])
+@pytest.mark.parametrize("policy", ["maintain", "reset"])
 def test_fast_equals_slow_bitwise_after_each_sync_with_an_outer_optimizer(policy, small):
   params, k = small, 3
-  opt = snoo(optax.adam(0.1), k=k, learning_rate=0.7, momentum=0.9, inner_state=policy)
+  opt = snoo(optax.adam(0.1), k=k, outer_learning_rate=0.7, outer_momentum=0.9, inner_state_policy=policy)
   fasts, states = run(opt, params, quadratic_grad, 4 * k)
   for t, (f, s) in enumerate(zip(fasts, states)):
     if (t + 1) % k == 0:
@@ -160,7 +104,7 @@ def value_scaled_sgd(lr):
 def test_extra_args_reach_the_inner_optimizer_with_an_outer_optimizer(small):
   loss = lambda p: sum(jnp.sum((x - 1.0) ** 2) for x in jax.tree.leaves(p))
   k, lr, mu, steps = 3, 0.7, 0.5, 9
-  opt = snoo(value_scaled_sgd(0.05), k=k, learning_rate=lr, momentum=mu)
+  opt = snoo(value_scaled_sgd(0.05), k=k, outer_learning_rate=lr, outer_momentum=mu)
 
   @jax.jit
   def step(params, state):
@@ -184,7 +128,7 @@ def test_extra_args_reach_the_inner_optimizer_with_an_outer_optimizer(small):
 
 
 def test_snoo_compiles_once(small):
-  traces, compiled, state = jit_and_count_traces(snoo(optax.adam(0.01), k=5, inner_state="interpolate"), small, 40)
+  traces, compiled, state = jit_and_count_traces(snoo(optax.adam(0.01), k=5, inner_state_policy="reset"), small, 40)
   assert (traces, compiled) == (1, 1)
   assert int(state.syncs) == 8
 
@@ -192,7 +136,7 @@ def test_snoo_compiles_once(small):
 def test_slow_params_and_outer_state_are_found_inside_a_chain(small):
   params = small
   k, lr, mu, steps = 2, 0.7, 0.9, 7
-  opt = optax.chain(optax.identity(), snoo(optax.sgd(0.05, momentum=0.9), k=k, learning_rate=lr, momentum=mu))
+  opt = optax.chain(optax.identity(), snoo(optax.sgd(0.05, momentum=0.9), k=k, outer_learning_rate=lr, outer_momentum=mu))
   fasts, states = run(opt, params, quadratic_grad, steps)
   _, ref_s, ref_b = reference_snoo(optax.sgd(0.05, momentum=0.9), k, lr, mu, params, quadratic_grad, steps)
   chex.assert_trees_all_close(slow_params(states[-1]), ref_s[-1], **TOL)
@@ -200,7 +144,7 @@ def test_slow_params_and_outer_state_are_found_inside_a_chain(small):
 
 
 def test_tree_map_params_maps_the_outer_state(params):
-  opt = optax.chain(optax.clip_by_global_norm(1.0), snoo(optax.adam(0.1), k=3, inner_state="interpolate"))
+  opt = optax.chain(optax.clip_by_global_norm(1.0), snoo(optax.adam(0.1), k=3, inner_state_policy="reset"))
   state = opt.init(params)
   marked = optax.tree_utils.tree_map_params(opt, lambda p: jnp.full_like(p, 7.0), state,
                                             transform_non_params=lambda x: x)
@@ -216,17 +160,6 @@ def test_outer_state_has_the_slow_weights_dtype():
   params = make_params(3, jnp.bfloat16)
   state = snoo(optax.adam(0.1), k=2, slow_dtype=jnp.float32).init(params)
   chex.assert_trees_all_equal_dtypes(state.outer_state[0].trace, jax.tree.map(lambda p: p.astype(jnp.float32), params))
-
-
-@pytest.mark.parametrize("outer", ["sgd", optax.sgd, 0.7, (optax.sgd(0.1),)])
-def test_invalid_outer_names_the_argument(outer):
-  with pytest.raises(TypeError, match=r"lookahead: outer must be an optax GradientTransformation .*got"):
-    lookahead(optax.adam(0.1), k=5, outer=outer)
-
-
-def test_snoo_rejects_bad_k():
-  with pytest.raises(ValueError, match=r"lookahead: k must be an int >= 1, got 0"):
-    snoo(optax.adam(0.1), k=0)
 
 
 # --------------------------------------------------------------------- DiLoCo

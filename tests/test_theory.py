@@ -289,7 +289,7 @@ def test_optimal_alpha_minimises_the_loss_along_the_line():
         (lambda: theory.nqm_sgd_moments(1.0, 1.0, 0.1, 3, 1.0, var0=-1.0), "var0"),
         (lambda: theory.nqm_expected_loss(1.0, 1.0, (1.0, 0.0)), "moments"),
         (lambda: theory.cm_rate(1.0, 0.1, 1.0), "momentum"),
-        (lambda: theory.lookahead_cm_rate(1.0, 0.1, 0.9, 5, 0.5, "interpolate"), "inner_state"),
+        (lambda: theory.lookahead_cm_rate(1.0, 0.1, 0.9, 5, 0.5, "interpolate"), "inner_state_policy"),
         (lambda: theory.optimal_rate(0.5, 0.9), "condition_number"),
         (lambda: theory.optimal_rate(10.0, 0.9, num_lr=2), "num_lr"),
         (lambda: theory.optimal_alpha_quadratic([[1.0, 2.0], [0.0, 1.0]], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0]), "A"),

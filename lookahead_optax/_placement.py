@@ -1,0 +1,214 @@
+"""Guards for the mistakes that would otherwise train a wrong model without a word.
+
+- Placement: Lookahead's sync contract says that, right after a sync, the params
+  are the slow weights. So at the first update of each cycle the params received
+  must equal the slow weights: bitwise where the slow weights are exactly
+  ``params + updates``, within a few units in the last place elsewhere
+  (``slow_dtype``, DiLoCo replicas). When they do not, a transformation after
+  ``lookahead`` changed its updates, or the params were changed outside the
+  optimizer. The comparison runs inside a ``lax.cond`` taken once per cycle; a
+  mismatch is reported from the device with ``jax.debug.callback``, so it works
+  under ``jit``, ``pmap`` and on accelerators.
+- State: a state made by another configuration (interpolation snapshot, outer
+  optimizer, slow dtype, a counter beyond ``k``) is named as such.
+- ``force_sync`` finds the lookahead inside any optimizer by running its update
+  once with :func:`probing` on: the lookahead's update announces itself and
+  stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lookahead_optax._tree import is_inexact, map_inexact
+
+
+class LookaheadPlacementWarning(UserWarning):
+  """The params at the start of a cycle differ from the slow weights (``placement_check="warn"``)."""
+
+
+class LookaheadPlacementError(ValueError):
+  """The params at the start of a cycle differ from the slow weights (``placement_check="raise"``)."""
+
+
+# -------------------------------------------------------------- construction
+
+
+def check_inner_state(cfg, inner_state) -> None:
+  """Reject an inner optimizer that accumulates micro-steps: lookahead would count them."""
+  nodes = jax.tree.leaves(inner_state, is_leaf=lambda x: isinstance(x, optax.MultiStepsState))
+  if any(isinstance(x, optax.MultiStepsState) for x in nodes):
+    raise ValueError(
+        f"{cfg.caller}: the inner optimizer contains an optax.MultiSteps (gradient accumulation): lookahead "
+        f"would count micro-steps and sync in the middle of an accumulation. Put the accumulation outside: "
+        f"optax.MultiSteps({cfg.caller}(...), every_k_schedule=...).")
+
+
+# ---------------------------------------------------------------- the update
+
+
+def check_update(cfg, state, params) -> None:
+  """Trace-time checks of ``update``'s arguments; errors name what differs."""
+  name = cfg.caller
+  if params is None:
+    raise ValueError(
+        f"{name}: update needs params (the fast weights) to place the slow step; got params=None. "
+        "Call opt.update(grads, state, params).")
+  fields = ("count", "syncs", "alpha", "slow", "inner_state", "slow_inner_state", "outer_state", "alpha_state")
+  if getattr(state, "_fields", None) != fields:
+    raise ValueError(f"{name}: state must be the LookaheadState made by this optimizer's init, got "
+                     f"{type(state).__name__}.")
+  made_with = lambda what: (f"{name}: this state was made by a lookahead with {what}. Restore or init it with "
+                            "an optimizer of the same configuration.")
+  interpolate = not isinstance(state.slow_inner_state, optax.EmptyState)
+  if interpolate != (cfg.policy == "interpolate"):
+    was = "inner_state_policy='interpolate'" if interpolate else "inner_state_policy 'maintain' or 'reset'"
+    raise ValueError(made_with(was) + f" This one has inner_state_policy={cfg.policy!r}.")
+  has_outer = not isinstance(state.alpha, jax.Array) and isinstance(state.alpha, optax.EmptyState)
+  if has_outer != (cfg.outer is not None):
+    was = "an outer optimizer (it has no alpha)" if has_outer else "alpha and no outer optimizer"
+    raise ValueError(made_with(was) + f" This one has outer={cfg.outer!r}.")
+  if jax.tree.structure(map_inexact(lambda p: 0, params)) != jax.tree.structure(
+      jax.tree.map(lambda s: 0, state.slow)):
+    raise ValueError(
+        f"{name}: the params passed to update are not shaped like the slow weights in the state: params "
+        f"{jax.tree.structure(params)} vs slow weights {jax.tree.structure(state.slow)}.")
+  wrong = [(p.dtype, s.dtype) for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(
+      jax.tree.map(lambda s: s, state.slow))) if is_inexact(p) and s.dtype != (cfg.slow_dtype or p.dtype)]
+  if wrong:
+    raise ValueError(
+        made_with(f"slow weights of dtype {wrong[0][1]}") + f" This one has slow_dtype={cfg.slow_dtype!r} "
+        f"and params of dtype {wrong[0][0]}.")
+  if cfg.axis_name is not None:
+    try:
+      jax.lax.axis_size(cfg.axis_name)
+    except NameError as e:
+      raise ValueError(
+          f"{name}: axis_name={cfg.axis_name!r} is not a mapped axis here. Call update inside jax.shard_map "
+          f"or jax.pmap over the axis {cfg.axis_name!r} (each replica with its own gradients); the slow step "
+          "averages over it.") from e
+  count, k = state.count, cfg.k
+  if not isinstance(count, jax.core.Tracer) and not isinstance(k, jax.core.Tracer) and int(count) >= int(k):
+    raise ValueError(_count_message(name, int(count), int(k)))
+
+
+def _count_message(name, count, k) -> str:
+  return (f"{name}: the state's count is {count}, but k={k} allows 0..{k - 1}: this state was made by a "
+          "lookahead with a larger k. Restore it into an optimizer with the same k.")
+
+
+def check_then_sync(cfg, state, params, exact):
+  """The sync flag ``count >= k - 1``, decided after the once-per-cycle placement check.
+
+  The check is a ``lax.cond`` on ``count == 0`` that compares the params with
+  the slow weights. The sync flag is computed inside both of its branches, so
+  everything downstream (the landing, which overwrites the params in place) is
+  ordered after the comparison and no buffer is copied for it.
+  """
+  k = cfg.k
+  limit = lambda count: count >= k - 1
+  sync = jax.lax.cond(state.count > k - 1, _report_count(cfg, k), limit, state.count)
+  if cfg.placement_check == "off":
+    return sync
+
+  def check(count):
+    pairs = zip(*(jax.tree.leaves(t) for t in (map_inexact(lambda p: p, params), state.slow, exact)))
+    wrong = [_differs(p, s, e) for p, s, e in pairs]
+    # & count == 0: under vmap a cond runs both branches, so the flags themselves must say when to report.
+    wrong = (jnp.stack(wrong) if wrong else jnp.zeros((0,), bool)) & (count == 0)
+    report = functools.partial(_report_placement, cfg.caller, cfg.placement_check, _leaf_names(params))
+    jax.lax.cond(jnp.any(wrong), lambda w: jax.debug.callback(report, w), lambda w: None, wrong)
+    return limit(count)
+
+  return jax.lax.cond(state.count == 0, check, lambda count: limit(count) | (count < 0), state.count)
+
+
+def _differs(p, s, exact):
+  """Do the params differ from the slow weights more than a sync's landing allows?
+
+  Exactly where the slow weights are ``params + updates``; elsewhere (another
+  slow dtype, replicas) the landing rounds once or twice, by at most a few
+  units in the last place of the leaf's largest value.
+  """
+  if exact:
+    return jnp.max(jnp.abs(p - s)) > 0  # a max reduction fuses with its operand; NaNs compare as equal
+  scale = jnp.max(jnp.abs(s)).astype(jnp.float32)  # two separate reductions: nothing param-sized is kept
+  tol = 4 * jnp.finfo(p.dtype).eps * jnp.maximum(scale, jnp.finfo(p.dtype).tiny)
+  return jnp.max(jnp.abs(p - s.astype(p.dtype)).astype(jnp.float32)) > tol
+
+
+def _leaf_names(params) -> tuple:
+  return tuple(jax.tree_util.keystr(path) for path, p in jax.tree_util.tree_leaves_with_path(params)
+               if is_inexact(p))
+
+
+def _report_placement(name, mode, leaves, wrong) -> None:
+  wrong = np.asarray(wrong)
+  if wrong.ndim > 1:  # batched under vmap: one row per run
+    wrong = wrong.any(axis=tuple(range(wrong.ndim - 1)))
+  if not wrong.any():
+    return
+  names = ", ".join(f"params{leaves[i]}" for i in np.flatnonzero(wrong)[:3])
+  more = "" if wrong.sum() <= 3 else f" and {int(wrong.sum()) - 3} more"
+  message = (
+      f"{name}: at the start of a cycle the params passed to update differ from the slow weights "
+      f"({names}{more}). Right after a sync the params must be the slow weights: either a "
+      f"transformation placed after {name} changed its updates, or the params were changed outside the "
+      f"optimizer. Put {name} last, with every other transformation inside it or before it: "
+      f"optax.chain(optax.clip_by_global_norm(1.0), {name}(optax.adam(...))), or "
+      f"{name}(optax.chain(optax.adam(...), <transformation>)). To silence this check: placement_check='off'.")
+  if mode == "raise":
+    raise LookaheadPlacementError(message)
+  warnings.warn(message, LookaheadPlacementWarning, stacklevel=2)
+
+
+def _report_count(cfg, k):
+  def branch(count):
+    # The callback gets the values, not the branch: under vmap a cond runs both branches.
+    jax.debug.callback(functools.partial(_raise_count, cfg.caller), count, jnp.asarray(k))
+    return count >= k - 1
+  return branch
+
+
+def _raise_count(name, count, k) -> None:
+  count, k = np.asarray(count), np.broadcast_to(np.asarray(k), np.shape(count))
+  if (count >= k).any():
+    i = np.unravel_index(np.argmax(count - k), count.shape)
+    raise ValueError(_count_message(name, int(count[i]), int(k[i])))
+
+
+# ------------------------------------------------------------- force_sync
+
+
+_probe = threading.local()
+
+
+class FoundLookahead(Exception):
+  """Raised by a lookahead's update while :func:`probing` is on: its configuration and the updates it received."""
+
+  def __init__(self, cfg, updates):
+    super().__init__(cfg.caller)
+    self.cfg, self.updates = cfg, updates
+
+
+@contextlib.contextmanager
+def probing():
+  """While on, a lookahead's update raises :class:`FoundLookahead` instead of updating."""
+  _probe.active = True
+  try:
+    yield
+  finally:
+    _probe.active = False
+
+
+def announce(cfg, updates) -> None:
+  if getattr(_probe, "active", False):
+    raise FoundLookahead(cfg, updates)

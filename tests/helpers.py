@@ -1,0 +1,207 @@
+"""Shared test helpers: small problems, the references the library is checked against, and runners.
+
+The references use only optax and jax.tree, no code of lookahead_optax:
+
+- :func:`reference_lookahead`: the paper's Algorithm 1 as a plain loop.
+- :func:`reference_snoo`: SNOO (Kallusky et al. 2025, Algorithm 1): every k inner
+  steps, with the pseudo-gradient s = w - fast_k, b = mu * b + s; w = w - lr * (mu * b + s).
+- :func:`reference_diloco`: DiLoCo (Douillard et al. 2023): M replicas run the
+  inner optimizer on their own gradients; every k steps the pseudo-gradients are
+  averaged over replicas before the same Nesterov step, and every replica
+  restarts from the new w.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+INNERS = {
+    "sgd": lambda: optax.sgd(0.05),
+    "momentum": lambda: optax.sgd(0.05, momentum=0.9),
+    "adam": lambda: optax.adam(0.05),
+    "chain_wd": lambda: optax.chain(optax.add_decayed_weights(1e-2), optax.scale_by_adam(), optax.scale(-0.05)),
+}
+TOL = dict(rtol=2e-5, atol=2e-6)
+
+
+def make_params(seed: int = 0, dtype=jnp.float32):
+  """Nested-dict params of mixed shapes."""
+  rng = np.random.default_rng(seed)
+  return {
+      "dense": {"w": jnp.asarray(rng.normal(size=(4, 3)), dtype), "b": jnp.asarray(rng.normal(size=(3,)), dtype)},
+      "scale": jnp.asarray(rng.normal(size=()), dtype),
+      "emb": [jnp.asarray(rng.normal(size=(2, 2, 2)), dtype)],
+  }
+
+
+def small_params(seed: int = 5):
+  """Two leaves: enough for tree handling, cheap to compile."""
+  rng = np.random.default_rng(seed)
+  return {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+
+
+def quadratic_grad(params, t: int):
+  """Gradient of a noisy ill-conditioned quadratic, deterministic in (params, t)."""
+  leaves, treedef = jax.tree.flatten(params)
+  out = []
+  for i, p in enumerate(leaves):
+    curv = jnp.linspace(0.5, 4.0, p.size, dtype=jnp.float32).reshape(p.shape)
+    noise = jax.random.normal(jax.random.fold_in(jax.random.key(i), t), p.shape, jnp.float32)
+    out.append((curv * p.astype(jnp.float32) - 1.0 + 0.1 * noise).astype(p.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def replica_grad(params, t, m):
+  """Replica m's gradient at step t: the quadratic above with replica-specific noise and target."""
+  g = quadratic_grad(params, 1000 * m + t)
+  return jax.tree.map(lambda g: g - 0.3 * m, g)
+
+
+# The optax states that hold moment buffers, by type: what "reset" re-initialises in the references.
+MOMENT_STATES = (optax.ScaleByAdamState, optax.TraceState, optax.ScaleByRmsState, optax.ScaleByRStdDevState,
+                 optax.ScaleByBeliefState)
+
+
+def reset_moments(state, fresh):
+  """``state`` with every moment state (by type, :data:`MOMENT_STATES`) taken from a fresh ``init``."""
+  is_moment = lambda x: isinstance(x, MOMENT_STATES)
+  return jax.tree.map(lambda cur, new: new if is_moment(cur) else cur, state, fresh, is_leaf=is_moment)
+
+
+def reference_lookahead(inner, k, alpha, params, grad_fn, steps, policy="maintain"):
+  """Algorithm 1 as the paper writes it: an outer loop over syncs, an inner loop of k steps.
+
+  Returns the fast and slow weights after every inner step (fast weights after a
+  sync are the new slow weights). ``alpha`` may be a callable of the sync index.
+  ``policy="reset"`` re-initialises the moment states and keeps everything else
+  (a schedule's step count); ``"interpolate"`` moves floating leaves toward
+  their value at the previous sync.
+  """
+  slow, fast = params, params
+  state = inner.init(params)
+  slow_state = state
+  fasts, slows = [], []
+  t = 0
+  for sync in range(steps // k + 1):
+    for _ in range(k):
+      if t == steps:
+        return fasts, slows
+      updates, state = inner.update(grad_fn(fast, t), state, fast)
+      fast = optax.apply_updates(fast, updates)
+      t += 1
+      if t % k == 0:
+        a = alpha(sync) if callable(alpha) else alpha
+        slow = jax.tree.map(lambda s, f: s + a * (f - s), slow, fast)
+        fast = slow
+        if policy == "reset":
+          state = reset_moments(state, inner.init(fast))
+        elif policy == "interpolate":
+          state = jax.tree.map(
+              lambda s0, s1: s0 + a * (s1 - s0) if jnp.issubdtype(s1.dtype, jnp.inexact) else s1,
+              slow_state, state)
+          slow_state = state
+      fasts.append(fast)
+      slows.append(slow)
+  return fasts, slows
+
+
+def reference_snoo(inner, k, lr, mu, params, grad_fn, steps, policy="maintain"):
+  """SNOO's Algorithm 1 as a plain loop; returns fast weights, slow weights and momentum b after each step."""
+  slow, fast, b = params, params, jax.tree.map(jnp.zeros_like, params)
+  state = inner.init(params)
+  fasts, slows, bs = [], [], []
+  for t in range(steps):
+    updates, state = inner.update(grad_fn(fast, t), state, fast)
+    fast = optax.apply_updates(fast, updates)
+    if (t + 1) % k == 0:
+      s = jax.tree.map(lambda w, f: w - f, slow, fast)
+      b = jax.tree.map(lambda b, s: mu * b + s, b, s)
+      slow = jax.tree.map(lambda w, b, s: w - lr * (mu * b + s), slow, b, s)
+      fast = slow
+      if policy == "reset":
+        state = reset_moments(state, inner.init(fast))
+    fasts.append(fast)
+    slows.append(slow)
+    bs.append(b)
+  return fasts, slows, bs
+
+
+def reference_diloco(inner, k, lr, mu, params, replicas, steps):
+  """DiLoCo as a Python loop over M copies; returns per step the list of M fast weights and the slow weights."""
+  slow, b = params, jax.tree.map(jnp.zeros_like, params)
+  fast = [params] * replicas
+  states = [inner.init(params) for _ in range(replicas)]
+  fasts, slows = [], []
+  for t in range(steps):
+    for m in range(replicas):
+      updates, states[m] = inner.update(replica_grad(fast[m], t, m), states[m], fast[m])
+      fast[m] = optax.apply_updates(fast[m], updates)
+    if (t + 1) % k == 0:
+      delta = jax.tree.map(lambda w, *fs: sum(w - f for f in fs) / replicas, slow, *fast)
+      b = jax.tree.map(lambda b, d: mu * b + d, b, delta)
+      slow = jax.tree.map(lambda w, b, d: w - lr * (mu * b + d), slow, b, delta)
+      fast = [slow] * replicas
+    fasts.append(list(fast))
+    slows.append(slow)
+  return fasts, slows
+
+
+def run(opt, params, grad_fn, steps, jit=True, extra=None):
+  """Train with a lookahead-bearing optimizer; returns fast params and states after each step."""
+  state = opt.init(params)
+
+  def step(params, state, t):
+    updates, state = opt.update(grad_fn(params, t), state, params, **(extra or {}))
+    return optax.apply_updates(params, updates), state
+
+  if jit:
+    step = jax.jit(step)
+  fasts, states = [], []
+  for t in range(steps):
+    params, state = step(params, state, t)
+    fasts.append(params)
+    states.append(state)
+  return fasts, states
+
+
+def jit_and_count_traces(opt, params, steps):
+  """Run ``steps`` jitted, donated steps; returns (traces, compiled executables, final state)."""
+  traces = 0
+
+  def step(params, state, t):
+    nonlocal traces
+    traces += 1
+    updates, state = opt.update(quadratic_grad(params, t), state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  state = opt.init(params)
+  params = jax.tree.map(jnp.copy, params)
+  for t in range(steps):
+    params, state = step(params, state, t)
+  return traces, step._cache_size(), state
+
+
+def assert_trajectories_close(fasts, slows, ref_fasts, ref_slows, rtol=2e-5, atol=2e-6):
+  assert len(fasts) == len(slows) == len(ref_fasts) == len(ref_slows)
+  for t, (f, s, rf, rs) in enumerate(zip(fasts, slows, ref_fasts, ref_slows)):
+    chex.assert_trees_all_close(f, rf, rtol=rtol, atol=atol, custom_message=f"fast weights, step {t}")
+    chex.assert_trees_all_close(s, rs, rtol=rtol, atol=atol, custom_message=f"slow weights, step {t}")
+
+
+def optimizer_step(tx):
+  """The jitted, donated optimizer-only step ``(params, state, grads) -> (params, state)``."""
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
