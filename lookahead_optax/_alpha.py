@@ -109,9 +109,18 @@ def adaptive_alpha_value(slow, fast, grad, fisher, eps: float = 0.0) -> jax.Arra
   All four arguments are pytrees of the same structure; the sums run over every
   leaf. Returns 1 when the fast weights did not move (:math:`d = 0`).
   """
-  d = jax.tree.map(lambda s, f: s - f.astype(s.dtype), slow, fast)
-  num = _tree_sum(jax.tree.map(lambda g, d: jnp.real(jnp.conj(g) * d), grad, d))
-  den = _tree_sum(jax.tree.map(lambda a, d: (a.real + eps) * jnp.abs(d) ** 2, fisher, d))
+  delta = jax.tree.map(lambda s, f: s - f.astype(s.dtype), slow, fast)
+  return _from_sums(*_quadratic_sums(delta, grad, fisher, eps))
+
+
+def _quadratic_sums(delta, grad, fisher, eps):
+  """:math:`g^\top d` and :math:`d^\top (\hat A + \epsilon) d` as float32 scalars."""
+  num = _tree_sum(jax.tree.map(lambda g, d: jnp.real(jnp.conj(g) * d), grad, delta))
+  den = _tree_sum(jax.tree.map(lambda a, d: (a.real + eps) * jnp.abs(d) ** 2, fisher, delta))
+  return num, den
+
+
+def _from_sums(num, den):
   safe = jnp.where(den > 0, den, 1.0)
   return jnp.where(den > 0, 1.0 + num / safe, 1.0)
 
@@ -159,11 +168,14 @@ def observe_gradient(rule, alpha_state, grads):
   return AdaptiveAlphaState(fisher=fisher, count=optax.safe_increment(alpha_state.count))
 
 
-def alpha_at_sync(rule, syncs, alpha_state, inner_state, slow, fast, grads, mask, axis_name=None):
+def alpha_at_sync(rule, syncs, alpha_state, inner_state, delta, grads, mask, axis_name=None):
   """The alpha used at this sync, a float32 scalar.
 
-  ``slow``, ``fast`` and ``grads`` hold ``MaskedNode()`` where params are not
-  floating point; ``mask`` does the same to a params-shaped tree.
+  ``delta`` is the pseudo-gradient (slow - fast, averaged over ``axis_name``);
+  ``delta`` and ``grads`` hold ``MaskedNode()`` where params are not floating
+  point, and ``mask`` does the same to a params-shaped tree. Under
+  ``axis_name`` adaptive alpha averages its two sums over the replicas (each
+  holds its own gradient and Fisher), so every replica takes the same step.
   """
   if isinstance(rule, AdaptiveAlpha):
     if isinstance(alpha_state, AdaptiveAlphaState):
@@ -173,12 +185,10 @@ def alpha_at_sync(rule, syncs, alpha_state, inner_state, slow, fast, grads, mask
       fisher = mask(fisher)
     correction = 1.0 - rule.b2 ** jnp.maximum(count, 1).astype(jnp.float32)
     fisher = jax.tree.map(lambda f: f / correction.astype(f.dtype), fisher)
+    sums = _quadratic_sums(delta, grads, fisher, rule.eps)
     if axis_name is not None:
-      grads = jax.lax.pmean(grads, axis_name)
-    raw = adaptive_alpha_value(slow, fast, grads, fisher, rule.eps)
-    if axis_name is not None:
-      raw = jax.lax.pmean(raw, axis_name)
-    return jnp.clip(raw, rule.alpha_low, 1.0).astype(jnp.float32)
+      sums = jax.lax.pmean(sums, axis_name)
+    return jnp.clip(_from_sums(*sums), rule.alpha_low, 1.0).astype(jnp.float32)
   if callable(rule):
     return jnp.asarray(rule(syncs), jnp.float32)
   return jnp.asarray(rule, jnp.float32)

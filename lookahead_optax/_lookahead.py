@@ -251,7 +251,7 @@ def slow_step(cfg: Config, state: LookaheadState, params, fast, grads, inner_sta
   if cfg.outer is not None:
     step, outer_state = cfg.outer.update(delta, state.outer_state, state.slow)
     return delta, step, outer_state, optax.EmptyState()
-  alpha = _alpha.alpha_at_sync(cfg.alpha, state.syncs, alpha_state, inner_state, state.slow, fast, grads,
+  alpha = _alpha.alpha_at_sync(cfg.alpha, state.syncs, alpha_state, inner_state, delta, grads,
                                lambda tree: mask_like(params, tree), cfg.axis_name)
   step = jax.tree.map(lambda d: (-alpha * d).astype(d.dtype), delta)
   return delta, step, state.outer_state, alpha

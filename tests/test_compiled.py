@@ -1,58 +1,198 @@
-"""The compiled Lookahead step: no param-sized temporaries or copies, one trace, minimal state.
+"""The compiled step of every path: what it copies, holds, reads and writes outside the sync branch.
 
-Structure, not timing: these are what keep the step at the cost of its arithmetic
-(benchmarks/overhead.py measures the time).
+Structure, not timing (``benchmarks/overhead.py`` measures the time). Each path
+(plain Lookahead with each inner-state policy, an ``outer`` optimizer,
+``slow_dtype``, adaptive alpha, ``axis_name``) is compiled as a jitted, donated
+optimizer-only step and its HLO is read: the non-sync step must do what plain
+Lookahead does, one extra read of the slow weights; everything that changes only
+at a sync is written by a ``conditional``.
 """
 
+from __future__ import annotations
+
+import functools
 import re
 
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from benchmarks.overhead import compiled_memory, make_params, optimizer_step, tree_bytes
-from lookahead_optax import lookahead
+from lookahead_optax import adaptive_alpha, diloco, lookahead, snoo
+from tests.helpers import jit_and_count_traces, optimizer_step, tree_bytes
 
 N = 1 << 18
 SMALL = 64 * 1024  # bytes: scalars and bookkeeping, far below one param leaf
-INNERS = {"sgd": lambda: optax.sgd(0.1), "momentum": lambda: optax.sgd(0.1, momentum=0.9), "adam": lambda: optax.adam(1e-3)}
+ADAM = lambda: optax.adam(1e-3)
+
+# name: (optimizer, params dtype, extra temporaries allowed, in param copies)
+PATHS = {
+    "maintain": (lambda: lookahead(ADAM(), 5, 0.5), jnp.float32, 0),
+    "reset": (lambda: lookahead(ADAM(), 5, 0.5, inner_state_policy="reset"), jnp.float32, 0),
+    "interpolate": (lambda: lookahead(ADAM(), 5, 0.5, inner_state_policy="interpolate"), jnp.float32, 0),
+    "sgd inner": (lambda: lookahead(optax.sgd(0.1), 5, 0.5), jnp.float32, 0),
+    "momentum inner": (lambda: lookahead(optax.sgd(0.1, momentum=0.9), 5, 0.5), jnp.float32, 0),
+    "slow_dtype": (lambda: lookahead(ADAM(), 5, 0.5, slow_dtype=jnp.float32), jnp.bfloat16, 0),
+    # Known: with reset under slow_dtype XLA keeps one float32-sized buffer (the bf16 moments) across the branch.
+    "slow_dtype reset": (lambda: lookahead(ADAM(), 5, 0.5, slow_dtype=jnp.float32, inner_state_policy="reset"),
+                         jnp.bfloat16, 2),
+    # The pseudo-gradient feeds both the outer state and the slow weights (or adaptive alpha's sums and the
+    # slow weights, or the all-reduce): XLA materialises it inside the sync branch.
+    "outer (SNOO)": (lambda: snoo(ADAM(), 5), jnp.float32, 1),
+    "outer slow_dtype": (lambda: snoo(ADAM(), 5, slow_dtype=jnp.float32), jnp.bfloat16, 2),
+    "adaptive alpha": (lambda: lookahead(ADAM(), 5, adaptive_alpha()), jnp.float32, 3),
+    "axis_name (DiLoCo)": (lambda: diloco(ADAM(), 5, axis_name="replica"), jnp.float32, 2),  # + all-reduce result
+}
 
 
-def compile_step(tx, params):
+def make_params(n: int, dtype):
+  """About ``n`` params in four leaves of different shapes, like a small network."""
+  shapes = [(n // 2 // 1024, 1024), (n // 4 // 512, 512), (n // 8,), (n - n // 2 - n // 4 - n // 8,)]
+  keys = jax.random.split(jax.random.key(0), len(shapes))
+  return {f"p{i}": jax.random.normal(key, shape).astype(dtype) for i, (key, shape) in enumerate(zip(keys, shapes))}
+
+
+def step_for(name, tx):
+  """The jitted, donated step; DiLoCo's runs inside shard_map over a one-device replica axis."""
+  if "axis_name" not in name:
+    return optimizer_step(tx)
+  mesh = jax.make_mesh((1,), ("replica",))
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=P(), out_specs=P())
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(name):
+  build, dtype, _ = PATHS[name]
+  tx = build()
+  params = make_params(N, dtype)
+  grads = jax.tree.map(lambda x: (1e-3 * jnp.ones_like(x)).astype(dtype), params)
   state = tx.init(params)
-  step = optimizer_step(tx)
-  return step.lower(params, state, params).compile(), state
+  outputs = jax.eval_shape(lambda p, s: (p, s), params, state)
+  return step_for(name, tx).lower(params, state, grads).compile(), params, state, outputs
 
 
-@pytest.mark.parametrize("inner", sorted(INNERS))
-@pytest.mark.parametrize("policy", ["maintain", "reset", "interpolate"])
-def test_no_param_sized_temporaries_or_copies(inner, policy):
-  params = make_params(N)
-  smallest_leaf = min(x.nbytes for x in jax.tree.leaves(params))
-  assert smallest_leaf > SMALL
-  bare = compiled_memory(optimizer_step(INNERS[inner]()), params, INNERS[inner]().init(params), params)
-  compiled, _ = compile_step(lookahead(INNERS[inner](), 5, 0.5, inner_state=policy), params)
-  temp = compiled.memory_analysis().temp_size_in_bytes
-  assert temp <= bare["temp_bytes"] + SMALL, f"temp bytes {temp} vs bare {bare['temp_bytes']}"
-  text = compiled.as_text()
-  entry = text[text.index("\nENTRY"):]
-  entry = entry[: entry.index("\n}")]
-  param_copies = [line for line in entry.splitlines() if re.search(r"f32\[\d{4,}(,\d+)?\]\{[^}]*\} copy\(", line)]
-  assert not param_copies, param_copies  # copies only inside the sync branch
+def entry(text: str) -> list[str]:
+  """The instructions of the entry computation (the step outside every branch)."""
+  body = text[text.index("\nENTRY"):]
+  return body[: body.index("\n}")].splitlines()[2:]
 
 
-@pytest.mark.parametrize("policy,extra_copies", [("maintain", 1), ("reset", 1), ("interpolate", 2)])
-def test_state_is_inner_state_plus_one_copy_of_params(policy, extra_copies):
-  params = make_params(N)
-  inner_bytes = tree_bytes(optax.adam(1e-3).init(params))
-  state = lookahead(optax.adam(1e-3), 5, 0.5, inner_state=policy).init(params)
-  expected = inner_bytes + tree_bytes(params) + (extra_copies - 1) * inner_bytes
+def parse(line: str):
+  """(name, op, operand names, op_name metadata) of one HLO instruction."""
+  m = re.match(r"\s*(?:ROOT )?%(\S+) = .*? ([\w-]+)\((.*?)\)(?:, |$)", line)
+  meta = re.search(r'op_name="([^"]*)"', line)
+  return m.group(1), m.group(2), re.findall(r"%([\w.\-]+)", m.group(3)), meta.group(1) if meta else ""
+
+
+def param_sized(line: str, params) -> bool:
+  smallest = min(x.size for x in jax.tree.leaves(params))
+  shape = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]*)\]", line)
+  return bool(shape) and shape.group(1) != "" and eval("*".join(shape.group(1).split(",")) or "1") >= smallest
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_no_copies_of_donated_buffers_outside_the_sync_branch(name):
+  exe, params, _, _ = compiled(name)
+  copies = [line for line in entry(exe.as_text()) if " copy(" in line and param_sized(line, params)]
+  assert not copies, copies
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_temporaries(name):
+  """No param-sized temporaries, except the pseudo-gradient some paths hold inside the sync branch."""
+  exe, params, _, _ = compiled(name)
+  _, dtype, extra_copies = PATHS[name]
+  bare_step = step_for(name, ADAM())
+  bare = bare_step.lower(params, ADAM().init(params), params).compile().memory_analysis().temp_size_in_bytes
+  allowed = bare + extra_copies * tree_bytes(params) + SMALL
+  temp = exe.memory_analysis().temp_size_in_bytes
+  assert temp <= allowed, f"temp bytes {temp} vs bare {bare} + {extra_copies} param copies"
+  if extra_copies:  # and no more than stated
+    assert temp > bare + (extra_copies - 1) * tree_bytes(params), "the bound is not tight: update PATHS"
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_sync_only_state_is_written_only_by_a_conditional(name):
+  """Slow weights, outer state (and a reset or interpolated inner state) come out of a sync branch."""
+  exe, params, _, outputs = compiled(name)
+  lines = entry(exe.as_text())
+  producers = {parse(line)[0]: parse(line) for line in lines if "=" in line}
+  root = parse(next(line for line in lines if line.lstrip().startswith("ROOT")))
+  paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(outputs)[0]]
+  assert len(paths) == len(root[2])
+  sync_only = ["].slow", "].outer_state"]
+  if "reset" in name or "interpolate" in name:
+    sync_only.append("].slow_inner_state")
+  checked = 0
+  for path, operand in zip(paths, root[2]):
+    if not any(key in path for key in sync_only):
+      continue
+    _, op, args, _ = producers[operand]
+    while op in ("get-tuple-element", "bitcast"):  # through the branch's output tuple
+      _, op, args, _ = producers[args[0]]
+    assert op == "conditional", f"{path} is written by {op}, outside the sync branch"
+    checked += 1
+  assert checked >= len(jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_non_sync_step_reads_the_slow_weights_once_and_the_outer_state_never(name):
+  """Outside the branches: one fused read per slow leaf (the landing); the outer state is never read.
+
+  The landing reads the slow weights either from the state (fused path) or from
+  the sync branch's output (staged path): both are counted.
+  """
+  exe, params, _, _ = compiled(name)
+  text = entry(exe.as_text())
+  lines = {parse(line)[0]: (parse(line), line) for line in text if "=" in line}
+  meta = {n: m for n, ((_, op, _, m), _) in lines.items() if op == "parameter"}
+
+  def source(arg):
+    """'state.slow...' and such for a parameter; 'branch output' for a param-sized output of a conditional."""
+    if arg in meta:
+      return meta[arg]
+    (_, op, args, _), line = lines[arg]
+    if op == "get-tuple-element" and lines[args[0]][0][1] == "conditional" and param_sized(line, params):
+      return "branch output"
+    return ""
+
+  reads = {}
+  for (_, op, args, _), _ in lines.values():
+    if op == "fusion":
+      for arg in args:
+        reads.setdefault(source(arg), []).append(arg)
+  slow_reads = [a for key, args in reads.items() if key.startswith("state.slow[") or key == "branch output"
+                for a in args]
+  assert len(slow_reads) == len(set(slow_reads)) == len(jax.tree.leaves(params)), slow_reads
+  assert not [k for k in reads if k.startswith("state.outer_state")], reads.keys()
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_state_is_inner_state_plus_one_copy_of_the_slow_weights(name):
+  """The state holds the inner state, one slow copy in its dtype, and only what the path needs besides."""
+  build, dtype, _ = PATHS[name]
+  params = make_params(N, dtype)
+  state = build().init(params)
+  inner_bytes = tree_bytes(state.inner_state)  # the inner optimizer's own state, as it would be bare
+  slow_bytes = tree_bytes(params) * (2 if dtype == jnp.bfloat16 else 1)
+  expected = inner_bytes + slow_bytes
+  if "interpolate" in name:
+    expected += inner_bytes  # the snapshot of the inner state at the last sync
+  if "outer" in name or "axis_name" in name:
+    expected += slow_bytes  # Nesterov's momentum, in the slow weights' dtype
   assert expected <= tree_bytes(state) <= expected + 64  # + count, syncs, alpha
 
 
-def test_outer_optimizer_state_is_one_more_param_copy():
-  params = make_params(N)
-  inner_bytes = tree_bytes(optax.adam(1e-3).init(params))
-  state = lookahead(optax.adam(1e-3), 5, outer=optax.sgd(0.7, momentum=0.9, nesterov=True)).init(params)
-  assert inner_bytes + 2 * tree_bytes(params) <= tree_bytes(state) <= inner_bytes + 2 * tree_bytes(params) + 64
+@pytest.mark.parametrize("name", [n for n in sorted(PATHS) if "axis_name" not in n])
+def test_one_compile_for_every_step(name):
+  build, dtype, _ = PATHS[name]
+  traces, executables, state = jit_and_count_traces(build(), make_params(1 << 12, dtype), 23)
+  assert (traces, executables, int(state.syncs)) == (1, 1, 4)
