@@ -1,0 +1,178 @@
+"""Sphinx configuration of the lookahead-optax documentation.
+
+Build (warnings are errors; the notebooks are executed):
+
+    python -m sphinx -W --keep-going -b html docs docs/_build/html
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+import sys
+import tempfile
+
+from sphinx.util import logging
+
+import lookahead_optax
+
+logger = logging.getLogger(__name__)
+
+DOCS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(DOCS)
+
+project = "lookahead-optax"
+author = "lookahead-optax authors"
+copyright = "lookahead-optax authors"
+release = version = lookahead_optax.__version__
+
+extensions = [
+    "myst_nb",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.viewcode",
+    "sphinx_copybutton",
+]
+exclude_patterns = ["_build", "**/.ipynb_checkpoints", "_*.md"]
+templates_path = ["_templates"]
+
+# Markdown pages and notebooks (MyST).
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
+myst_heading_anchors = 3
+# The notebooks are committed without outputs and executed at every build; an error fails the build.
+nb_execution_mode = "force"
+nb_execution_raise_on_error = True
+nb_execution_show_tb = True
+nb_execution_timeout = 600
+nb_merge_streams = True
+
+# API reference: one page per public name, from the docstrings (Google style, as in Optax).
+autosummary_generate = True
+autosummary_ignore_module_all = False  # a module's members are its __all__
+autodoc_typehints = "signature"
+autodoc_member_order = "bysource"
+autodoc_default_options = {"exclude-members": "_asdict, _fields, _field_defaults, _make, _replace, count, index"}
+API_MODULES = ("lookahead_optax", "lookahead_optax.theory")  # the modules docs/api.md lists
+
+
+def _public_data(module_name: str) -> list[str]:
+  """Names in a module's ``__all__`` that are neither functions, classes nor modules (constants)."""
+  module = importlib.import_module(module_name)
+  return [name for name in getattr(module, "__all__", ())
+          if not callable(getattr(module, name)) and not inspect.ismodule(getattr(module, name))]
+
+
+autosummary_context = {"public_data": {name: _public_data(name) for name in API_MODULES}}
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+
+# Every cross-reference must resolve, except into packages whose inventories we do not download.
+nitpicky = True
+nitpick_ignore_regex = [
+    (r"py:.*", r"(jax|jnp|jaxlib|optax|chex|numpy|np|flax|orbax)(\..*)?"),
+    (r"py:.*", r"(typing|collections|builtins|types|enum|numbers)(\..*)?"),
+    (r"py:.*", r"(Any|Callable|Optional|Union|Sequence|Mapping|NamedTuple|ArrayLike|DTypeLike|PyTree|Array)"),
+    (r"py:.*", r"(int|float|bool|str|tuple|list|dict|None|object|type)"),
+]
+
+html_theme = "sphinx_book_theme"
+html_title = f"lookahead-optax {release}"
+html_theme_options = {
+    "show_toc_level": 2,
+    "home_page_in_toc": True,
+    "use_download_button": True,
+}
+html_static_path: list[str] = []
+
+
+def _kernel_for_this_interpreter() -> None:
+  """Notebooks run on this interpreter, whatever Jupyter kernels the machine has installed."""
+  from ipykernel.kernelspec import write_kernel_spec
+
+  kernels = tempfile.mkdtemp(prefix="lookahead-optax-kernels-")
+  write_kernel_spec(path=os.path.join(kernels, "kernels", "python3"))
+  os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [kernels, os.environ.get("JUPYTER_PATH")]))
+
+
+_kernel_for_this_interpreter()
+
+# Figures and tables that the benchmarks write: `![...](results:NAME.png)` in a page is the file NAME.png
+# wherever it sits under benchmarks/results/, so that a page survives a reorganisation of that folder.
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+RESULTS_LINK = re.compile(r"\]\(results:([^)\s]+)\)")
+# results.md shows benchmarks/results/README.md, or our own summary while that file does not exist.
+RESULTS_MARKER = "<!-- benchmarks/results/README.md -->"
+BENCHMARKS_README = os.path.join(RESULTS, "README.md")
+
+
+def _find_result(name: str) -> list[str]:
+  found = []
+  for root, dirs, files in os.walk(RESULTS):
+    dirs[:] = sorted(d for d in dirs if d != "quick")  # benchmarks/results/quick: local smoke runs
+    found += [os.path.join(root, name)] if name in files else []
+  return found
+
+
+def _resolve_results_links(app, docname, source):
+  text = source[0]
+  if docname == "results" and RESULTS_MARKER in text:
+    if os.path.exists(BENCHMARKS_README):
+      block = "```{include} ../benchmarks/results/README.md\n:relative-images:\n:relative-docs: ../\n:heading-offset: 1\n```"
+    else:
+      block = open(os.path.join(DOCS, "_results_summary.md"), encoding="utf-8").read()
+    text = text.replace(RESULTS_MARKER, block)
+  here = os.path.dirname(app.env.doc2path(docname))
+
+  def resolve(match):
+    found = _find_result(match.group(1))
+    if len(found) != 1:
+      logger.warning("results:%s matches %d files under benchmarks/results/", match.group(1), len(found),
+                     location=docname)
+      return match.group(0)
+    return "](" + os.path.relpath(found[0], here).replace(os.sep, "/") + ")"
+
+  source[0] = RESULTS_LINK.sub(resolve, text)
+
+
+def _check_api_pages(app, exception):
+  """Every public name has its page, every notebook page shows a figure."""
+  if exception is not None or app.builder.name != "html":
+    return
+  out = app.outdir
+  names = [f"{module}.{name}" for module in API_MODULES for name in getattr(importlib.import_module(module), "__all__", ())]
+  missing = [name for name in names + list(API_MODULES)
+             if not os.path.exists(os.path.join(out, "api", f"{name}.html"))]
+  if missing:
+    raise RuntimeError(f"docs: no API page for {missing}; add new modules to API_MODULES and docs/api.md")
+  for notebook in os.listdir(os.path.join(REPO, "notebooks")):
+    if notebook.endswith(".ipynb"):
+      page = os.path.join(out, "notebooks", notebook.replace(".ipynb", ".html"))
+      if "<img" not in open(page, encoding="utf-8").read():
+        raise RuntimeError(f"docs: {page} shows no figure; did the notebook run?")
+
+
+def _keep_attribute_docstring(app, what, name, obj, options, lines):
+  if what == "attribute":
+    _ATTRIBUTE_DOCS[name] = list(lines)
+
+
+def _restore_attribute_docstring(app, what, name, obj, options, lines):
+  if what == "attribute" and name in _ATTRIBUTE_DOCS:
+    lines[:] = _ATTRIBUTE_DOCS.pop(name)
+
+
+_ATTRIBUTE_DOCS: dict[str, list[str]] = {}
+
+
+def setup(app):
+  # A NamedTuple field's docstring is prose; napoleon would read "text: more" as "type: description".
+  app.connect("autodoc-process-docstring", _keep_attribute_docstring, priority=100)
+  app.connect("autodoc-process-docstring", _restore_attribute_docstring, priority=900)
+  app.connect("source-read", _resolve_results_links)
+  app.connect("build-finished", _check_api_pages)
+  sys.setrecursionlimit(max(sys.getrecursionlimit(), 3000))
