@@ -114,7 +114,7 @@ def adaptive_alpha_value(slow, fast, grad, fisher, eps: float = 0.0) -> jax.Arra
 
 
 def _quadratic_sums(delta, grad, fisher, eps):
-  """:math:`g^\top d` and :math:`d^\top (\hat A + \epsilon) d` as float32 scalars."""
+  r""":math:`g^\top d` and :math:`d^\top (\hat A + \epsilon) d` as float32 scalars."""
   num = _tree_sum(jax.tree.map(lambda g, d: jnp.real(jnp.conj(g) * d), grad, delta))
   den = _tree_sum(jax.tree.map(lambda a, d: (a.real + eps) * jnp.abs(d) ** 2, fisher, delta))
   return num, den

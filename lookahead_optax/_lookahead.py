@@ -358,5 +358,8 @@ def sync_now(cfg: Config, state: LookaheadState, params, grads=None):
       count=jnp.zeros_like(state.count), syncs=optax.safe_increment(state.syncs),
       alpha=alpha if cfg.outer is None else state.alpha, slow=slow, inner_state=inner_state,
       slow_inner_state=slow_inner_state, outer_state=outer_state)
-  return new_state, optax.apply_updates(params, updates)
+  # Unlike an update, force_sync returns the params themselves: exactly the slow weights, rounded.
+  landed = map_inexact(lambda p, u, s, e: (p + u).astype(p.dtype) if e else s.astype(p.dtype),
+                       params, updates, slow, exact)
+  return new_state, fill(landed, params)
 

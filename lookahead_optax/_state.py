@@ -128,15 +128,20 @@ def force_sync(
   old = find_lookahead_state(opt_state)
   params = _plain(params)
   probe_grads = jax.tree.map(jnp.zeros_like, params) if grads is None else grads
+  problem = None
   try:
     with _placement.probing():
       tx.update(probe_grads, _plain(opt_state), params)
   except _placement.FoundLookahead as found:
     cfg, received = found.cfg, found.updates
+  except Exception as e:  # noqa: BLE001 -- any failure means tx is not the optimizer of opt_state
+    problem = e
   else:
+    problem = "its update finished without reaching one"
+  if problem is not None:
     raise ValueError(
-        f"force_sync: tx does not reach a lookahead update; pass the optimizer that made opt_state "
-        f"(got {tx!r}).")
+        f"force_sync: tx does not reach a lookahead update ({problem}); pass the optimizer that made "
+        f"opt_state (got {tx!r}).") from (problem if isinstance(problem, Exception) else None)
   if cfg.adaptive and grads is None:
     raise ValueError(
         f"force_sync: this {cfg.caller} uses adaptive_alpha, whose slow step needs the gradient of the last "
