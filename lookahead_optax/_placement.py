@@ -105,6 +105,16 @@ def _count_message(name, count, k) -> str:
           "lookahead with a larger k. Restore it into an optimizer with the same k.")
 
 
+def _can_report() -> bool:
+  """Whether a device callback can be traced here: not in a shard_map manual over some axes and explicit over others.
+
+  (JAX cannot yet close a debug callback over values typed on ``Explicit`` axes
+  inside a partially manual ``shard_map``; there the checks are left out.)
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  return not (getattr(mesh, "manual_axes", ()) and getattr(mesh, "explicit_axes", ()))
+
+
 def check_then_sync(cfg, state, params, exact):
   """The sync flag ``count >= k - 1``, decided after the once-per-cycle placement check.
 
@@ -115,6 +125,8 @@ def check_then_sync(cfg, state, params, exact):
   """
   k = cfg.k
   limit = lambda count: count >= k - 1
+  if not _can_report():
+    return limit(state.count)
   sync = jax.lax.cond(state.count > k - 1, _report_count(cfg, k), limit, state.count)
   if cfg.placement_check == "off":
     return sync

@@ -11,7 +11,8 @@ rule, applied to every state node (a ``NamedTuple``, as optax states are):
   floating-point leaves toward their value at the previous sync and keeps its
   integer leaves.
 - Every other node is kept as it is, and the rule is applied to the nodes inside
-  it: the step count of a learning-rate schedule (``ScaleByScheduleState``),
+  it; so is a node that wraps another optimizer's state (``MultiSteps`` keeps its
+  accumulated gradients with its counters): the step count of a learning-rate schedule (``ScaleByScheduleState``),
   ``inject_hyperparams``' count and hyperparameters, ``MultiSteps``' counters, a
   noise transformation's random key all keep their progress.
 
@@ -42,9 +43,18 @@ def _is_moment_buffer(x: Any, params_structure) -> bool:
   return structure == params_structure and any(is_inexact(leaf) for leaf in leaves)
 
 
+def _holds_states(x: Any) -> bool:
+  """True if ``x`` contains an optimizer state node (a wrapper's inner state)."""
+  nodes = jax.tree.leaves(x, is_leaf=_is_node)
+  return any(_is_node(n) and not isinstance(n, optax.MaskedNode) for n in nodes)
+
+
 def is_moment_node(node: Any, params_structure) -> bool:
-  """True for a state node that holds moment buffers (see the module docstring)."""
-  return _is_node(node) and any(_is_moment_buffer(field, params_structure) for field in node)
+  """True for a state node that holds moment buffers and wraps no other state (see the module docstring)."""
+  if not _is_node(node):
+    return False
+  buffers = [_is_moment_buffer(field, params_structure) for field in node]
+  return any(buffers) and not any(_holds_states(f) for f, b in zip(node, buffers) if not b)
 
 
 def _map_moment_nodes(fn: Callable, params_structure, state, *others):

@@ -77,7 +77,7 @@ def make_opt(variant):
   inner = optax.adam(0.02, eps=1e-3)
   if variant == "outer":
     return lookahead(inner, K, outer=optax.sgd(NESTEROV_LR, momentum=NESTEROV_MU, nesterov=True))
-  return lookahead(inner, K, 0.5, inner_state=variant)
+  return lookahead(inner, K, 0.5, inner_state_policy=variant)
 
 
 OPTS = {v: make_opt(v) for v in VARIANTS}

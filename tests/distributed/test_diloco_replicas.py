@@ -16,38 +16,24 @@ from __future__ import annotations
 
 import pytest
 
-from multidevice_utils import session_results
-
 TOL = 1e-6
 
 
-@pytest.fixture(scope="module")
-def results():
-  out = session_results("multidevice_checks.py", "diloco")
-  assert out["device_count"] == 8
-  return out
-
-
-def check(results, name):
-  assert "error" not in results[name], results[name].get("error")
-  return results[name]
-
-
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])
-def test_matches_reference_diloco(results, mode):
-  out = check(results, f"diloco/{mode}")
+def test_matches_reference_diloco(diloco_results, mode):
+  out = diloco_results[f"diloco/{mode}"]
   assert out["max_diff_vs_reference"] <= TOL  # slow and every replica's fast weights, every step
 
 
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])
-def test_slow_weights_identical_on_all_replicas(results, mode):
-  assert check(results, f"diloco/{mode}")["slow_identical_across_replicas"]
+def test_slow_weights_identical_on_all_replicas(diloco_results, mode):
+  assert diloco_results[f"diloco/{mode}"]["slow_identical_across_replicas"]
 
 
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])
-def test_no_all_reduce_outside_the_sync_branch(results, mode):
+def test_no_all_reduce_outside_the_sync_branch(diloco_results, mode):
   """The optimized HLO: every all-reduce sits in the sync branch of the one conditional that has any."""
-  out = check(results, f"diloco/{mode}")
+  out = diloco_results[f"diloco/{mode}"]
   assert out["hlo_all_reduce_total"] >= 1
   assert out["hlo_all_reduce_outside_conditionals"] == 0
   assert out["hlo_other_collectives_outside_conditionals"] == 0
@@ -56,18 +42,18 @@ def test_no_all_reduce_outside_the_sync_branch(results, mode):
   assert with_collectives == [[0, out["hlo_all_reduce_total"]]], out["hlo_all_reduce_per_branch"]
 
 
-def test_jaxpr_collectives_only_in_sync_branch(results):
+def test_jaxpr_collectives_only_in_sync_branch(diloco_results):
   """Before XLA: the pmean of the pseudo-gradient is the only collective, inside the cond's sync branch."""
-  out = check(results, "diloco/shard_map")
+  out = diloco_results["diloco/shard_map"]
   assert out["jaxpr_collectives_outside_cond"] == 0
   branches = [b for b in out["jaxpr_collectives_per_cond_branch"] if sum(b) > 0]
   assert len(branches) == 1 and branches[0][0] == 0 and branches[0][1] >= 1, out["jaxpr_collectives_per_cond_branch"]
 
 
 @pytest.mark.parametrize("axis_type", ["explicit", "auto"])
-def test_outer_state_sharded_like_params_under_fsdp(results, axis_type):
+def test_outer_state_sharded_like_params_under_fsdp(diloco_results, axis_type):
   """2 DiLoCo replicas x 4-way FSDP: the slow weights and the Nesterov momentum are sharded like the params."""
-  out = check(results, f"diloco/outer_state_fsdp_{axis_type}")
+  out = diloco_results[f"diloco/outer_state_fsdp_{axis_type}"]
   assert out["steps"] == [], out["steps"][:5]  # after every step, every param-shaped state leaf
   assert out["trace_specs"] == out["param_specs"]
   if axis_type == "explicit":

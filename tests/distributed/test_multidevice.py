@@ -9,39 +9,27 @@ from __future__ import annotations
 
 import pytest
 
-from multidevice_utils import session_results
-
 VARIANTS = ("maintain", "reset", "interpolate", "outer")
 TOL = 1e-6  # reduction order differs between 1 and 8 devices; nothing else may
 
 
-@pytest.fixture(scope="module")
-def results():
-  out = session_results("multidevice_checks.py", "lookahead")
-  assert out["device_count"] == 8
-  return out
-
-
-def check(results, name):
-  assert "error" not in results[name], results[name].get("error")
-  return results[name]
 
 
 @pytest.mark.parametrize("mode", ["pmap", "shard_map", "jit_fsdp", "explicit"])
-def test_matches_single_device_run(results, mode):
-  diffs = check(results, mode)["max_diff_vs_single_device"]
+def test_matches_single_device_run(lookahead_results, mode):
+  diffs = lookahead_results[mode]["max_diff_vs_single_device"]
   assert set(diffs) == set(VARIANTS)
   for variant, diff in diffs.items():
     assert diff <= TOL, f"{mode}/{variant}: fast or slow weights differ from the single-device run by {diff:.3g}"
 
 
-def test_pmap_replicas_bitwise_identical(results):
+def test_pmap_replicas_bitwise_identical(lookahead_results):
   # params and every state leaf, on all 8 replicas, after every step
-  assert check(results, "pmap")["replica_spread"] == 0.0
+  assert lookahead_results["pmap"]["replica_spread"] == 0.0
 
 
-def test_fsdp_slow_weights_follow_params(results):
-  out = check(results, "jit_fsdp")
+def test_fsdp_slow_weights_follow_params(lookahead_results):
+  out = lookahead_results["jit_fsdp"]
   for variant in VARIANTS:
     # eager init: every param-shaped state leaf (slow, inner, outer) is sharded like its param
     assert out["init"][variant] == [], out["init"][variant]
@@ -51,16 +39,16 @@ def test_fsdp_slow_weights_follow_params(results):
     assert out["steps"][variant] == [], out["steps"][variant][:5]
 
 
-def test_fsdp_slow_weights_are_sharded_not_gathered(results):
-  out = check(results, "explicit")
+def test_fsdp_slow_weights_are_sharded_not_gathered(lookahead_results):
+  out = lookahead_results["explicit"]
   assert out["slow_types"] == {"b1": "float32[8@model]", "b2": "float32[4@data]",
                                "w1": "float32[16@data,8@model]", "w2": "float32[8@model,4@data]"}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_explicit_sharding_types(results, variant):
+def test_explicit_sharding_types(lookahead_results, variant):
   """The checks optax runs on its own optimizers (sharding in types), on lookahead's state."""
-  out = check(results, "explicit")
+  out = lookahead_results["explicit"]
   assert out["slow_type_is_param_type"][variant]
   assert out["init_vs_jit_init"][variant], "init and jit(init) give different state types"
   assert out["update_vs_init"][variant], "jit(update) changes the state types"
@@ -70,7 +58,7 @@ def test_explicit_sharding_types(results, variant):
 
 
 @pytest.mark.parametrize("variant", ["maintain", "outer"])
-def test_explicit_sharding_eager_update(results, variant):
-  out = check(results, "explicit")
+def test_explicit_sharding_eager_update(lookahead_results, variant):
+  out = lookahead_results["explicit"]
   assert variant not in out["eager_update_error"], out["eager_update_error"].get(variant)
   assert out["jit_update_vs_update"][variant], "update and jit(update) give different state types"

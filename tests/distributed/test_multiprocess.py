@@ -20,9 +20,9 @@ import numpy as np
 import optax
 import pytest
 
-import multidevice_checks as md
+from tests.distributed import multidevice_checks as md
 from lookahead_optax import lookahead
-from multidevice_utils import HERE, ROOT, device_env
+from tests.distributed.multidevice_utils import HERE, ROOT, device_env
 
 TIMEOUT = 180
 TOL = 1e-6
