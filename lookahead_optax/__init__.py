@@ -3,6 +3,7 @@
 from lookahead_optax import theory
 from lookahead_optax._aliases import diloco, ranger, snoo
 from lookahead_optax._alpha import AdaptiveAlpha, AdaptiveAlphaState, adaptive_alpha
+from lookahead_optax._flax import slow_model, slow_train_state, sync_nnx, sync_train_state
 from lookahead_optax._lookahead import LookaheadState, lookahead
 from lookahead_optax._placement import LookaheadPlacementError, LookaheadPlacementWarning
 from lookahead_optax._policy import POLICIES as INNER_STATE_POLICIES
@@ -23,7 +24,11 @@ __all__ = [
     "force_sync",
     "lookahead",
     "ranger",
+    "slow_model",
     "slow_params",
+    "slow_train_state",
     "snoo",
+    "sync_nnx",
+    "sync_train_state",
     "theory",
 ]

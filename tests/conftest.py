@@ -21,3 +21,8 @@ def params():
 @pytest.fixture
 def small():
   return small_params()
+
+
+def pytest_configure(config):
+  # A placement warning where nothing is misplaced is a false alarm: fail the test that sees it.
+  config.addinivalue_line("filterwarnings", "error::lookahead_optax.LookaheadPlacementWarning")

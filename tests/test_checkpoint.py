@@ -22,13 +22,16 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import make_params, quadratic_grad  # noqa: E402
-from lookahead_optax import find_lookahead_state, lookahead  # noqa: E402
+import pytest
+
+from lookahead_optax import find_lookahead_state, lookahead
+from tests.helpers import make_params, quadratic_grad
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 K, SAVE, STEPS = 5, 12, 23  # saved at count 12 % 5 = 2; resumed through two more syncs
 # Rich state: adamw moments, the interpolated inner state and the slow weights are all restored.
-OPT = lookahead(optax.adamw(0.05, weight_decay=1e-2), k=K, alpha=0.5, inner_state="interpolate")
+OPT = lookahead(optax.adamw(0.05, weight_decay=1e-2), k=K, alpha=0.5, inner_state_policy="interpolate")
 
 
 @jax.jit
@@ -100,7 +103,7 @@ def test_resume_mid_cycle_in_a_fresh_process_is_bitwise_exact(tmp_path):
 
   out = str(tmp_path / "out")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), ckpt, out], env=env,
+  proc = subprocess.run([sys.executable, "-m", "tests.test_checkpoint", ckpt, out], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -123,6 +126,33 @@ def test_restored_state_is_a_lookahead_state_with_the_slow_weights(tmp_path):
   slow = find_lookahead_state(restored["opt_state"]).slow
   chex.assert_trees_all_equal(slow, at_save["opt_state"].slow)
   assert not all(jnp.array_equal(s, p) for s, p in zip(jax.tree.leaves(slow), jax.tree.leaves(restored["params"])))
+
+
+def test_abstract_init_is_a_restore_target(tmp_path):
+  """opt.init on jax.ShapeDtypeStruct params gives the target Orbax restores into."""
+  at_save = train(initial(), 0, SAVE)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(str(tmp_path / "c"), at_save["opt_state"])
+    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), at_save["params"])
+    restored = ckptr.restore(str(tmp_path / "c"), OPT.init(abstract_params))
+  chex.assert_trees_all_equal(restored, at_save["opt_state"])
+
+
+def test_restoring_into_another_configuration(tmp_path):
+  """Another k: the first update names the mismatch. Another policy: Orbax itself rejects the structure."""
+  params = make_params()
+  saved = lookahead(optax.sgd(0.1), k=5)
+  state = saved.init(params)
+  for t in range(4):
+    _, state = saved.update(quadratic_grad(params, t), state, params)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(str(tmp_path / "k5"), state)
+    smaller = lookahead(optax.sgd(0.1), k=3)
+    restored = ckptr.restore(str(tmp_path / "k5"), smaller.init(params))
+    with pytest.raises(ValueError, match=r"the state's count is 4, but k=3 allows 0..2"):
+      smaller.update(params, restored, params)
+    with pytest.raises(Exception, match=r"slow_inner_state"):
+      ckptr.restore(str(tmp_path / "k5"), lookahead(optax.sgd(0.1), k=5, inner_state_policy="interpolate").init(params))
 
 
 def test_nnx_optimizer_round_trip_mid_cycle_resumes_bitwise(tmp_path):

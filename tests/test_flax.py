@@ -1,7 +1,7 @@
 """Flax drop-in: linen ``TrainState`` and ``nnx.Optimizer`` with lookahead, unchanged.
 
-Each training loop is checked against the plain-optax loop (``conftest.run``)
-and the paper's Algorithm 1 (``conftest.reference_lookahead``); slow-weight
+Each training loop is checked against the plain-optax loop (``tests.helpers.run``)
+and the paper's Algorithm 1 (``tests.helpers.reference_lookahead``); slow-weight
 evaluation and ``force_sync`` are checked against the fast weights recorded
 right after the last sync, which Algorithm 1 says are the slow weights.
 """
@@ -20,8 +20,9 @@ import pytest
 from flax import nnx
 from flax.training import train_state
 
-from conftest import reference_lookahead, run
-from lookahead_optax import find_lookahead_state, force_sync, lookahead, slow_params
+from lookahead_optax import (find_lookahead_state, force_sync, lookahead, slow_model, slow_params, slow_train_state,
+                             sync_nnx, sync_train_state)
+from tests.helpers import reference_lookahead, run
 
 K, ALPHA, LR = 3, 0.5, 0.05
 # One optimizer object per flavour, so that the jitted steps compile once per module.
@@ -97,10 +98,14 @@ def train_linen_mid_cycle(tx, after_sync: int = 2):
   return state, synced
 
 
-def test_train_state_replace_with_slow_params_evaluates_the_slow_weights():
+@pytest.mark.parametrize("recipe", ["slow_train_state", "replace"])
+def test_train_state_evaluated_on_the_slow_weights(recipe):
   state, synced = train_linen_mid_cycle(LINEN_TX)
   fast = state.params
-  eval_state = state.replace(params=slow_params(state.opt_state))
+  if recipe == "slow_train_state":
+    eval_state = slow_train_state(state)
+  else:
+    eval_state = state.replace(params=slow_params(state.opt_state))
   assert_equal(eval_state.params, synced, "slow weights vs fast weights right after the last sync")
   with pytest.raises(AssertionError):
     assert_equal(fast, synced)  # mid-cycle, the fast weights have moved on
@@ -111,11 +116,15 @@ def test_train_state_replace_with_slow_params_evaluates_the_slow_weights():
   assert eval_state.step == state.step and eval_state.opt_state is state.opt_state
 
 
-def test_force_sync_under_train_state():
+@pytest.mark.parametrize("recipe", ["sync_train_state", "force_sync"])
+def test_force_sync_under_train_state(recipe):
   state, synced = train_linen_mid_cycle(LINEN_TX)
   fast = state.params
-  params, opt_state = force_sync(state.params, state.opt_state)
-  synced_state = state.replace(params=params, opt_state=opt_state)
+  if recipe == "sync_train_state":
+    synced_state = sync_train_state(state)
+  else:
+    opt_state, params = force_sync(state.opt_state, state.params, state.tx)
+    synced_state = state.replace(params=params, opt_state=opt_state)
   expected = jax.tree.map(lambda s, f: s + ALPHA * (f - s), synced, fast)
   assert_close(synced_state.params, expected, "phi + alpha (theta - phi)")
   assert_equal(slow_params(synced_state.opt_state), synced_state.params, "saved model is the slow model")
@@ -129,8 +138,8 @@ def test_force_sync_under_train_state():
   assert_equal(synced_state.params, slow_params(synced_state.opt_state), "synced again K steps later")
 
 
-def test_force_sync_inside_chain():
-  opt = optax.chain(optax.scale_by_adam(), lookahead(optax.sgd(LR, momentum=0.9), K, ALPHA))
+def test_force_sync_inside_chain_under_jit():
+  opt = optax.chain(optax.clip_by_global_norm(10.0), lookahead(optax.sgd(LR, momentum=0.9), K, ALPHA))
   params = linen_state(opt).params
   state = opt.init(params)
   step = jax.jit(lambda p, s, t: (lambda u, s: (optax.apply_updates(p, u), s))(*opt.update(linen_grad(p, t), s, p)))
@@ -138,13 +147,11 @@ def test_force_sync_inside_chain():
     params, state = step(params, state, t)
     if t == K - 1:
       synced = params
-  new_params, new_state = jax.jit(force_sync)(params, state)
+  new_state, new_params = jax.jit(lambda s, p: force_sync(s, p, opt))(state, params)
   assert_close(new_params, jax.tree.map(lambda s, f: s + ALPHA * (f - s), synced, params))
   assert_equal(new_state[0], state[0], "the other transformations' states are kept")
-  assert_equal(new_state[1].inner_state, state[1].inner_state, "the inner state is kept")
+  assert_equal(new_state[1].inner_state, state[1].inner_state, "the inner state is kept (maintain)")
   assert int(new_state[1].count) == 0 and int(state[1].count) == 2
-  reset, _ = force_sync(params, state, alpha=0.0)
-  assert_equal(reset, synced, "alpha=0 puts the fast weights back on the slow ones")
 
 
 # -------------------------------------------------------------------- nnx
@@ -213,17 +220,19 @@ def test_nnx_slow_params_accepts_optimizer_opt_state():
   assert_equal(pure(with_params), synced)
 
 
-def test_nnx_slow_model_copy_leaves_training_undisturbed():
+@pytest.mark.parametrize("recipe", ["slow_model", "clone and update"])
+def test_nnx_slow_model_copy_leaves_training_undisturbed(recipe):
   model, optimizer, synced = train_nnx_mid_cycle(NNX_TX)
   twin, twin_optimizer, _ = train_nnx_mid_cycle(NNX_TX)
   fast = pure_params(model)
-
-  slow_model = nnx.clone(model)  # the documented recipe
-  nnx.update(slow_model, slow_params(optimizer.opt_state))
-
+  if recipe == "slow_model":
+    evaluated = slow_model(model, optimizer)
+  else:
+    evaluated = nnx.clone(model)
+    nnx.update(evaluated, slow_params(optimizer.opt_state))
   x, _ = batch(100)
-  assert_equal(pure_params(slow_model), synced)
-  assert_equal(slow_model(x), nnx.merge(nnx.graphdef(model), synced)(x))
+  assert_equal(pure_params(evaluated), synced)
+  assert_equal(evaluated(x), nnx.merge(nnx.graphdef(model), synced)(x))
   assert_equal(pure_params(model), fast, "the trained model keeps its fast weights")
   for t in range(2 * K + 2, 4 * K):
     nnx_step(model, optimizer, t)
@@ -231,17 +240,14 @@ def test_nnx_slow_model_copy_leaves_training_undisturbed():
   assert_equal(pure_params(model), pure_params(twin), "training continues as if no copy was made")
 
 
-def test_force_sync_with_nnx_optimizer():
+def test_sync_nnx_writes_back_into_the_model_and_the_optimizer():
   model, optimizer, synced = train_nnx_mid_cycle(optax.chain(optax.clip(10.0), lookahead(optax.adamw(LR), K, ALPHA)))
   fast = pure_params(model)
-
-  params, opt_state = force_sync(nnx.state(model, nnx.Param), optimizer.opt_state)  # the documented recipe
-  nnx.update(model, params)
-  nnx.update(optimizer.opt_state, nnx.state(opt_state))
-
+  sync_nnx(model, optimizer)
   assert_close(pure_params(model), jax.tree.map(lambda s, f: s + ALPHA * (f - s), synced, fast))
   assert_equal(pure(slow_params(optimizer.opt_state)), pure_params(model))
   assert isinstance(optimizer.opt_state[1].count, nnx.Variable), "opt_state keeps its nnx Variables"
+  assert int(find_lookahead_state(optimizer.opt_state).count) == 0
   for t in range(100, 100 + K):
     nnx_step(model, optimizer, t)
     assert int(find_lookahead_state(optimizer.opt_state).count) == (t - 99) % K
