@@ -15,7 +15,7 @@ stall there, while ``slow_dtype=jnp.float32`` keeps averaging and goes below the
 grid floor. Compared: SGD in bfloat16 and float32, Lookahead averaging with
 bfloat16 slow weights, and with float32 slow weights (loss at the slow weights).
 
-Regenerate ``benchmarks/results/mixed_precision.{json,png}``:
+Regenerate ``benchmarks/results/mixed_precision/mixed_precision.{json,png}``:
 
     python -m benchmarks.mixed_precision [--steps 10000] [--dim 4096]
 
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks import harness
+from benchmarks.common import report, train as training
 from lookahead_optax import lookahead
 
 
@@ -85,7 +85,6 @@ def train(problem: Problem, opt: optax.GradientTransformation, dtype, steps: int
   """``(losses, params, state)``: the loss after every step, at the slow weights when there are any."""
   params = jnp.ones_like(problem.target, dtype)
   state = opt.init(params)
-  has_slow = harness.has_lookahead(state)
 
   def step(carry, t):
     params, state = carry
@@ -93,7 +92,7 @@ def train(problem: Problem, opt: optax.GradientTransformation, dtype, steps: int
     grads = (params.astype(jnp.float32) - problem.target + noise).astype(dtype)
     updates, state = opt.update(grads, state, params)
     params = optax.apply_updates(params, updates)
-    at = state.slow if has_slow else params
+    at = training.slow_or_params(params, state, keep_dtype=True)
     return (params, state), loss(problem, at)
 
   (params, state), losses = jax.jit(lambda c: jax.lax.scan(step, c, jnp.arange(steps)))((params, state))
@@ -109,12 +108,7 @@ def run(steps: int = 10000, dim: int = 4096, k: int = 20, lr: float = 0.2, sigma
 
 
 def plot(results: dict, path: str) -> str:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 4.2))
+  fig, ax = report.pyplot().subplots(figsize=(7, 4.2))
   for name, losses in results["curves"].items():
     ax.plot(np.arange(1, len(losses) + 1), losses, label=name, lw=1.2)
   ax.axhline(results["bf16_grid_floor"], color="k", ls="--", lw=1, label="bfloat16 grid floor (best any bf16 vector can do)")
@@ -122,10 +116,7 @@ def plot(results: dict, path: str) -> str:
          title="bfloat16 params: float32 slow weights keep averaging below bf16 resolution")
   ax.title.set_fontsize(10)
   ax.legend(fontsize=7, loc="lower left")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return report.save_figure(fig, path)
 
 
 def main(argv=None):
@@ -136,18 +127,18 @@ def main(argv=None):
   parser.add_argument("--lr", type=float, default=0.2, help="SGD learning rate (default 0.2)")
   parser.add_argument("--sigma", type=float, default=0.1, help="gradient noise scale (default 0.1)")
   parser.add_argument("--burn", type=int, default=20, help="syncs at alpha=0.5 before averaging (default 20)")
-  parser.add_argument("--out", default=os.path.join(harness.RESULTS, "mixed_precision"),
+  parser.add_argument("--out", default=os.path.join(report.results_dir("mixed_precision"), "mixed_precision"),
                       help="results path without extension: writes .json and .png")
   args = parser.parse_args(argv)
   results = run(args.steps, args.dim, args.k, args.lr, args.sigma, args.burn)
   plot(results, args.out + ".png")
   checkpoints = sorted({s for s in (100, 1000, args.steps // 2, args.steps) if s <= args.steps})
   summary = {name: {str(s): float(c[s - 1]) for s in checkpoints} for name, c in results["curves"].items()}
-  harness.write_json(args.out + ".json", {"config": results["config"], "bf16_grid_floor": results["bf16_grid_floor"],
-                                          "loss_at_step": summary, "environment": harness.environment()})
+  report.write_json(args.out + ".json", {"config": results["config"], "bf16_grid_floor": results["bf16_grid_floor"],
+                                          "loss_at_step": summary, "environment": report.environment()})
   rows = [[name] + [summary[name][str(s)] for s in checkpoints] for name in summary]
   print(f"bfloat16 grid floor: {results['bf16_grid_floor']:.3g}")
-  print(harness.markdown_table(["optimizer"] + [f"loss @ {s}" for s in checkpoints], rows))
+  print(report.markdown_table(["optimizer"] + [f"loss @ {s}" for s in checkpoints], rows))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ Regenerate the committed results (about 20 minutes on 2 CPU cores)::
 
     python -m benchmarks.overhead
 
-writes ``benchmarks/results/overhead.md``, ``overhead.json`` and ``overhead.png``.
+writes ``benchmarks/results/overhead/overhead.md``, ``overhead.json`` and ``overhead.png``.
 ``--quick`` runs a small subset in about a minute; ``--device-tag NAME`` writes
 ``overhead_NAME.*`` instead (a run on another machine, e.g. a GPU); ``--report-only``
 rewrites the table and plot from the JSON.
@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks import data, harness, models
+from benchmarks.common import data, models, report, timing, train
 from lookahead_optax import lookahead
 
 INNERS: dict[str, Callable[[], optax.GradientTransformation]] = {
@@ -105,7 +105,7 @@ def bench_optimizer(inner_name: str, k: int, n: int, repeats: int, steps: int, p
   for _ in range(repeats):
     for run in runs:
       fn = lambda p, s, run=run: run["step"](p, s, grads_fast)
-      times, run["args"] = harness.time_steps(fn, run["args"], steps=steps, repeats=1, warmup=2)
+      times, run["args"] = timing.time_steps(fn, run["args"], steps=steps, repeats=1, warmup=2)
       run["times"] += times
       progress.update(1)
   return [{"inner": inner_name, "k": k, "params": n, "impl": r["impl"], "ms": float(np.median(r["times"])),
@@ -123,24 +123,24 @@ def training_tasks(quick: bool):
   lm_batch = next(data.lm_batches(corpus.train, 8 if quick else 16, 64, np.random.default_rng(0)))
   lm = models.TransformerLM(len(corpus.vocab), dim=64 if quick else 256, heads=4, layers=2, max_len=64,
                             rngs=nnx.Rngs(0))
-  return [("MLP on digits", mlp, lambda apply, p, b: harness.cross_entropy(apply(p, b.x), b.y), data.Split(x, y)),
-          ("Transformer LM", lm, lambda apply, p, b: harness.cross_entropy(apply(p, b.x), b.y), lm_batch)]
+  return [("MLP on digits", mlp, lambda apply, p, b: train.cross_entropy(apply(p, b.x), b.y), data.Split(x, y)),
+          ("Transformer LM", lm, lambda apply, p, b: train.cross_entropy(apply(p, b.x), b.y), lm_batch)]
 
 
 def bench_training(quick: bool, repeats: int, steps: int, progress) -> list[dict]:
   rows = []
   for name, model, loss, batch in training_tasks(quick):
-    apply, params = harness.functional(model)
+    apply, params = train.functional(model)
     loss_fn = lambda p, b, apply=apply, loss=loss: loss(apply, p, b)
     runs = []
     for impl_name, tx in [("inner", optax.adam(1e-3)), ("lookahead (maintain)", lookahead(optax.adam(1e-3), 5, 0.5))]:
-      step = harness.make_step(loss_fn, tx)
+      step = train.make_step(loss_fn, tx)
       p = jax.tree.map(jnp.copy, params)
       runs.append({"impl": impl_name, "step": step, "args": (p, tx.init(p)), "times": []})
     for _ in range(repeats):
       for run in runs:
         fn = lambda p, s, run=run: run["step"](p, s, batch)[:2]
-        times, run["args"] = harness.time_steps(fn, run["args"], steps=steps, repeats=1, warmup=2)
+        times, run["args"] = timing.time_steps(fn, run["args"], steps=steps, repeats=1, warmup=2)
         run["times"] += times
         progress.update(1)
     n = sum(x.size for x in jax.tree.leaves(params))
@@ -194,11 +194,11 @@ def write_markdown(path: str, result: dict) -> None:
             f"{r['ratio_vs_optax_lookahead']:.3f}", mb(r["argument_bytes"]), mb(r["output_bytes"]), mb(r["temp_bytes"]),
             "—" if r["impl"] in ("inner", "optax.lookahead") else mb(r["state_bytes"] - r["inner_state_bytes"] - r["param_bytes"])]
            for r in result["optimizer"]]
-  lines += [harness.markdown_table(headers, table), ""]
+  lines += [report.markdown_table(headers, table), ""]
   if result["training"]:
     lines += ["## Full training step (forward, backward, Adam update), bare vs lookahead(adam, k=5)", ""]
     base = {r["task"]: r["ms"] for r in result["training"] if r["impl"] == "inner"}
-    lines += [harness.markdown_table(
+    lines += [report.markdown_table(
         ["task", "params", "implementation", "ms/step", "× inner"],
         [[r["task"], r["params"], r["impl"], f"{r['ms']:.3f}", f"{r['ms'] / base[r['task']]:.3f}"]
          for r in result["training"]]), ""]
@@ -258,7 +258,7 @@ def parse_args(argv=None):
   parser.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration (default 5)")
   parser.add_argument("--steps", type=int, default=50, help="steps per timed repeat (default 50)")
   parser.add_argument("--no-training", action="store_true", help="skip the full-training-step comparison")
-  parser.add_argument("--out", default=harness.RESULTS, help="output directory (default benchmarks/results)")
+  parser.add_argument("--out", default=report.results_dir("overhead"), help="output directory (default benchmarks/results/overhead)")
   parser.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the .json, run nothing")
   parser.add_argument("--device-tag", default="", help="write overhead_NAME.{json,md,png}: a run on another device")
   args = parser.parse_args(argv)
@@ -284,7 +284,7 @@ def run(args, argv=()) -> dict:
     optimizer_rows = [row for c in configs for row in bench_optimizer(*c, args.repeats, args.steps, progress)]
     training_rows = [] if args.no_training else bench_training(args.quick, args.repeats, args.steps, progress)
   add_ratios(optimizer_rows)
-  env = harness.environment()
+  env = report.environment()
   return {"device": args.device_tag or env["device"], "environment": env, "argv": list(argv),
           "repeats": args.repeats, "steps": args.steps, "optimizer": optimizer_rows,
           "training": training_rows, "compiles": count_compiles()}
@@ -302,7 +302,7 @@ def main(argv=None):
   else:
     result = run(args, argv)
     os.makedirs(args.out, exist_ok=True)
-    harness.write_json(os.path.join(args.out, stem + ".json"), result)
+    report.write_json(os.path.join(args.out, stem + ".json"), result)
   write_markdown(os.path.join(args.out, stem + ".md"), result)
   plot(os.path.join(args.out, stem + ".png"), result["optimizer"])
   print(open(os.path.join(args.out, stem + ".md")).read())

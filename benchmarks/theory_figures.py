@@ -1,6 +1,6 @@
-"""Figures 2, 3 and 4 of the paper, from ``lookahead_optax.theory`` and the harness.
+"""Figures 2, 3 and 4 of the paper, from ``lookahead_optax.theory`` and the shared training loop.
 
-Regenerate the PNGs (and ``theory.json`` with the plotted numbers) with
+Regenerate the PNGs (and ``theory.json`` with the plotted numbers) in ``benchmarks/results/theory/`` with
 
     python -m benchmarks.theory_figures            # all three, about 30 s on CPU
     python -m benchmarks.theory_figures --only 3   # one of them
@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from benchmarks import harness
+from benchmarks.common import report, train
 from lookahead_optax import theory
 
 # Noisy quadratic model of Fig. 3: curvatures 1/i and gradient-noise variance
@@ -85,6 +85,7 @@ def figure3(path: Optional[str] = None, data: Optional[dict] = None) -> dict:
   ax.legend(loc="upper left", fontsize=8)
   fig.tight_layout()
   if path:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path)
   return data
 
@@ -123,6 +124,7 @@ def figure4(path: Optional[str] = None, data: Optional[dict] = None) -> dict:
   fig.suptitle("Deterministic quadratic: classical momentum vs Lookahead(CM), k=20, α=0.5", fontsize=11)
   fig.tight_layout()
   if path:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path)
   return data
 
@@ -132,7 +134,7 @@ def figure2_data(steps: int = 500, lrs=(1e-3, 3e-3), k: int = 5, alpha: float = 
   import optax
   from flax import nnx
 
-  from benchmarks import data, models
+  from benchmarks.common import data, models
   from lookahead_optax import adaptive_alpha, find_lookahead_state, lookahead
 
   ds = data.digits()
@@ -144,10 +146,10 @@ def figure2_data(steps: int = 500, lrs=(1e-3, 3e-3), k: int = 5, alpha: float = 
         f"Lookahead adaptive α∈[{alpha}, 1]": lookahead(optax.adam(lr), k, adaptive_alpha(alpha, b2=0.999)),
     }
     for name, tx in optimizers.items():
-      apply, params = harness.functional(models.MLP((64, 64, 10), rngs=nnx.Rngs(seed)))
-      loss_fn = lambda p, b: harness.cross_entropy(apply(p, b.x), b.y)
+      apply, params = train.functional(models.MLP((64, 64, 10), rngs=nnx.Rngs(seed)))
+      loss_fn = lambda p, b: train.cross_entropy(apply(p, b.x), b.y)
       batches = data.batches(ds.train, 64, np.random.default_rng(seed))
-      _, state, hist = harness.train(loss_fn, params, tx, batches, steps, progress=False)
+      _, state, hist = train.train(loss_fn, params, tx, batches, steps, progress=False)
       run = {"loss": hist.losses}
       if "adaptive" in name:
         run["last_alpha"] = float(find_lookahead_state(state).alpha)
@@ -178,20 +180,22 @@ def figure2(path: Optional[str] = None, data: Optional[dict] = None) -> dict:
   fig.suptitle(f"Digits MLP: fixed vs adaptive slow step size, k={data['k']}", fontsize=11)
   fig.tight_layout()
   if path:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path)
   return data
 
 
 PATHS = {
-    "2": "theory_fig2_adaptive_alpha.png",
-    "3": "theory_fig3_nqm.png",
-    "4": "theory_fig4_rates.png",
+    "2": "theory/theory_fig2_adaptive_alpha.png",
+    "3": "theory/theory_fig3_nqm.png",
+    "4": "theory/theory_fig4_rates.png",
 }
+"""Figure number -> its file under ``benchmarks/results``."""
 
 
 def summary(fig2=None, fig3=None, fig4=None) -> dict:
   """The numbers the README quotes, JSON-ready."""
-  out = {"environment": harness.environment()}
+  out = {"environment": report.environment()}
   if fig3 is not None:
     # At matched steady-state loss: the best Lookahead alpha vs SGD, loss after T updates.
     rows = []
@@ -224,7 +228,7 @@ def summary(fig2=None, fig3=None, fig4=None) -> dict:
   return out
 
 
-def main(argv=None, results: str = harness.RESULTS) -> dict:
+def main(argv=None, results: str = report.RESULTS) -> dict:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--only", choices=sorted(PATHS), help="make only this figure")
   args = parser.parse_args(argv)
@@ -235,7 +239,7 @@ def main(argv=None, results: str = harness.RESULTS) -> dict:
     made[number] = {"2": figure2, "3": figure3, "4": figure4}[number](os.path.join(results, PATHS[number]))
     print("wrote", os.path.join(results, PATHS[number]))
   if not args.only:
-    harness.write_json(os.path.join(results, "theory.json"), summary(made["2"], made["3"], made["4"]))
+    report.write_json(os.path.join(results, "theory", "theory.json"), summary(made["2"], made["3"], made["4"]))
   return made
 
 

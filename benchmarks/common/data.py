@@ -3,8 +3,13 @@
 - ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes).
 - ``text``: English documentation text from ``pydoc_data.topics`` (ships with CPython),
   split into train/val/test by document.
-- ``number_words``: a deterministic English-to-German number-word translation task.
 - ``cifar10``: the standard ``cifar-10-batches-bin`` files from a user-given directory.
+
+Host-side iterators (``batches``, ``lm_batches``) feed the plain training loop;
+their on-device counterparts (``epoch_batch``, ``shift_images``,
+``random_windows``) run inside a compiled program, so that a whole grid of runs
+draws its batches without leaving the device. The translation data lives with
+the translation task in ``translation.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import os
 from typing import Iterator, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -58,15 +65,47 @@ def batches(split: Split, batch_size: int, rng: np.random.Generator) -> Iterator
       yield Split(split.x[idx], split.y[idx])
 
 
-def augment_shift(x: np.ndarray, rng: np.random.Generator, max_shift: int = 1) -> np.ndarray:
-  """Random translations by up to ``max_shift`` pixels (zero fill), per image, NHWC."""
-  out = np.zeros_like(x)
-  h, w = x.shape[1:3]
-  for i, (dy, dx) in enumerate(rng.integers(-max_shift, max_shift + 1, size=(len(x), 2))):
-    ys, yd = (slice(dy, h), slice(0, h - dy)) if dy >= 0 else (slice(0, h + dy), slice(-dy, h))
-    xs, xd = (slice(dx, w), slice(0, w - dx)) if dx >= 0 else (slice(0, w + dx), slice(-dx, w))
-    out[i, ys, xs] = x[i, yd, xd]
-  return out
+def holdout(split: Split, n: int, seed: int = 0) -> tuple[Split, Split]:
+  """``(rest, held_out)``: ``n`` random examples of ``split`` held out (a validation split)."""
+  order = np.random.default_rng(seed).permutation(len(split.x))
+  take = lambda idx: Split(split.x[idx], split.y[idx])
+  return take(order[n:]), take(order[:n])
+
+
+def flip_labels(y: np.ndarray, fraction: float, num_classes: int, seed: int = 0) -> np.ndarray:
+  """A copy of ``y`` with ``fraction`` of the labels replaced by a different class, uniformly at random."""
+  rng = np.random.default_rng(seed)
+  y = np.array(y)
+  idx = rng.choice(len(y), size=int(round(fraction * len(y))), replace=False)
+  y[idx] = (y[idx] + rng.integers(1, num_classes, size=len(idx))) % num_classes
+  return y
+
+
+def epoch_batch(split: Split, key: jax.Array, step: jax.Array, batch_size: int) -> Split:
+  """Batch ``step`` of shuffled epochs over ``split`` (device arrays): each epoch a fresh permutation from ``key``.
+
+  The on-device counterpart of :func:`batches`, traceable with a traced ``step``.
+  """
+  n = split.x.shape[0]
+  per_epoch = n // batch_size
+  epoch, i = step // per_epoch, step % per_epoch
+  order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+  idx = jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
+  return Split(split.x[idx], split.y[idx])
+
+
+def shift_images(key: jax.Array, x: jax.Array, max_shift: int = 1) -> jax.Array:
+  """Random translations of NHWC images by up to ``max_shift`` pixels (zero fill), on device.
+
+  Every possible shift of the whole batch is cut out with static slices and each
+  image picks its own: cheaper to compile and run than a gather per image.
+  """
+  n, h, w = x.shape[:3]
+  m = max_shift
+  padded = jnp.pad(x, ((0, 0), (m, m), (m, m), (0, 0)))
+  shifts = jnp.stack([padded[:, dy : dy + h, dx : dx + w] for dy in range(2 * m + 1) for dx in range(2 * m + 1)])
+  pick = jax.nn.one_hot(jax.random.randint(key, (n,), 0, (2 * m + 1) ** 2), (2 * m + 1) ** 2, dtype=x.dtype)
+  return jnp.einsum("sn...,ns->n...", shifts, pick)
 
 
 # ----------------------------------------------------------------------- text
@@ -88,6 +127,10 @@ class CharCorpus(NamedTuple):
   vocab: str
 
 
+CHAR_VOCAB = "\x00" + "".join(chr(c) for c in range(32, 127)) + "\n"
+"""The characters of :func:`char_corpus`: an unknown symbol, printable ASCII, newline."""
+
+
 def char_corpus(seed: int = 0, fractions=(0.8, 0.1, 0.1), max_chars: int | None = None) -> CharCorpus:
   """Character tokens, split by document (no document crosses splits).
 
@@ -99,7 +142,7 @@ def char_corpus(seed: int = 0, fractions=(0.8, 0.1, 0.1), max_chars: int | None 
   n_train = int(len(docs) * fractions[0])
   n_val = int(len(docs) * fractions[1])
   parts = [order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]]
-  vocab = "\x00" + "".join(chr(c) for c in range(32, 127)) + "\n"
+  vocab = CHAR_VOCAB
   lookup = np.zeros(256, np.int32)
   for i, ch in enumerate(vocab):
     lookup[ord(ch)] = i
@@ -113,6 +156,19 @@ def char_corpus(seed: int = 0, fractions=(0.8, 0.1, 0.1), max_chars: int | None 
   return CharCorpus(*(encode(p) for p in parts), vocab=vocab)
 
 
+def windows(tokens: np.ndarray, seq_len: int) -> Split:
+  """Non-overlapping (input, next-token) windows covering ``tokens``: an evaluation split."""
+  n = (len(tokens) - 1) // seq_len
+  return Split(tokens[: n * seq_len].reshape(n, seq_len), tokens[1 : n * seq_len + 1].reshape(n, seq_len))
+
+
+def random_windows(tokens: jax.Array, key: jax.Array, batch_size: int, seq_len: int) -> Split:
+  """``batch_size`` random windows of ``tokens`` (a device array): inputs and next-token targets, on device."""
+  starts = jax.random.randint(key, (batch_size,), 0, tokens.shape[0] - seq_len - 1)
+  rows = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(tokens, s, seq_len + 1))(starts)
+  return Split(rows[:, :-1], rows[:, 1:])
+
+
 def lm_batches(tokens: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator) -> Iterator[Split]:
   """Random windows of ``seq_len + 1`` tokens: inputs and next-token targets."""
   high = len(tokens) - seq_len - 1
@@ -120,96 +176,6 @@ def lm_batches(tokens: np.ndarray, batch_size: int, seq_len: int, rng: np.random
     starts = rng.integers(0, high, size=batch_size)
     windows = np.stack([tokens[s : s + seq_len + 1] for s in starts])
     yield Split(windows[:, :-1], windows[:, 1:])
-
-
-# ------------------------------------------------------ synthetic translation
-
-_EN_UNITS = "zero one two three four five six seven eight nine".split()
-_EN_TEENS = "ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
-_EN_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-_DE_UNITS = "null eins zwei drei vier fünf sechs sieben acht neun".split()
-_DE_TEENS = "zehn elf zwölf dreizehn vierzehn fünfzehn sechzehn siebzehn achtzehn neunzehn".split()
-_DE_TENS = "_ _ zwanzig dreißig vierzig fünfzig sechzig siebzig achtzig neunzig".split()
-
-
-def english_number(n: int) -> str:
-  """0 <= n < 1,000,000 in English words ("twenty one", "three hundred five")."""
-  if n < 10:
-    return _EN_UNITS[n]
-  if n < 20:
-    return _EN_TEENS[n - 10]
-  if n < 100:
-    return _EN_TENS[n // 10] + ("" if n % 10 == 0 else " " + _EN_UNITS[n % 10])
-  if n < 1000:
-    rest = n % 100
-    return _EN_UNITS[n // 100] + " hundred" + ("" if rest == 0 else " " + english_number(rest))
-  rest = n % 1000
-  return english_number(n // 1000) + " thousand" + ("" if rest == 0 else " " + english_number(rest))
-
-
-def german_number(n: int) -> str:
-  """0 <= n < 1,000,000 in German words, one token ("einundzwanzig"): units before tens."""
-  if n == 1:
-    return "eins"
-  if n < 10:
-    return _DE_UNITS[n]
-  if n < 20:
-    return _DE_TEENS[n - 10]
-  if n < 100:
-    unit = "ein" if n % 10 == 1 else _DE_UNITS[n % 10]
-    return _DE_TENS[n // 10] if n % 10 == 0 else unit + "und" + _DE_TENS[n // 10]
-  if n < 1000:
-    head = "ein" if n // 100 == 1 else _DE_UNITS[n // 100]
-    rest = n % 100
-    return head + "hundert" + ("" if rest == 0 else german_number(rest))
-  head = "ein" if n // 1000 == 1 else german_number(n // 1000)
-  rest = n % 1000
-  return head + "tausend" + ("" if rest == 0 else german_number(rest))
-
-
-class TranslationData(NamedTuple):
-  """Token arrays (padded with 0) and vocabularies of the number-word task."""
-
-  train: Split
-  test: Split
-  src_vocab: list[str]
-  tgt_vocab: list[str]
-  test_numbers: np.ndarray
-
-
-PAD, BOS, EOS = 0, 1, 2
-
-
-def number_words(n_train: int = 4000, n_test: int = 500, max_number: int = 10000, seed: int = 0) -> TranslationData:
-  """English number words (word tokens) to German number words (character tokens).
-
-  The target reverses the order of units and tens ("twenty one" ->
-  "einundzwanzig"), so the model must reorder, not only substitute. Train and
-  test numbers are disjoint.
-  """
-  rng = np.random.default_rng(seed)
-  numbers = rng.permutation(max_number)[: n_train + n_test]
-  src_vocab = ["<pad>", "<bos>", "<eos>"] + sorted({w for n in range(max_number) for w in english_number(n).split()})
-  tgt_chars = sorted({c for n in range(max_number) for c in german_number(n)})
-  tgt_vocab = ["<pad>", "<bos>", "<eos>"] + tgt_chars
-  s_index = {w: i for i, w in enumerate(src_vocab)}
-  t_index = {c: i for i, c in enumerate(tgt_vocab)}
-  src_len = max(len(english_number(n).split()) for n in range(max_number)) + 1
-  tgt_len = max(len(german_number(n)) for n in range(max_number)) + 2
-
-  def encode(ns):
-    src = np.zeros((len(ns), src_len), np.int32)
-    tgt = np.zeros((len(ns), tgt_len), np.int32)
-    for i, n in enumerate(ns):
-      s = [s_index[w] for w in english_number(int(n)).split()] + [EOS]
-      t = [BOS] + [t_index[c] for c in german_number(int(n))] + [EOS]
-      src[i, : len(s)] = s
-      tgt[i, : len(t)] = t
-    return Split(src, tgt)
-
-  return TranslationData(
-      encode(numbers[:n_train]), encode(numbers[n_train:]), src_vocab, tgt_vocab, numbers[n_train:]
-  )
 
 
 # ------------------------------------------------------------------- CIFAR-10

@@ -1,0 +1,73 @@
+"""Character language modelling on Python's own documentation text, as a ``grid.Problem``.
+
+Training draws random windows of ``pydoc_data`` text (``data.char_corpus``)
+on the device; the validation curve uses the first windows of the validation
+split; final perplexities cover whole splits, a chunk of windows at a time.
+Any model mapping ``[batch, time]`` tokens to logits over ``data.CHAR_VOCAB``
+fits: a character LSTM (the paper suite), a Transformer (SNOO, DiLoCo).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks.common import data, grid, train
+
+
+def chunked(split: data.Split, chunk: int) -> dict:
+  """Windows in equal chunks (the last padded), with a mask of the real ones, as device arrays."""
+  n = len(split.x)
+  pad = -n % chunk
+  mask = np.arange(n + pad) < n
+  grow = lambda a: np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]).reshape(-1, chunk, *a.shape[1:])
+  return {"x": jnp.asarray(grow(split.x)), "y": jnp.asarray(grow(split.y)), "mask": jnp.asarray(mask.reshape(-1, chunk))}
+
+
+def mean_loss(apply, weights, chunks: dict) -> jax.Array:
+  """Mean token cross-entropy over every real window of a :func:`chunked` split, one chunk at a time."""
+  def summed(args):
+    x, y, mask = args
+    losses = optax.softmax_cross_entropy_with_integer_labels(apply(weights, x), y)
+    return jnp.sum(losses * mask[:, None])
+
+  total = jax.lax.map(summed, (chunks["x"], chunks["y"], chunks["mask"])).sum()
+  return total / (chunks["mask"].sum() * chunks["y"].shape[-1])
+
+
+def arrays(cfg: dict) -> dict:
+  """Device arrays of the task: training tokens, the validation-curve windows, chunked train/val/test windows.
+
+  ``cfg``: ``seq_len``, ``curve_windows``, ``train_eval_chars``, ``eval_chunk``, ``max_chars``.
+  """
+  corpus = data.char_corpus(max_chars=cfg["max_chars"])
+  seq = cfg["seq_len"]
+  val = data.windows(corpus.val, seq)
+  return {"train": jnp.asarray(corpus.train),
+          "curve": jax.tree.map(lambda a: jnp.asarray(a[: cfg["curve_windows"]]), val),
+          "train_eval": chunked(data.windows(corpus.train[: cfg["train_eval_chars"] + 1], seq), cfg["eval_chunk"]),
+          "val": chunked(val, cfg["eval_chunk"]),
+          "test": chunked(data.windows(corpus.test, seq), cfg["eval_chunk"])}
+
+
+def problem(cfg: dict, model: Callable[[int], object]) -> grid.Problem:
+  """The task for ``model(seed)`` (an NNX module), ``cfg["batch"]`` windows per step; the curve is ``val_loss``."""
+  apply = train.functional_params(model(0))[0]
+  loss = lambda p, b: train.cross_entropy(apply(p, b.x), b.y)
+  return grid.Problem(
+      init=lambda seed: train.functional_params(model(seed))[1],
+      loss=loss,
+      batch=lambda d, key, step: data.random_windows(d["train"], jax.random.fold_in(key, step), cfg["batch"],
+                                                     cfg["seq_len"]),
+      evaluate=lambda w, d: {"val_loss": loss(w, d["curve"])},
+      data=arrays(cfg))
+
+
+def split_losses(apply, weights, d: dict) -> dict:
+  """``{"train", "val", "test"}``: mean cross-entropy (nats per character) of whole splits (train: its first part)."""
+  return {name: mean_loss(apply, weights, d[key]) for name, key in (("train", "train_eval"), ("val", "val"),
+                                                                     ("test", "test"))}

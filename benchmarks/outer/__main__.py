@@ -1,0 +1,83 @@
+"""``python -m benchmarks.outer``: SNOO and DiLoCo experiments; prints their verdict tables, writes their reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from benchmarks import outer
+from benchmarks.common import report, tuning, verdicts
+from benchmarks.outer import diloco, snoo
+
+EXPERIMENTS = {
+    "snoo": ({"lm": (snoo.LM, snoo.LM_FULL, snoo.LM_QUICK),
+              "translation": (snoo.TRANSLATION, snoo.TRANSLATION_FULL, snoo.TRANSLATION_QUICK)},
+             "SNOO and Lookahead against AdamW, tuned alike", "SNOO / Lookahead"),
+    "diloco": ({"diloco": (diloco.TASK, diloco.FULL, diloco.QUICK)},
+               "DiLoCo against synchronous data parallelism, tuned alike", "DiLoCo"),
+}
+"""Experiment -> ({task name: (Task, full config, quick config)}, title, what is compared with the inner optimizer)."""
+EXTRAS = {"diloco": diloco.extras_section}
+
+
+def run(experiment: str, *, quick: bool = False, seeds: int = 5, out: str | None = None, log=print) -> dict:
+  """Runs one experiment's tasks; writes ``<experiment>.json``, ``<experiment>.md`` and figures into ``out``."""
+  tasks, title, wrapped = EXPERIMENTS[experiment]
+  out = out or report.results_dir("quick_outer" if quick else "outer")
+  summary = {"tasks": {}, "quick": quick, "environment": report.environment()}
+  for name, (task, full, fast) in tasks.items():
+    log(f"{experiment} {name}: {task.title}")
+    start = time.perf_counter()
+    res = tuning.run_task(task, fast if quick else full, range(seeds), log=log)
+    res["seconds"] = time.perf_counter() - start
+    summary["tasks"][task.name] = res
+  report.write_json(os.path.join(out, f"{experiment}.json"), summary)
+  write_report(experiment, summary, out)
+  return summary
+
+
+def write_report(experiment: str, summary: dict, out: str) -> str:
+  tasks, title, wrapped = EXPERIMENTS[experiment]
+  command = f"python -m benchmarks.outer --experiments {experiment}" + (" --quick" if summary["quick"] else "")
+  intro = [f"Regenerate with `{command}`; every number below comes from `{experiment}.json` of that run.", "",
+           " ".join((snoo if experiment == "snoo" else diloco).__doc__.split("\n\n")[1].split())]
+  by_name = {t.name: (t, EXTRAS.get(experiment)) for t, _, _ in tasks.values()}
+  return verdicts.write_document(os.path.join(out, f"{experiment}.md"), title, intro, by_name, summary, wrapped)
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.outer", description=outer.__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS),
+                      help="experiments to run (default: all)")
+  parser.add_argument("--quick", action="store_true", help="smoke run: tiny models, a few steps, 2-point grids")
+  parser.add_argument("--seeds", type=int, default=5, help="seeds per setting (default 5)")
+  parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/outer; with --quick "
+                                                  "benchmarks/results/quick_outer)")
+  parser.add_argument("--report-only", action="store_true", help="train nothing: rewrite the reports from the JSON")
+  args = parser.parse_args(argv)
+  out = args.out or report.results_dir("quick_outer" if args.quick else "outer")
+  start = time.perf_counter()
+  summaries = {}
+  for experiment in args.experiments:
+    if args.report_only:
+      with open(os.path.join(out, f"{experiment}.json")) as f:
+        summaries[experiment] = json.load(f)
+      write_report(experiment, summaries[experiment], out)
+    else:
+      summaries[experiment] = run(experiment, quick=args.quick, seeds=args.seeds, out=out)
+  for experiment, summary in summaries.items():
+    tasks, title, wrapped = EXPERIMENTS[experiment]
+    print(f"\n{title}: tuned against tuned, mean ± std over seeds; verdict: Welch's t-test at level 0.05.")
+    print(verdicts.verdict_table({t.name: t for t, _, _ in tasks.values()}, summary, wrapped=wrapped))
+    for line in verdicts.timing_lines(summary):
+      print(line)
+  print(f"Wall time {time.perf_counter() - start:.0f} s. Reports: "
+        + ", ".join(os.path.join(out, f"{e}.md") for e in summaries))
+  return summaries
+
+
+if __name__ == "__main__":
+  main()

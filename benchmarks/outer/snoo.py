@@ -1,0 +1,125 @@
+"""SNOO and Lookahead against AdamW at equal steps, tuned alike.
+
+SNOO (``lookahead_optax.snoo``) replaces Lookahead's interpolation by a
+Nesterov SGD step on the pseudo-gradient (slow minus fast weights) every k
+inner steps. Two tasks:
+
+- ``lm``: a character Transformer (``models.TransformerLM``) on Python's
+  documentation text (``common.language``); per-character cross-entropy.
+- ``translation``: the number-word Transformer of ``common.translation``, the
+  inner AdamW on its warmup-then-rsqrt schedule (beta2 = 0.98).
+
+Tuning budget per method (4 settings): AdamW 4 learning rates; LA(AdamW) 2
+rates x alpha 0.5, 0.8; SNOO(AdamW) 2 rates x 2 outer settings (k=20 with
+outer rate 0.7 and momentum 0.9, the SNOO/DiLoCo default; k=5 with 0.5 and 0.5).
+"""
+
+from __future__ import annotations
+
+import optax
+from flax import nnx
+
+from benchmarks.common import data, grid, language, models, train, tuning
+from benchmarks.common import translation as tr
+from benchmarks.common.tuning import Metric
+from lookahead_optax import lookahead, snoo
+
+VARIANTS = {"k=20, outer lr 0.7, momentum 0.9": (20, 0.7, 0.9), "k=5, outer lr 0.5, momentum 0.5": (5, 0.5, 0.5)}
+"""SNOO's outer settings (sync period, outer learning rate, outer momentum), part of its tuning budget."""
+METHODS = ("AdamW", "LA(AdamW)", "SNOO(AdamW)")
+PAIRS = (("AdamW", "LA(AdamW)"), ("AdamW", "SNOO(AdamW)"))
+
+LM_FULL = dict(
+    steps=600, batch=16, seq_len=64, dim=32, heads=4, layers=2, k=5, weight_decay=0.01, eval_every=50,
+    curve_windows=32, train_eval_chars=16384, eval_chunk=32, max_chars=None,
+    grids={"AdamW": (2e-3, 5e-3, 1e-2, 2e-2), "LA(AdamW)": (1e-2, 2e-2), "SNOO(AdamW)": (5e-3, 1e-2)},
+    variants={"SNOO": tuple(VARIANTS)}, methods=METHODS, pairs=PAIRS)
+TRANSLATION_FULL = dict(
+    steps=400, batch=32, dim=32, heads=4, layers=1, n_train=700, n_val=100, n_test=200, max_number=1000,
+    warmup=0.1, k=5, weight_decay=0.01, eval_every=40,
+    grids={"AdamW": (5e-3, 1e-2, 2e-2, 3e-2), "LA(AdamW)": (2e-2, 3e-2), "SNOO(AdamW)": (1e-2, 2e-2)},
+    variants={"SNOO": tuple(VARIANTS)}, methods=METHODS, pairs=PAIRS)
+# Smoke runs: every code path, tiny models, a few steps.
+LM_QUICK = dict(LM_FULL, steps=20, seq_len=16, dim=16, heads=2, layers=1, eval_every=10, curve_windows=4,
+                train_eval_chars=1024, eval_chunk=16, max_chars=60_000)
+TRANSLATION_QUICK = dict(TRANSLATION_FULL, steps=20, dim=16, heads=2, n_train=200, n_val=50, n_test=50,
+                         max_number=400, eval_every=10)
+
+
+def wrap(family: str, inner: optax.GradientTransformation, hp: dict, cfg: dict) -> optax.GradientTransformation:
+  """``inner`` as the family says: bare, in Lookahead (alpha ``hp["alpha"]``), or in SNOO (``cfg["variant"]``)."""
+  wrapper = tuning.wrapper_of(family)
+  if wrapper == "LA":
+    return lookahead(inner, cfg["k"], hp["alpha"])
+  if wrapper == "SNOO":
+    k, outer_lr, outer_momentum = VARIANTS[cfg["variant"]]
+    return snoo(inner, k, outer_lr, outer_momentum)
+  return inner
+
+
+def lm_model(cfg: dict, seed: int) -> models.TransformerLM:
+  return models.TransformerLM(len(data.CHAR_VOCAB), dim=cfg["dim"], heads=cfg["heads"], layers=cfg["layers"],
+                              max_len=cfg["seq_len"], rngs=nnx.Rngs(seed))
+
+
+def lm_optimizer(family: str, cfg: dict):
+  return lambda hp: wrap(family, optax.inject_hyperparams(optax.adamw)(
+      learning_rate=hp["lr"], weight_decay=cfg["weight_decay"]), hp, cfg)
+
+
+def lm_finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
+  apply = train.functional_params(lm_model(cfg, 0))[0]
+  losses = grid.map_runs(lambda w, d: language.split_losses(apply, w, d), g.weights["main"], prob.data)
+  return {"main": {f"{k}_loss": v for k, v in losses.items()} | {"final_train_loss": tuning.tail_mean(g.losses)}}
+
+
+def translation_task(cfg: dict) -> tr.Translation:
+  return tr.make_task(cfg["n_train"], cfg["n_val"], cfg["n_test"], cfg["max_number"], cfg["dim"], cfg["heads"],
+                      cfg["layers"])
+
+
+def translation_optimizer(family: str, cfg: dict):
+  warmup = max(1, int(cfg["warmup"] * cfg["steps"]))
+  return lambda hp: wrap(family, optax.inject_hyperparams(optax.adamw)(
+      learning_rate=tr.warmup_rsqrt(hp["lr"], warmup), b1=0.9, b2=0.98, eps=1e-9,
+      weight_decay=cfg["weight_decay"]), hp, cfg)
+
+
+def translation_finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
+  out = grid.map_runs(translation_task(cfg).test_metrics, g.weights["main"], prob.data)
+  return {"main": out | {"train_loss": tuning.tail_mean(g.losses)}}
+
+
+LOSS = lambda key, label: Metric(key, label, False, 1.0, 4)
+
+LM = tuning.Task(
+    name="snoo-lm",
+    title="Character Transformer on pydoc text: AdamW, Lookahead(AdamW), SNOO(AdamW) at equal steps",
+    methods={m: (m, "main") for m in METHODS},
+    select=LOSS("val_loss", "val loss (nats/char)"),
+    headline=LOSS("test_loss", "test loss (nats/char)"),
+    columns=(LOSS("final_train_loss", "final train loss"), LOSS("val_loss", "val loss"), LOSS("test_loss", "test loss")),
+    tolerance=(0.01, True),
+    paper={"AdamW vs SNOO(AdamW)": "SNOO paper: SNOO ahead of AdamW on LLM pre-training at equal steps",
+           "AdamW vs LA(AdamW)": "Lookahead paper (5.3): LA(Adam) ahead of Adam on language modelling"},
+    paper_table=([], {}),
+    problem=lambda cfg: language.problem(cfg, lambda seed: lm_model(cfg, seed)),
+    optimizer=lm_optimizer, weights=lambda family, cfg: grid.main_weights, finals=lm_finals)
+
+TRANSLATION = tuning.Task(
+    name="snoo-translation",
+    title="Number-word translation: AdamW, Lookahead(AdamW), SNOO(AdamW) at equal steps",
+    methods={m: (m, "main") for m in METHODS},
+    select=LOSS("val_loss", "val loss"),
+    headline=Metric("exact_match", "exact match %", True, 100.0),
+    columns=(LOSS("train_loss", "final train loss"), LOSS("val_loss", "val loss"), LOSS("test_loss", "test loss"),
+             Metric("exact_match", "exact match %", True, 100.0)),
+    tolerance=(0.1, True),
+    paper={"AdamW vs SNOO(AdamW)": "SNOO paper: SNOO ahead of AdamW at equal steps",
+           "AdamW vs LA(AdamW)": "Lookahead paper (Table 4): LA(Adam) level with Adam in BLEU"},
+    paper_table=([], {}),
+    problem=lambda cfg: translation_task(cfg).problem(cfg["batch"]),
+    optimizer=translation_optimizer, weights=lambda family, cfg: grid.main_weights, finals=translation_finals)
+
+TASKS = {"lm": (LM, LM_FULL, LM_QUICK), "translation": (TRANSLATION, TRANSLATION_FULL, TRANSLATION_QUICK)}
+"""Task name -> (task, full config, quick config)."""
