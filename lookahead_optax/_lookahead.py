@@ -230,8 +230,19 @@ def is_fused(cfg: Config, exact) -> bool:
 
 
 def fast_weights(params, inner_updates):
-  """The fast weights after the inner step: exactly what ``optax.apply_updates`` computes."""
-  return map_inexact(lambda p, u: (p + u).astype(p.dtype), params, inner_updates)
+  """The fast weights after the inner step: exactly what ``optax.apply_updates`` computes.
+
+  Rounded explicitly to the params' precision: XLA may otherwise keep a
+  bfloat16 or float16 sum in float32 (excess precision), and the slow step
+  would not see the fast weights the caller holds.
+  """
+  def leaf(p, u):
+    x = p + u
+    if jnp.issubdtype(p.dtype, jnp.floating) and p.dtype.itemsize < 4:
+      info = jnp.finfo(p.dtype)
+      x = jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return x.astype(p.dtype)
+  return map_inexact(leaf, params, inner_updates)
 
 
 def pseudo_gradient(cfg: Config, params, slow, fast):
@@ -276,9 +287,19 @@ def fused_landing(cfg: Config, params, inner_updates, delta, step):
 
 
 def staged_landing(p, u, new_slow):
-  """Update from the params onto the new slow weights of a staged step, computed in the wider dtype."""
+  """Update from the params onto the new slow weights rounded to the params' dtype.
+
+  ``rounded - p`` is computed exactly in the wider dtype; when it fits the
+  updates' dtype (``p`` and the target within a factor of two: the common case)
+  ``p + update`` lands on the rounded slow weights exactly, otherwise within
+  one rounding.
+  """
   wide = jnp.promote_types(p.dtype, new_slow.dtype)
-  return (new_slow.astype(wide) - p.astype(wide)).astype(u.dtype)
+  rounded = new_slow.astype(p.dtype)
+  if jnp.issubdtype(p.dtype, jnp.floating) and p.dtype.itemsize < new_slow.dtype.itemsize:
+    info = jnp.finfo(p.dtype)  # keep XLA from skipping the rounding (excess precision)
+    rounded = jax.lax.reduce_precision(new_slow, exponent_bits=info.nexp, mantissa_bits=info.nmant).astype(p.dtype)
+  return (rounded.astype(wide) - p.astype(wide)).astype(u.dtype)
 
 
 def staged_sync(cfg: Config, sync, state: LookaheadState, params, updates, grads, alpha_state, extra_args):

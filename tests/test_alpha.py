@@ -166,3 +166,50 @@ def test_schedule_receives_the_number_of_completed_syncs():
       assert int(state.syncs) == done + 1
     np.testing.assert_allclose(params, fast, rtol=1e-5)
     np.testing.assert_allclose(find_lookahead_state(state).slow, slow, rtol=1e-5)
+
+
+def test_adaptive_alpha_under_axis_name_matches_replicas_by_hand():
+  """Three replicas (vmap with an axis name): the pseudo-gradient and adaptive alpha's two sums are averaged."""
+  import functools
+
+  from tests.helpers import replica_grad, small_params
+
+  replicas, k, lr, steps, b2, low = 3, 3, 0.5, 10, 0.999, 0.1  # lr large enough to overshoot
+  chosen = []
+  params = small_params()
+  opt = lookahead(optax.adam(lr, b2=b2), k, adaptive_alpha(low, fisher="inner", b2=b2), axis_name="replica")
+
+  @jax.jit
+  @functools.partial(jax.vmap, axis_name="replica", in_axes=(0, 0, None, 0))
+  def step(params, state, t, m):
+    updates, state = opt.update(replica_grad(params, t, m), state, params)
+    return optax.apply_updates(params, updates), state
+
+  stacked = jax.tree.map(lambda x: jnp.stack([x] * replicas), params)
+  state = jax.vmap(opt.init)(stacked)
+  # By hand: M replicas of Adam; at a sync, delta = mean_m (slow - fast_m), and
+  # alpha = clip(1 + mean_m g_m.delta / mean_m delta.(nu_m / (1 - b2^t)).delta, low, 1).
+  inner = optax.adam(lr, b2=b2)
+  fast, inner_states, slow = [params] * replicas, [inner.init(params) for _ in range(replicas)], params
+  dot = lambda a, b: sum(float(jnp.sum(x * y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  for t in range(steps):
+    stacked, state = step(stacked, state, t, jnp.arange(replicas))
+    grads = [replica_grad(fast[m], t, m) for m in range(replicas)]
+    for m in range(replicas):
+      updates, inner_states[m] = inner.update(grads[m], inner_states[m], fast[m])
+      fast[m] = optax.apply_updates(fast[m], updates)
+    if (t + 1) % k == 0:
+      delta = jax.tree.map(lambda s, *f: sum(s - x for x in f) / replicas, slow, *fast)
+      num = np.mean([dot(grads[m], delta) for m in range(replicas)])
+      fisher = [jax.tree.map(lambda n: n / (1 - b2 ** (t + 1)), inner_states[m][0].nu) for m in range(replicas)]
+      den = np.mean([dot(jax.tree.map(lambda a, d: a * d, fisher[m], delta), delta) for m in range(replicas)])
+      alpha = float(np.clip(1 + num / den, low, 1.0))
+      slow = jax.tree.map(lambda s, d: s - alpha * d, slow, delta)
+      fast = [slow] * replicas
+      assert float(state.alpha[0]) == pytest.approx(alpha, rel=1e-4), t
+      chosen.append(alpha)
+    for m in range(replicas):
+      np.testing.assert_allclose(np.asarray(jax.tree.leaves(stacked)[0][m]), np.asarray(jax.tree.leaves(fast[m])[0]),
+                                 rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(state.alpha), np.asarray(state.alpha)[0])  # the same on every replica
+  assert any(low < a < 1.0 for a in chosen), chosen  # not every sync clipped: the sums were exercised

@@ -418,3 +418,69 @@ def test_property_matches_reference(params, k, alpha, policy, inner):
   for t in range(steps):
     if (t + 1) % k == 0:
       chex.assert_trees_all_equal(fasts[t], states[t].slow)
+
+
+# ------------------------------------------------ slow_dtype with every path
+
+
+def reference_slow_dtype(inner, k, slow_step, params, grad_fn, steps, policy):
+  """bfloat16 fast weights, float32 slow weights, by hand: each step rounds to bf16, each sync lands on round(slow)."""
+  fast, slow = params, jax.tree.map(lambda p: p.astype(jnp.float32), params)
+  state = inner.init(params)
+  snapshot, outer_state, fasts, slows = state, None, [], []
+  for t in range(steps):
+    updates, state = inner.update(grad_fn(fast, t), state, fast)
+    fast = optax.apply_updates(fast, updates)
+    if (t + 1) % k == 0:
+      slow, outer_state, a = slow_step(slow, jax.tree.map(lambda f: f.astype(jnp.float32), fast), outer_state)
+      fast = jax.tree.map(lambda s, p: s.astype(p.dtype), slow, params)
+      if policy == "reset":
+        state = inner.init(fast)
+      elif policy == "interpolate":
+        state = jax.tree.map(lambda s0, s1: (s0 + a * (s1 - s0)).astype(s1.dtype)
+                             if jnp.issubdtype(s1.dtype, jnp.inexact) else s1, snapshot, state)
+        snapshot = state
+    fasts.append(fast)
+    slows.append(slow)
+  return fasts, slows
+
+
+def plain_step(alpha):
+  return lambda slow, fast, _: (jax.tree.map(lambda s, f: s + alpha * (f - s), slow, fast), None, alpha)
+
+
+def nesterov_step(lr, mu):
+  def step(slow, fast, b):
+    s = jax.tree.map(lambda w, f: w - f, slow, fast)
+    b = s if b is None else jax.tree.map(lambda b, s: mu * b + s, b, s)
+    return jax.tree.map(lambda w, b, s: w - lr * (mu * b + s), slow, b, s), b, None
+  return step
+
+
+@pytest.mark.parametrize("policy,outer", [("maintain", False), ("reset", False), ("interpolate", False),
+                                          ("maintain", True), ("reset", True)])
+def test_slow_dtype_float32_under_bfloat16_params(policy, outer):
+  params, k, steps = make_params(3, jnp.bfloat16), 3, 10
+  inner = lambda: optax.sgd(0.05, momentum=0.5)
+  if outer:
+    opt = lookahead(inner(), k, inner_state_policy=policy, slow_dtype=jnp.float32,
+                    outer=optax.sgd(0.7, momentum=0.5, nesterov=True))
+    step = nesterov_step(0.7, 0.5)
+  else:
+    opt, step = lookahead(inner(), k, 0.6, inner_state_policy=policy, slow_dtype=jnp.float32), plain_step(0.6)
+  fasts, states = run(opt, params, quadratic_grad, steps, jit=False)  # eager: every op rounds, as the reference
+  ref_f, ref_s = reference_slow_dtype(inner(), k, step, params, quadratic_grad, steps, policy)
+  for t in range(steps):
+    chex.assert_trees_all_equal_dtypes(states[t].slow, ref_s[t])
+    # Exact to float32 through the first sync; later a landing off by one bf16 unit (rare) may separate them.
+    tol = dict(rtol=1e-5, atol=1e-6) if t < k else dict(rtol=2**-7, atol=2**-7)
+    chex.assert_trees_all_close(states[t].slow, ref_s[t], **tol, custom_message=f"slow, step {t}")
+    chex.assert_trees_all_close(fasts[t], ref_f[t], rtol=2**-7, atol=2**-7, custom_message=f"fast, step {t}")
+    if (t + 1) % k == 0:  # on the float32 slow weights rounded to bf16: exactly, or within one rounding
+      exact = []
+      for f, s, before in zip(*(jax.tree.leaves(x) for x in (fasts[t], states[t].slow, fasts[t - 1]))):
+        f, r = np.asarray(f, np.float32), np.asarray(s.astype(jnp.bfloat16), np.float32)
+        scale = np.maximum(np.abs(r), np.abs(np.asarray(before, np.float32)))  # the rounding of r - before
+        assert (np.abs(f - r) <= 2.0 ** (np.floor(np.log2(scale + 1e-30)) - 7)).all()
+        exact += list((f == r).ravel())
+      assert np.mean(exact) >= 0.5
