@@ -1,17 +1,21 @@
 """What a Lookahead step costs on top of its inner optimizer, measured side by side in one run.
 
-For each inner optimizer, sync period k and parameter count, the optimizer-only
-step (``update`` + ``apply_updates``, jitted, params and state donated) of the
-bare inner optimizer, ``lookahead_optax.lookahead`` with each ``inner_state``
-policy, and ``optax.lookahead``; then a full training step (forward, backward,
-update) of an MLP and a small Transformer, bare vs lookahead. Per configuration:
-median ms/step over repeats (implementations interleaved within each repeat, so
-machine noise hits all alike), the ratio to the bare inner optimizer and to
+For each inner optimizer, sync period k, parameter count and params dtype, the
+optimizer-only step (``update`` + ``apply_updates``, jitted, params and state
+donated) of the bare inner optimizer; ``lookahead_optax.lookahead`` with each
+``inner_state_policy``, without its placement check, and (bfloat16 params) with
+float32 slow weights; ``snoo``; and ``optax.lookahead``. Then SNOO against
+DiLoCo under ``shard_map``, one replica per local device (their non-sync step
+alone, and on average), and a full training step (forward, backward, update) of
+an MLP and a small Transformer, bare vs lookahead. Per configuration: median
+ms/step over repeats (implementations interleaved within each repeat, so machine
+noise hits all alike), the ratio to the bare inner optimizer and to
 ``optax.lookahead``, the compiled memory figures, and the optimizer-state size.
 
-Regenerate the committed results (about 20 minutes on 2 CPU cores)::
+Regenerate the committed results (about 25 minutes on 2 CPU cores, two
+simulated devices for the DiLoCo table)::
 
-    python -m benchmarks.overhead
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m benchmarks.overhead
 
 writes ``benchmarks/results/overhead/overhead.md``, ``overhead.json`` and ``overhead.png``.
 ``--quick`` runs a small subset in about a minute; ``--device-tag NAME`` writes
@@ -33,7 +37,7 @@ import optax
 from flax import nnx
 
 from benchmarks.common import data, models, report, timing, train
-from lookahead_optax import lookahead
+from lookahead_optax import diloco, lookahead, snoo
 
 INNERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "sgd": lambda: optax.sgd(1e-2),
@@ -43,29 +47,36 @@ INNERS: dict[str, Callable[[], optax.GradientTransformation]] = {
 
 
 class Impl(NamedTuple):
-  """One implementation: how to build it, wrap params for it, and read its lookahead state."""
+  """One implementation: how to build it, wrap params for it, and the params dtypes it is measured with."""
 
   name: str
   build: Callable[[optax.GradientTransformation, int], optax.GradientTransformation]
   wrap: Callable = lambda p: p
+  dtypes: tuple = ("float32", "bfloat16")
 
 
 IMPLS = [
     Impl("inner", lambda inner, k: inner),
     Impl("lookahead (maintain)", lambda inner, k: lookahead(inner, k, 0.5)),
-    Impl("lookahead (reset)", lambda inner, k: lookahead(inner, k, 0.5, inner_state="reset")),
-    Impl("lookahead (interpolate)", lambda inner, k: lookahead(inner, k, 0.5, inner_state="interpolate")),
+    Impl("lookahead (reset)", lambda inner, k: lookahead(inner, k, 0.5, inner_state_policy="reset"), dtypes=("float32",)),
+    Impl("lookahead (interpolate)", lambda inner, k: lookahead(inner, k, 0.5, inner_state_policy="interpolate"),
+         dtypes=("float32",)),
+    Impl("lookahead, no placement check", lambda inner, k: lookahead(inner, k, 0.5, placement_check="off"),
+         dtypes=("float32",)),
+    Impl("lookahead, slow_dtype=float32", lambda inner, k: lookahead(inner, k, 0.5, slow_dtype=jnp.float32),
+         dtypes=("bfloat16",)),
+    Impl("snoo", lambda inner, k: snoo(inner, k)),
     Impl("optax.lookahead", lambda inner, k: optax.lookahead(inner, k, 0.5),
          # separate buffers for fast and slow, so that both can be donated
-         wrap=lambda p: optax.LookaheadParams(fast=p, slow=jax.tree.map(jnp.copy, p))),
+         wrap=lambda p: optax.LookaheadParams(fast=p, slow=jax.tree.map(jnp.copy, p)), dtypes=("float32",)),
 ]
 
 
-def make_params(n: int, seed: int = 0):
-  """About ``n`` float32 params in four leaves of different shapes, like a small network."""
+def make_params(n: int, seed: int = 0, dtype=jnp.float32):
+  """About ``n`` params in four leaves of different shapes, like a small network."""
   shapes = [(n // 2 // 1024, 1024), (n // 4 // 512, 512), (n // 8,), (n - n // 2 - n // 4 - n // 8,)]
   keys = jax.random.split(jax.random.key(seed), len(shapes))
-  return {f"p{i}": jax.random.normal(key, shape) for i, (key, shape) in enumerate(zip(keys, shapes))}
+  return {f"p{i}": jax.random.normal(key, shape).astype(dtype) for i, (key, shape) in enumerate(zip(keys, shapes))}
 
 
 def optimizer_step(tx: optax.GradientTransformation):
@@ -88,29 +99,71 @@ def compiled_memory(jitted, *args) -> dict:
           "temp_bytes": int(mem.temp_size_in_bytes)}
 
 
-def bench_optimizer(inner_name: str, k: int, n: int, repeats: int, steps: int, progress) -> list[dict]:
-  """All implementations for one (inner, k, n); interleaved repeats; one row each."""
-  grads_fast = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), make_params(n, 1))
+def bench_optimizer(inner_name: str, k: int, n: int, dtype: str, repeats: int, steps: int, progress) -> list[dict]:
+  """All implementations for one (inner, k, n, params dtype); interleaved repeats; one row each."""
+  grads_fast = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), make_params(n, 1, dtype))
   runs = []
-  for impl in IMPLS:
+  for impl in [i for i in IMPLS if dtype in i.dtypes]:
     tx = impl.build(INNERS[inner_name](), k)
-    params = impl.wrap(make_params(n))
+    params = impl.wrap(make_params(n, 0, dtype))
     state = tx.init(params)
     step = optimizer_step(tx)
     memory = compiled_memory(step, params, state, grads_fast)
-    inner_bytes = tree_bytes(INNERS[inner_name]().init(make_params(n)))
+    inner_bytes = tree_bytes(INNERS[inner_name]().init(make_params(n, 0, dtype)))
     runs.append({"impl": impl.name, "step": step, "args": (params, state), "memory": memory,
                  "state_bytes": tree_bytes(state), "inner_state_bytes": inner_bytes,
-                 "param_bytes": tree_bytes(make_params(n)), "times": []})
+                 "param_bytes": tree_bytes(make_params(n, 0, dtype)), "times": []})
   for _ in range(repeats):
     for run in runs:
       fn = lambda p, s, run=run: run["step"](p, s, grads_fast)
       times, run["args"] = timing.time_steps(fn, run["args"], steps=steps, repeats=1, warmup=2)
       run["times"] += times
       progress.update(1)
-  return [{"inner": inner_name, "k": k, "params": n, "impl": r["impl"], "ms": float(np.median(r["times"])),
-           "times_ms": r["times"], **r["memory"], "state_bytes": r["state_bytes"],
+  return [{"inner": inner_name, "k": k, "params": n, "dtype": dtype, "impl": r["impl"],
+           "ms": float(np.median(r["times"])), "times_ms": r["times"], **r["memory"], "state_bytes": r["state_bytes"],
            "inner_state_bytes": r["inner_state_bytes"], "param_bytes": r["param_bytes"]} for r in runs]
+
+
+def bench_replicas(n: int, repeats: int, steps: int, progress) -> list[dict]:
+  """Non-sync and average steps of SNOO and DiLoCo under shard_map, one replica per local device.
+
+  Each replica holds its own copy of the params (data parallel, no gradient
+  all-reduce); DiLoCo averages the pseudo-gradient over the replicas at a sync.
+  ``k=10**9`` never syncs in the timed steps: the non-sync step alone.
+  """
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((jax.device_count(),), ("replica",))
+  rows = []
+  for k in (5, 10**9):
+    runs = []
+    for name, tx in [("inner", INNERS["adam"]()), ("snoo", snoo(INNERS["adam"](), k)),
+                     ("diloco", diloco(INNERS["adam"](), k, axis_name="replica"))]:
+      local = lambda tree: jax.tree.map(lambda x: x[0], tree)
+      expand = lambda tree: jax.tree.map(lambda x: x[None], tree)
+
+      def body(params, state, grads, tx=tx):
+        updates, state = tx.update(local(grads), local(state), local(params))
+        return expand(optax.apply_updates(local(params), updates)), expand(state)
+
+      step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("replica"), out_specs=P("replica")),
+                     donate_argnums=(0, 1))
+      stack = lambda tree: jax.device_put(jax.tree.map(lambda x: jnp.stack([x] * jax.device_count()), tree),
+                                          jax.sharding.NamedSharding(mesh, P("replica")))
+      params = stack(make_params(n))
+      grads = stack(jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), make_params(n, 1)))
+      state = jax.jit(jax.shard_map(lambda p, tx=tx: expand(tx.init(local(p))), mesh=mesh, in_specs=P("replica"),
+                                    out_specs=P("replica")))(params)
+      runs.append({"impl": name, "step": step, "grads": grads, "args": (params, state), "times": []})
+    for _ in range(repeats):
+      for run in runs:
+        fn = lambda p, s, run=run: run["step"](p, s, run["grads"])
+        times, run["args"] = timing.time_steps(fn, run["args"], steps=steps, repeats=1, warmup=2)
+        run["times"] += times
+        progress.update(1)
+    rows += [{"k": k, "params": n, "replicas": jax.device_count(), "impl": r["impl"],
+              "ms": float(np.median(r["times"])), "times_ms": r["times"]} for r in runs]
+  return rows
 
 
 def training_tasks(quick: bool):
@@ -172,11 +225,11 @@ def count_compiles(steps: int = 1000) -> dict:
 def add_ratios(rows: list[dict]) -> None:
   by_key = {}
   for r in rows:
-    by_key.setdefault((r["inner"], r["k"], r["params"]), {})[r["impl"]] = r["ms"]
+    by_key.setdefault((r["inner"], r["k"], r["params"], r["dtype"]), {})[r["impl"]] = r["ms"]
   for r in rows:
-    group = by_key[(r["inner"], r["k"], r["params"])]
+    group = by_key[(r["inner"], r["k"], r["params"], r["dtype"])]
     r["ratio_vs_inner"] = r["ms"] / group["inner"]
-    r["ratio_vs_optax_lookahead"] = r["ms"] / group["optax.lookahead"]
+    r["ratio_vs_optax_lookahead"] = r["ms"] / group["optax.lookahead"] if "optax.lookahead" in group else None
 
 
 def write_markdown(path: str, result: dict) -> None:
@@ -188,13 +241,24 @@ def write_markdown(path: str, result: dict) -> None:
            "interleaved within each repeat; ratios taken within the same run. Bytes from",
            "`jax.jit(step).lower(...).compile().memory_analysis()` (MiB).", "",
            "## Optimizer-only step (update + apply_updates, jitted, params and state donated)", ""]
-  headers = ["inner", "k", "params", "implementation", "ms/step", "× inner", "× optax.lookahead",
+  headers = ["inner", "k", "params", "dtype", "implementation", "ms/step", "× inner", "× optax.lookahead",
              "argument MiB", "output MiB", "temp MiB", "state − inner state − params (MiB)"]
-  table = [[r["inner"], r["k"], f"{r['params'] / 1e6:.0f}M", r["impl"], f"{r['ms']:.3f}", f"{r['ratio_vs_inner']:.3f}",
-            f"{r['ratio_vs_optax_lookahead']:.3f}", mb(r["argument_bytes"]), mb(r["output_bytes"]), mb(r["temp_bytes"]),
+  ratio = lambda x: "—" if x is None else f"{x:.3f}"
+  table = [[r["inner"], r["k"], f"{r['params'] / 1e6:.0f}M", r["dtype"], r["impl"], f"{r['ms']:.3f}",
+            ratio(r["ratio_vs_inner"]), ratio(r["ratio_vs_optax_lookahead"]), mb(r["argument_bytes"]),
+            mb(r["output_bytes"]), mb(r["temp_bytes"]),
             "—" if r["impl"] in ("inner", "optax.lookahead") else mb(r["state_bytes"] - r["inner_state_bytes"] - r["param_bytes"])]
            for r in result["optimizer"]]
   lines += [report.markdown_table(headers, table), ""]
+  if result.get("replicas"):
+    rows = result["replicas"]
+    base = {r["k"]: r["ms"] for r in rows if r["impl"] == "inner"}
+    lines += [f"## SNOO and DiLoCo under shard_map ({rows[0]['replicas']} replica(s), one per device, Adam inner, "
+              f"{rows[0]['params'] / 1e6:.0f}M params each)", "",
+              "k = 10⁹ never syncs in the timed steps: the non-sync step alone.", "",
+              report.markdown_table(["k", "implementation", "ms/step", "× inner"],
+                                    [[r["k"] if r["k"] < 10**9 else "10⁹", r["impl"], f"{r['ms']:.3f}",
+                                      f"{r['ms'] / base[r['k']]:.3f}"] for r in rows]), ""]
   if result["training"]:
     lines += ["## Full training step (forward, backward, Adam update), bare vs lookahead(adam, k=5)", ""]
     base = {r["task"]: r["ms"] for r in result["training"] if r["impl"] == "inner"}
@@ -203,17 +267,17 @@ def write_markdown(path: str, result: dict) -> None:
         [[r["task"], r["params"], r["impl"], f"{r['ms']:.3f}", f"{r['ms'] / base[r['task']]:.3f}"]
          for r in result["training"]]), ""]
   lines += ["## What the compiled program does", "",
-            "A non-sync lookahead step compiles to the inner optimizer's own loop fusions, with the sync",
-            "arithmetic selected element-wise inside the fusion that writes the params, plus a `conditional`",
-            "whose non-sync branch passes the slow weights (and inner state) through untouched and whose sync",
-            "branch copies `params + updates` into them. No param-sized temporaries (`temp` above) and no copies",
-            "of donated buffers outside the sync branch. The remaining cost is one extra read stream: the",
-            "fused loop reads the slow weights on every step, because `jnp.where` evaluates its sync operand.",
-            "On a memory-bound machine that bounds the ratio at (streams + 1) / streams of the bare step:",
-            "SGD 4/3, SGD+momentum 6/5 (XLA emits a momentum fusion and a params fusion), Adam 11/10 (moment,",
-            "second moment and params fusions); `reset` adds the zero-fill of the moments every k steps.",
-            "Moving the update into a `lax.cond` instead materialises it: two more streams and a param-sized",
-            "temporary. `optax.lookahead` runs its selects as separate passes with param-sized temporaries.", ""]
+            "A non-sync lookahead step compiles to the inner optimizer's own loop fusions with the landing",
+            "(`where(sync, land on the slow weights, inner update)`) fused into the fusion that writes the params,",
+            "plus `conditional`s whose non-sync branches pass the slow weights, outer state and inner state",
+            "through untouched. Plain Lookahead computes its slow step element-wise inside that fusion; SNOO,",
+            "`slow_dtype`, adaptive alpha and DiLoCo compute it in a sync-only branch before the landing. Either way",
+            "the one extra cost of a non-sync step is one read stream of the slow weights (`tests/test_compiled.py`",
+            "checks this, and that no donated buffer is copied, for every path). On a memory-bound machine that",
+            "bounds the ratio at (streams + 1) / streams of the bare step: SGD 4/3, SGD+momentum 6/5, Adam 11/10.",
+            "A sync step adds the sync branch; staged paths run the k-th inner step a second time there and",
+            "materialise the pseudo-gradient (temp above). The placement check compares params and slow weights",
+            "once per cycle. `optax.lookahead` runs its selects as separate passes with param-sized temporaries.", ""]
   c = result["compiles"]
   lines += [f"Compile check: {c['steps']} jitted lookahead steps traced {c['traces']} time(s), "
             f"{c['compiled']} compiled executable(s).", ""]
@@ -234,7 +298,8 @@ def plot(path: str, rows: list[dict]) -> None:
     for j, inner in enumerate(inners):
       ax = axes[i][j]
       for impl in [m.name for m in IMPLS[1:]]:
-        pts = sorted((r["params"], r["ratio_vs_inner"]) for r in rows if r["inner"] == inner and r["k"] == k and r["impl"] == impl)
+        pts = sorted((r["params"], r["ratio_vs_inner"]) for r in rows
+                     if r["inner"] == inner and r["k"] == k and r["impl"] == impl and r["dtype"] == "float32")
         if pts:
           ax.plot([p for p, _ in pts], [q for _, q in pts], marker="o", label=impl)
       ax.axhline(1.0, color="gray", lw=0.8)
@@ -254,7 +319,9 @@ def parse_args(argv=None):
   parser.add_argument("--quick", action="store_true", help="small subset: adam, k=5, 1M params, 3 repeats of 20 steps")
   parser.add_argument("--inners", default=",".join(INNERS), help=f"comma-separated inner optimizers from {list(INNERS)}")
   parser.add_argument("--ks", default="5,10", help="comma-separated sync periods k (default 5,10)")
-  parser.add_argument("--sizes", default="1000000,8000000,32000000", help="comma-separated parameter counts")
+  parser.add_argument("--sizes", default="1000000,8000000", help="comma-separated parameter counts")
+  parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated params dtypes")
+  parser.add_argument("--no-replicas", action="store_true", help="skip the SNOO/DiLoCo shard_map comparison")
   parser.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration (default 5)")
   parser.add_argument("--steps", type=int, default=50, help="steps per timed repeat (default 50)")
   parser.add_argument("--no-training", action="store_true", help="skip the full-training-step comparison")
@@ -264,11 +331,15 @@ def parse_args(argv=None):
   args = parser.parse_args(argv)
   if args.quick:
     args.inners, args.ks, args.sizes, args.repeats, args.steps = "adam", "5", "1000000", 3, 20
+    args.dtypes = "float32"
   args.inners = args.inners.split(",")
   unknown = [i for i in args.inners if i not in INNERS]
   if unknown:
     parser.error(f"--inners: unknown inner optimizer(s) {unknown}; choose from {list(INNERS)}")
   args.ks = [int(k) for k in args.ks.split(",")]
+  args.dtypes = args.dtypes.split(",")
+  if set(args.dtypes) - {"float32", "bfloat16"}:
+    parser.error(f"--dtypes: choose from float32, bfloat16; got {args.dtypes}")
   args.sizes = [int(float(n)) for n in args.sizes.split(",")]
   if min(args.ks) < 1 or min(args.sizes) < 4096 or args.repeats < 1 or args.steps < 1:
     parser.error("--ks must be >= 1, --sizes >= 4096, --repeats and --steps >= 1")
@@ -278,15 +349,18 @@ def parse_args(argv=None):
 def run(args, argv=()) -> dict:
   from tqdm.auto import tqdm
 
-  configs = [(i, k, n) for i in args.inners for k in args.ks for n in args.sizes]
-  total = len(configs) * len(IMPLS) * args.repeats + (0 if args.no_training else 4 * args.repeats)
+  configs = [(i, k, n, d) for i in args.inners for k in args.ks for n in args.sizes for d in args.dtypes]
+  impls = lambda d: sum(d in i.dtypes for i in IMPLS)
+  total = (sum(impls(c[3]) for c in configs) * args.repeats + (0 if args.no_training else 4 * args.repeats)
+           + (0 if args.no_replicas else 6 * args.repeats))
   with tqdm(total=total, desc="overhead", mininterval=2.0) as progress:
     optimizer_rows = [row for c in configs for row in bench_optimizer(*c, args.repeats, args.steps, progress)]
+    replica_rows = [] if args.no_replicas else bench_replicas(max(args.sizes), args.repeats, args.steps, progress)
     training_rows = [] if args.no_training else bench_training(args.quick, args.repeats, args.steps, progress)
   add_ratios(optimizer_rows)
   env = report.environment()
   return {"device": args.device_tag or env["device"], "environment": env, "argv": list(argv),
-          "repeats": args.repeats, "steps": args.steps, "optimizer": optimizer_rows,
+          "repeats": args.repeats, "steps": args.steps, "optimizer": optimizer_rows, "replicas": replica_rows,
           "training": training_rows, "compiles": count_compiles()}
 
 

@@ -9,8 +9,12 @@ def test_overhead_cli_writes_results(tmp_path):
   overhead.main(["--inners", "sgd+momentum", "--ks", "2", "--sizes", "8192", "--repeats", "1", "--steps", "2",
                  "--no-training", "--out", str(tmp_path)])
   result = json.loads((tmp_path / "overhead.json").read_text())
-  impls = [r["impl"] for r in result["optimizer"]]
-  assert impls == [i.name for i in overhead.IMPLS]
+  for dtype in ("float32", "bfloat16"):
+    impls = [r["impl"] for r in result["optimizer"] if r["dtype"] == dtype]
+    assert impls == [i.name for i in overhead.IMPLS if dtype in i.dtypes]
+  assert "lookahead, slow_dtype=float32" in impls and "snoo" in impls
+  assert [(r["k"], r["impl"]) for r in result["replicas"]] == [
+      (k, impl) for k in (5, 10**9) for impl in ("inner", "snoo", "diloco")]
   for row in result["optimizer"]:
     assert row["ms"] > 0 and row["temp_bytes"] >= 0
   assert result["compiles"] == {"steps": 1000, "traces": 1, "compiled": 1}
