@@ -21,21 +21,22 @@ def is_all_reduce(primitive_name: str) -> bool:
 
 
 def count_all_reduces(closed_jaxpr) -> dict:
-  """All-reduces in a per-replica program: ``{"every_step": n, "sync_branch": n, "other_branch": n}``.
+  """All-reduces in a per-replica program: ``{"every_step": n, "conditional": n}``.
 
   One ``psum`` equation reduces a whole pytree in one collective: one round.
-  Collectives inside a top-level ``cond`` count only for the branch they sit in
-  (``branches[1]``, taken when the predicate is true, is the sync branch).
+  Collectives outside any ``cond`` run at every call; those inside a branch of
+  a top-level ``cond`` (Lookahead's commit at a sync) run only when that
+  branch is taken.
   """
-  counts = {"every_step": 0, "sync_branch": 0, "other_branch": 0}
+  counts = {"every_step": 0, "conditional": 0}
 
   def walk(jx, where):
     for eqn in jx.eqns:
       if is_all_reduce(eqn.primitive.name):
         counts[where] += 1
       if eqn.primitive.name == "cond" and where == "every_step":
-        for i, branch in enumerate(eqn.params["branches"]):
-          walk(branch.jaxpr, "sync_branch" if i == 1 else "other_branch")
+        for branch in eqn.params["branches"]:
+          walk(branch.jaxpr, "conditional")
         continue
       for value in eqn.params.values():
         for sub in subjaxprs(value):

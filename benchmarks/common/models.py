@@ -46,7 +46,7 @@ class Conv3x3(nnx.Module):
     # The 9 shifted views by static slicing, ordered (channel, dy, dx) like conv_general_dilated_patches.
     views = [padded[:, dy : dy + s * h : s, dx : dx + s * w : s] for dy in range(3) for dx in range(3)]
     patches = jnp.stack(views, axis=-1).reshape(x.shape[0], h, w, -1)
-    return patches @ self.kernel + self.bias
+    return patches @ self.kernel + self.bias.reshape(1, 1, 1, -1)
 
 
 def _same_padding(size: int, stride: int) -> tuple[int, int]:

@@ -10,7 +10,7 @@ optimizer reduces over), a grid of learning rates and seeds around them.
 
 Communication rounds are counted from the program each replica runs (its
 jaxpr, with the replica axis bound): all-reduces outside any ``cond`` run every
-step, those in the sync branch once per sync. Under ``vmap`` a ``lax.cond`` on a
+step, those inside Lookahead's conditional commit once per sync. Under ``vmap`` a ``lax.cond`` on a
 replica's counter becomes a ``select`` that evaluates both branches, so the
 simulation's wall time says nothing about real communication cost: only
 losses and round counts are reported.
@@ -131,8 +131,9 @@ def communication(cfg: dict, prob: grid.Problem) -> dict:
     tx, h = per_replica(family, 1e-3, cfg), sync_period(family)
     counts = jaxpr.count_all_reduces(jax.make_jaxpr(tx.update, axis_env=[(AXIS, cfg["replicas"])])(
         params, tx.init(params), params))
-    # A round: one step's all-reduces (XLA combines the per-leaf ones into one collective).
-    per_period = h if counts["every_step"] else (counts["sync_branch"] > 0) + (h - 1) * (counts["other_branch"] > 0)
+    # A round: one step's all-reduces (XLA combines the per-leaf ones into one collective); those inside
+    # Lookahead's conditional commit run once per sync.
+    per_period = h if counts["every_step"] else int(counts["conditional"] > 0)
     out[family] = {"period": h, "all_reduces": counts, "rounds_per_period": int(per_period),
                    "rounds_total": cfg["steps"] * per_period / h}
   return out
@@ -150,10 +151,9 @@ def extras_section(res: dict, figdir: str) -> str:
   cfg = res["config"]
   samples = cfg["replicas"] * cfg["replica_batch"]
   lines = [f"### Communication ({cfg['replicas']} replicas, {samples} sequences per step in all, every method)", "",
-           "All-reduces in the per-replica program: every step / in the sync branch / in the non-sync branch.", ""]
-  rows = [[m, f"{c['all_reduces']['every_step']} / {c['all_reduces']['sync_branch']} / "
-              f"{c['all_reduces']['other_branch']}", f"{c['rounds_per_period']} per {c['period']} step(s)",
-           f"{c['rounds_total']:g}"] for m, c in comm.items()]
+           "All-reduces in the per-replica program: at every step / inside the commit that runs only at a sync.", ""]
+  rows = [[m, f"{c['all_reduces']['every_step']} / {c['all_reduces']['conditional']}",
+           f"{c['rounds_per_period']} per {c['period']} step(s)", f"{c['rounds_total']:g}"] for m, c in comm.items()]
   lines += [report.markdown_table(["method", "all-reduces in program", "rounds", "rounds in the run"], rows), ""]
   plt = report.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.9))
