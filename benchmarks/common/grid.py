@@ -5,7 +5,10 @@ differs between runs (learning rate, alpha, momentum, seed) enters the program
 as traced values on one ``vmap``-ed axis. So a grid of 6 learning rates x 5
 seeds compiles once and trains as one batched computation, with its batches
 drawn on the device; evaluation runs inside the same program every
-``eval_every`` steps (the anytime curves).
+``eval_every`` steps (the anytime curves). With ``chunk``, the runs go through
+in vmapped chunks of that size, one chunk after another: a run then does the
+same arithmetic, to the bit, in any grid that holds it at the same place in a
+chunk, so a smaller grid reproduces part of a larger one exactly.
 
 - ``Problem``: a task as pure functions of params, data and keys.
 - ``settings_by_seeds``: the run axis from a list of settings and seeds.
@@ -79,7 +82,8 @@ def settings_by_seeds(settings: Sequence[dict], seeds: Sequence[int]) -> tuple[d
 
 def train_grid(problem: Problem, make_optimizer: Callable[[dict], optax.GradientTransformation], hparams: dict,
                seeds: Sequence[int], steps: int, eval_every: int,
-               weights: Callable[[Any, Any], dict] = main_weights, segments: Sequence[tuple] | None = None) -> Grid:
+               weights: Callable[[Any, Any], dict] = main_weights, segments: Sequence[tuple] | None = None,
+               chunk: int | None = None) -> Grid:
   """Trains one run per entry of ``seeds`` (with ``hparams[name][i]``), all in one compiled program.
 
   ``make_optimizer(hp)`` builds the optimizer of one run from its
@@ -88,7 +92,8 @@ def train_grid(problem: Problem, make_optimizer: Callable[[dict], optax.Gradient
   to evaluate (default: the slow weights of a Lookahead optimizer, else the
   params). ``segments``, a list of ``(length, count)``, evaluates after every
   ``length`` steps ``count`` times, segment after segment (default: every
-  ``eval_every`` steps).
+  ``eval_every`` steps). ``chunk``: train the runs in vmapped chunks of this
+  size (the last one padded), one after another, instead of all at once.
   """
   seeds = np.asarray(seeds, np.int32)
   hparams = {k: np.asarray(v, np.float32) for k, v in hparams.items()}
@@ -118,20 +123,29 @@ def train_grid(problem: Problem, make_optimizer: Callable[[dict], optax.Gradient
 
     carry, losses, curves, start = (params, tx.init(params)), [], [], 0
     for length, count in segments:
-      def chunk(carry, i, start=start, length=length):
+      def steps_then_evaluate(carry, i, start=start, length=length):
         carry, loss = jax.lax.scan(step, carry, start + i * length + jnp.arange(length))
         return carry, (loss, {name: problem.evaluate(w, data) for name, w in weights(*carry).items()})
 
-      carry, (loss, metrics) = jax.lax.scan(chunk, carry, jnp.arange(count))
+      carry, (loss, metrics) = jax.lax.scan(steps_then_evaluate, carry, jnp.arange(count))
       losses.append(loss.reshape(-1))
       curves.append(metrics)
       start += length * count
     curves = jax.tree.map(lambda *xs: jnp.concatenate(xs), *curves)
     return weights(*carry), jnp.concatenate(losses), curves
 
-  program = jax.jit(jax.vmap(run, in_axes=(0, 0, 0, None)))
-  (final, losses, curves), compile_s, run_s = timing.compile_then_run(
-      program, params, {k: jnp.asarray(v) for k, v in hparams.items()}, jnp.asarray(seeds), problem.data)
+  runs = (params, {k: jnp.asarray(v) for k, v in hparams.items()}, jnp.asarray(seeds))
+  if chunk:
+    # Chunks of `chunk` runs, vmapped, one after another: a run's arithmetic is then the same in any grid.
+    pad = -len(seeds) % chunk
+    grow = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]).reshape(-1, chunk, *x.shape[1:])
+    batched = jax.vmap(run, in_axes=(0, 0, 0, None))
+    program = jax.jit(lambda runs, data: jax.tree.map(
+        lambda x: x.reshape(-1, *x.shape[2:])[: len(seeds)],
+        jax.lax.map(lambda r: batched(*r, data), jax.tree.map(grow, runs))))
+  else:
+    program = jax.jit(lambda runs, data: jax.vmap(run, in_axes=(0, 0, 0, None))(*runs, data))
+  (final, losses, curves), compile_s, run_s = timing.compile_then_run(program, runs, problem.data)
   eval_steps = np.concatenate([s0 + length * (1 + np.arange(count)) for (length, count), s0 in
                                zip(segments, np.cumsum([0] + [l * c for l, c in segments[:-1]]))])
   return Grid(hparams, seeds, eval_steps, jax.tree.map(np.asarray, curves), np.asarray(losses), final,

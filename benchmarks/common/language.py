@@ -16,7 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import data, grid, train
+from flax import nnx
+
+from benchmarks.common import data, grid, models, train
+from benchmarks.common import tuning
+from benchmarks.common.tuning import Metric
+
+
+def transformer(cfg: dict, seed: int) -> models.TransformerLM:
+  """A character ``models.TransformerLM`` of ``cfg``'s ``dim``, ``heads``, ``layers`` over windows of ``seq_len``."""
+  return models.TransformerLM(len(data.CHAR_VOCAB), dim=cfg["dim"], heads=cfg["heads"], layers=cfg["layers"],
+                              max_len=cfg["seq_len"], rngs=nnx.Rngs(seed))
 
 
 def chunked(split: data.Split, chunk: int) -> dict:
@@ -71,3 +81,27 @@ def split_losses(apply, weights, d: dict) -> dict:
   """``{"train", "val", "test"}``: mean cross-entropy (nats per character) of whole splits (train: its first part)."""
   return {name: mean_loss(apply, weights, d[key]) for name, key in (("train", "train_eval"), ("val", "val"),
                                                                      ("test", "test"))}
+
+
+def loss_metric(key: str, label: str) -> Metric:
+  return Metric(key, label, False, 1.0, 4)
+
+
+METRICS = dict(
+    select=loss_metric("val_loss", "val loss (nats/char)"),
+    headline=loss_metric("test_loss", "test loss (nats/char)"),
+    columns=(loss_metric("final_train_loss", "final train loss"), loss_metric("val_loss", "val loss"),
+             loss_metric("test_loss", "test loss")),
+    tolerance=(0.01, True),
+)
+"""How a character-LM task is tuned and judged (``tuning.Task`` fields): per-character cross-entropy."""
+
+
+def finals(apply, g: grid.Grid, d: dict, weights=lambda w: w, replicas: int = 1) -> dict:
+  """``{"main": {train_loss, val_loss, test_loss, final_train_loss}}`` of a grid's final weights.
+
+  ``weights`` picks the weights to evaluate from a run's; ``replicas`` divides the
+  training loss when a run sums it over replicas.
+  """
+  losses = grid.map_runs(lambda w, d: split_losses(apply, weights(w), d), g.weights["main"], d)
+  return {"main": {f"{k}_loss": v for k, v in losses.items()} | {"final_train_loss": tuning.tail_mean(g.losses) / replicas}}

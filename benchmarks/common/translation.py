@@ -4,8 +4,8 @@
 writes one word, so the model must reorder, not only substitute. The data is
 generated (nothing to download); train, validation and test numbers are
 disjoint. The model is ``models.Seq2SeqTransformer``; here are its loss, greedy
-decoding, exact match and character BLEU, Vaswani et al.'s learning-rate
-schedule, and data-parallel training over a device mesh.
+decoding, exact match (in one teacher-forced pass), Vaswani et al.'s
+learning-rate schedule, and data-parallel training over a device mesh.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from benchmarks.common import data, grid, models, train
+from benchmarks.common import data, grid, models, train, tuning
+from benchmarks.common.tuning import Metric
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -155,21 +156,6 @@ class Translation(NamedTuple):
 
     return jax.lax.fori_loop(0, length - 1, step, tgt)
 
-  def strings(self, tokens) -> list[str]:
-    """German strings of decoded target tokens (BOS first; everything from the first EOS on dropped)."""
-    out = []
-    for row in np.asarray(tokens):
-      chars = []
-      for t in row[1:]:
-        if t in (EOS, PAD):
-          break
-        chars.append(self.data.tgt_vocab[t] if t > EOS else "")
-      out.append("".join(chars))
-    return out
-
-  def references(self, split: str) -> list[str]:
-    return [german_number(int(n)) for n in self.data.numbers[split]]
-
   def problem(self, batch_size: int) -> grid.Problem:
     """The task for the grid trainer: shuffled epochs of ``batch_size`` pairs, validation loss as the curve."""
     arrays = {k: data.Split(jnp.asarray(s.x), jnp.asarray(s.y))
@@ -182,9 +168,9 @@ class Translation(NamedTuple):
         data=arrays)
 
   def test_metrics(self, weights, d: dict) -> dict:
-    """``{val_loss, test_loss, exact_match}`` of one run's weights (traceable; ``d``: ``problem().data``)."""
-    return {"val_loss": self.loss(weights, d["val"]), "test_loss": self.loss(weights, d["test"]),
-            "exact_match": self.exact(weights, d["test"]).mean()}
+    """``{val_loss, val_exact_match, test_loss, exact_match}`` of one run's weights (``d``: ``problem().data``)."""
+    return {"val_loss": self.loss(weights, d["val"]), "val_exact_match": self.exact(weights, d["val"]).mean(),
+            "test_loss": self.loss(weights, d["test"]), "exact_match": self.exact(weights, d["test"]).mean()}
 
 
 def make_task(n_train: int = 700, n_val: int = 100, n_test: int = 200, max_number: int = 1000, dim: int = 32,
@@ -193,6 +179,27 @@ def make_task(n_train: int = 700, n_val: int = 100, n_test: int = 200, max_numbe
   ds = number_words(n_train, n_val, n_test, max_number, data_seed)
   sizes = dict(dim=dim, heads=heads, layers=layers)
   return Translation(ds, nnx.split(_model(ds, 0, **sizes))[0], sizes)
+
+
+def from_config(cfg: dict) -> Translation:
+  """:func:`make_task` from a config's ``n_train``, ``n_val``, ``n_test``, ``max_number``, ``dim``, ``heads``, ``layers``."""
+  return make_task(cfg["n_train"], cfg["n_val"], cfg["n_test"], cfg["max_number"], cfg["dim"], cfg["heads"],
+                   cfg["layers"])
+
+
+def finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
+  """Validation and test loss and exact match of a grid's final weights (``tuning.Task.finals``)."""
+  out = grid.map_runs(from_config(cfg).test_metrics, g.weights["main"], prob.data)
+  return {"main": out | {"train_loss": tuning.tail_mean(g.losses)}}
+
+
+METRICS = dict(
+    select=Metric("val_loss", "val loss", False, 1.0, 4),
+    headline=Metric("exact_match", "exact match %", True, 100.0),
+    columns=(Metric("train_loss", "final train loss", False, 1.0, 4), Metric("val_loss", "val loss", False, 1.0, 4),
+             Metric("test_loss", "test loss", False, 1.0, 4), Metric("exact_match", "exact match %", True, 100.0)),
+)
+"""How a translation task is tuned and judged (``tuning.Task`` fields): validation loss, test exact match."""
 
 
 def _model(ds: TranslationData, seed: int, dim: int, heads: int, layers: int) -> models.Seq2SeqTransformer:
@@ -216,13 +223,6 @@ def exact_match(pred, target) -> float:
   after_eos = np.cumsum(pred == EOS, axis=1) - (pred == EOS) > 0
   pred = np.where(after_eos, PAD, pred)
   return float(np.mean(np.all(pred == target, axis=1)))
-
-
-def char_bleu(hypotheses: list[str], references: list[str]) -> float:
-  """Corpus BLEU on characters (``sacrebleu``, ``tokenize="char"``): each German target is one word."""
-  import sacrebleu
-
-  return float(sacrebleu.corpus_bleu(hypotheses, [references], tokenize="char").score)
 
 
 def warmup_rsqrt(peak, warmup: int, use_warmup: bool = True):

@@ -11,10 +11,12 @@
   over the seeds; a setting in which any seed diverged never wins.
 - Every setting runs every seed (the same seeds, so the same initialisations
   and batch orders, for every method), a method's settings in one compiled
-  program (``grid.train_grid``).
-- LA(X) also runs at alpha 0.5 on every rate of X's grid. Those extra runs are
-  never eligible for tuning; they give the learning-rate sensitivity curve and
-  "Lookahead at the inner optimizer's tuned rate", the robustness result.
+  program (``grid.train_grid``), one vmapped chunk of seeds per setting, so a
+  run gives the same numbers, to the bit, whatever else its grid holds.
+- LA(X) also runs at alpha 0.5 on every rate of X's grid (``cfg["sensitivity"]``:
+  True, False or the LA families that do). Those extra runs are never eligible
+  for tuning; they give the learning-rate sensitivity curve and "Lookahead at
+  the inner optimizer's tuned rate", the robustness result.
 
 A task (``paper.image``, ``outer.snoo``, ...) states what is particular to it
 in a ``Task``; ``run_task`` trains it, ``verdicts`` reports it.
@@ -28,7 +30,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from benchmarks.common import grid, stats
+import optax
+
+from benchmarks.common import baselines, grid, stats
+from lookahead_optax import lookahead
 
 ALPHAS = (0.5, 0.8)
 """Lookahead's slow step sizes, tried inside its tuning budget."""
@@ -55,8 +60,6 @@ class Task(NamedTuple):
 
   name: str
   title: str
-  methods: dict
-  """``method -> (family, weights)``: the program that trains it and which of its weights to evaluate."""
   select: Metric
   """Validation metric that picks each method's tuned setting (and the sensitivity curve)."""
   headline: Metric
@@ -67,20 +70,28 @@ class Task(NamedTuple):
   """``(tolerance, relative)`` of the learning-rate range (``stats.lr_range``) on ``select``."""
   paper: dict
   """``"X vs LA(X)" -> what the paper reports`` for each verdict."""
-  paper_table: tuple
-  """``(column headers, {method: cells})``: the paper's numbers, printed beside the main table."""
   problem: Callable
   """``cfg -> grid.Problem``."""
   optimizer: Callable
   """``(family, cfg) -> (hp -> GradientTransformation)``."""
-  weights: Callable
-  """``(family, cfg) -> weights(params, opt_state) -> {name: weights}``."""
   finals: Callable
   """``(cfg, problem, Grid) -> {weights name: {metric: [runs]}}``: metrics of the final weights."""
+  methods: dict | None = None
+  """``method -> (family, weights)``: the program that trains it and which of its weights to evaluate;
+  by default every method is a family of its own, evaluated on its ``"main"`` weights."""
+  paper_table: tuple = ([], {})
+  """``(column headers, {method: cells})``: the paper's numbers, printed beside the main table."""
+  weights: Callable | None = None
+  """``(family, cfg) -> weights(params, opt_state) -> {name: weights}``; default ``grid.main_weights``."""
   extras: Callable | None = None
   """``(cfg, problem, result, seeds) -> dict`` of extra sections (full run only), or None."""
   sweep: Metric | None = None
   """Metric of the learning-rate sensitivity view, if not ``select``."""
+
+
+def family_of(task: Task, method: str) -> tuple[str, str]:
+  """``(family, weights name)`` of a method of ``task``."""
+  return task.methods[method] if task.methods else (method, "main")
 
 
 def wrapper_of(method: str) -> str | None:
@@ -99,6 +110,27 @@ def inner_of(method: str) -> str:
   return match.group(2) if match else method
 
 
+def optimizer_of(family: str, inner: Callable[[str, dict, dict], optax.GradientTransformation], cfg: dict,
+                 polyak: tuple = ()) -> Callable[[dict], optax.GradientTransformation]:
+  """``hp -> optimizer`` of a family: ``inner(name, hp, cfg)`` bare, in Lookahead (``cfg["k"]``, ``hp["alpha"]``),
+  or, for the families in ``polyak``, keeping the Polyak average of its iterates over the second half of training.
+  """
+  def make(hp):
+    tx = inner(inner_of(family), hp, cfg)
+    if is_lookahead(family):
+      return lookahead(tx, cfg["k"], hp["alpha"])
+    return baselines.polyak_average(tx, start=cfg["steps"] // 2) if family in polyak else tx
+
+  return make
+
+
+def weights_of(family: str, polyak: tuple = ()) -> Callable:
+  """What a family's runs evaluate: the main weights, and for the families in ``polyak`` their Polyak average."""
+  if family in polyak:
+    return lambda params, opt_state: {"main": params, "polyak": baselines.polyak_params(params, opt_state)}
+  return grid.main_weights
+
+
 def settings(family: str, cfg: dict) -> list[dict]:
   """The settings a family trains, each ``{"lr", ["alpha" | "variant"], "eligible"}``.
 
@@ -110,7 +142,8 @@ def settings(family: str, cfg: dict) -> list[dict]:
   if wrapper != "LA":
     return [{"lr": lr, "variant": v, "eligible": True} for v in cfg["variants"][wrapper] for lr in lrs]
   out = [{"lr": lr, "alpha": a, "eligible": True} for lr in lrs for a in ALPHAS]
-  if cfg.get("sensitivity", True):
+  sensitivity = cfg.get("sensitivity", True)
+  if sensitivity is True or family in (sensitivity or ()):
     out += [{"lr": float(lr), "alpha": ROBUST_ALPHA, "eligible": False} for lr in cfg["grids"][inner_of(family)]
             if not any(np.isclose(lr, s["lr"]) and s["alpha"] == ROBUST_ALPHA for s in out)]
   return out
@@ -118,7 +151,7 @@ def settings(family: str, cfg: dict) -> list[dict]:
 
 def check_budget(task: Task, cfg: dict) -> int:
   """The tuning budget (settings per method), the same for every method of ``cfg["methods"]``, or a ValueError."""
-  budgets = {m: sum(s["eligible"] for s in settings(task.methods[m][0], cfg)) for m in cfg["methods"]}
+  budgets = {m: sum(s["eligible"] for s in settings(family_of(task, m)[0], cfg)) for m in cfg["methods"]}
   if len(set(budgets.values())) != 1:
     raise ValueError(f"{task.name}: every method needs the same number of tuning settings, got {budgets}.")
   return next(iter(budgets.values()))
@@ -129,16 +162,16 @@ def run_task(task: Task, cfg: dict, seeds: Sequence[int], log: Callable[[str], N
   budget = check_budget(task, cfg)
   seeds = [int(s) for s in seeds]
   problem = task.problem(cfg)
-  families = list(dict.fromkeys(task.methods[m][0] for m in cfg["methods"]))
+  families = list(dict.fromkeys(family_of(task, m)[0] for m in cfg["methods"]))
   result: dict[str, Any] = {"task": task.name, "config": dict(cfg), "seeds": seeds, "budget": budget,
                             "methods": {}, "programs": []}
   for family in families:
-    rows = {m: [] for m in cfg["methods"] if task.methods[m][0] == family}
+    rows = {m: [] for m in cfg["methods"] if family_of(task, m)[0] == family}
     for variant in dict.fromkeys(s.get("variant") for s in settings(family, cfg)):
       sets = [s for s in settings(family, cfg) if s.get("variant") == variant]
       for method, method_rows in rows.items():
         method_rows += _train_program(task, problem, family, dict(cfg, variant=variant), sets, seeds, result, log,
-                                      task.methods[method][1])
+                                      family_of(task, method)[1])
     for method, method_rows in rows.items():
       result["methods"][method] = {"family": family, "settings": method_rows,
                                    "best": best_setting(method_rows, task.select)}
@@ -154,8 +187,9 @@ def _train_program(task, problem, family, cfg, sets, seeds, result, log, weights
   cache = result.setdefault("_trained", {})
   if key not in cache:  # methods sharing a family (SGD and Polyak) share its runs
     hparams, seed_axis = grid.settings_by_seeds([{k: s[k] for k in ("lr", "alpha") if k in s} for s in sets], seeds)
+    # One chunk per setting: a setting's runs are then the same, to the bit, in a quick run as in the full run.
     g = grid.train_grid(problem, task.optimizer(family, cfg), hparams, seed_axis, cfg["steps"], cfg["eval_every"],
-                        weights=task.weights(family, cfg))
+                        weights=task.weights(family, cfg) if task.weights else grid.main_weights, chunk=len(seeds))
     start = time.perf_counter()
     finals = task.finals(cfg, problem, g)
     eval_s = time.perf_counter() - start

@@ -102,7 +102,7 @@ def task_section(task: Task, res: dict, figdir: str, number: int, extra_section=
               report.markdown_table(["comparison", f"inner {task.headline.label}", f"Lookahead {task.headline.label}",
                                      "difference [95% CI]", "Welch p", "verdict"], robust), ""]
   sweep = task.sweep or task.select
-  if cfg.get("sensitivity", True) and lookahead_pairs(res):
+  if lookahead_pairs(res, swept=True):
     lines += sensitivity_section(task, res, sweep, figdir)
   lines += [f"### Anytime: {task.select.label} against step, tuned settings", "",
             f"![anytime]({anytime_figure(task, res, figdir)})", ""]
@@ -130,9 +130,11 @@ def robustness(task: Task, res: dict) -> list[list]:
   return rows
 
 
-def lookahead_pairs(res: dict) -> list:
-  """The (X, LA(X)) pairs of a result: those with a robustness and a sensitivity view."""
-  return [(base, la) for base, la in res["config"]["pairs"] if tuning.is_lookahead(la)]
+def lookahead_pairs(res: dict, swept: bool = False) -> list:
+  """The (X, LA(X)) pairs of a result (with ``swept``: those whose LA ran the sensitivity sweep)."""
+  sensitivity = res["config"].get("sensitivity", True)
+  return [(base, la) for base, la in res["config"]["pairs"] if tuning.is_lookahead(la)
+          and (not swept or sensitivity is True or la in (sensitivity or ()))]
 
 
 def sensitivity_section(task: Task, res: dict, metric: Metric, figdir: str) -> list[str]:
@@ -142,7 +144,7 @@ def sensitivity_section(task: Task, res: dict, metric: Metric, figdir: str) -> l
            f"Good range: the contiguous learning rates around each method's best whose mean is within {tol_text}; "
            "width = highest / lowest good rate.", ""]
   rows, curves = [], {}
-  for base, la in lookahead_pairs(res):
+  for base, la in lookahead_pairs(res, swept=True):
     for method in (base, la):
       s = tuning.sensitivity(res, method, metric, task.tolerance)
       curves[method] = s
@@ -157,7 +159,7 @@ def sensitivity_section(task: Task, res: dict, metric: Metric, figdir: str) -> l
 
 def sensitivity_figure(task: Task, res: dict, curves: dict, metric: Metric, figdir: str) -> str:
   plt = report.pyplot()
-  pairs = lookahead_pairs(res)
+  pairs = lookahead_pairs(res, swept=True)
   fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 3.8), squeeze=False)
   for ax, (base, la) in zip(axes[0], pairs):
     for method, style in ((base, "--"), (la, "-")):

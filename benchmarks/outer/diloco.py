@@ -29,7 +29,6 @@ import optax
 from flax import nnx
 
 from benchmarks.common import data, grid, jaxpr, language, models, report, train, tuning
-from benchmarks.common.tuning import Metric
 from lookahead_optax import diloco
 
 AXIS = "replica"
@@ -78,16 +77,11 @@ def per_replica(family: str, lr, cfg: dict) -> optax.GradientTransformation:
   return diloco(adamw, h, 0.7, 0.9, axis_name=AXIS)
 
 
-def model(cfg: dict, seed: int) -> models.TransformerLM:
-  return models.TransformerLM(len(data.CHAR_VOCAB), dim=cfg["dim"], heads=cfg["heads"], layers=cfg["layers"],
-                              max_len=cfg["seq_len"], rngs=nnx.Rngs(seed))
-
-
 def problem(cfg: dict) -> grid.Problem:
   """A run: M replicas of one model, each on batches from its own shard of the training text."""
   m = cfg["replicas"]
-  base = language.problem(cfg, lambda seed: model(cfg, seed))
-  apply = train.functional_params(model(cfg, 0))[0]
+  base = language.problem(cfg, lambda seed: language.transformer(cfg, seed))
+  apply = train.functional_params(language.transformer(cfg, 0))[0]
   arrays = dict(base.data)
   tokens = np.asarray(arrays.pop("train"))
   arrays["shards"] = jnp.asarray(np.stack([s[: len(tokens) // m] for s in np.array_split(tokens, m)]))
@@ -117,10 +111,8 @@ def optimizer(family: str, cfg: dict):
 
 
 def finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
-  apply = train.functional_params(model(cfg, 0))[0]
-  losses = grid.map_runs(lambda w, d: language.split_losses(apply, first_replica(w), d), g.weights["main"], prob.data)
-  train_loss = tuning.tail_mean(g.losses) / cfg["replicas"]
-  return {"main": {f"{k}_loss": v for k, v in losses.items()} | {"final_train_loss": train_loss}}
+  apply = train.functional_params(language.transformer(cfg, 0))[0]
+  return language.finals(apply, g, prob.data, weights=first_replica, replicas=cfg["replicas"])
 
 
 def communication(cfg: dict, prob: grid.Problem) -> dict:
@@ -172,17 +164,10 @@ def extras_section(res: dict, figdir: str) -> str:
   return "\n".join(lines + ["![rounds](diloco_rounds.png)"])
 
 
-LOSS = lambda key, label: Metric(key, label, False, 1.0, 4)
-
 TASK = tuning.Task(
     name="diloco",
     title="DiLoCo against synchronous data parallelism: character Transformer, equal samples",
-    methods={m: (m, "main") for m in METHODS},
-    select=LOSS("val_loss", "val loss (nats/char)"),
-    headline=LOSS("test_loss", "test loss (nats/char)"),
-    columns=(LOSS("final_train_loss", "final train loss"), LOSS("val_loss", "val loss"), LOSS("test_loss", "test loss")),
-    tolerance=(0.01, True),
+    **language.METRICS,
     paper={"DP-AdamW vs DiLoCo-H10(AdamW)": "DiLoCo paper: matches synchronous training with H x fewer rounds",
            "DP-AdamW vs DiLoCo-H30(AdamW)": "DiLoCo paper: matches synchronous training with H x fewer rounds"},
-    paper_table=([], {}),
-    problem=problem, optimizer=optimizer, weights=lambda family, cfg: grid.main_weights, finals=finals, extras=extras)
+    problem=problem, optimizer=optimizer, finals=finals, extras=extras)

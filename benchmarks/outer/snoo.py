@@ -57,25 +57,13 @@ def wrap(family: str, inner: optax.GradientTransformation, hp: dict, cfg: dict) 
   return inner
 
 
-def lm_model(cfg: dict, seed: int) -> models.TransformerLM:
-  return models.TransformerLM(len(data.CHAR_VOCAB), dim=cfg["dim"], heads=cfg["heads"], layers=cfg["layers"],
-                              max_len=cfg["seq_len"], rngs=nnx.Rngs(seed))
-
-
 def lm_optimizer(family: str, cfg: dict):
   return lambda hp: wrap(family, optax.inject_hyperparams(optax.adamw)(
       learning_rate=hp["lr"], weight_decay=cfg["weight_decay"]), hp, cfg)
 
 
 def lm_finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
-  apply = train.functional_params(lm_model(cfg, 0))[0]
-  losses = grid.map_runs(lambda w, d: language.split_losses(apply, w, d), g.weights["main"], prob.data)
-  return {"main": {f"{k}_loss": v for k, v in losses.items()} | {"final_train_loss": tuning.tail_mean(g.losses)}}
-
-
-def translation_task(cfg: dict) -> tr.Translation:
-  return tr.make_task(cfg["n_train"], cfg["n_val"], cfg["n_test"], cfg["max_number"], cfg["dim"], cfg["heads"],
-                      cfg["layers"])
+  return language.finals(train.functional_params(language.transformer(cfg, 0))[0], g, prob.data)
 
 
 def translation_optimizer(family: str, cfg: dict):
@@ -85,41 +73,24 @@ def translation_optimizer(family: str, cfg: dict):
       weight_decay=cfg["weight_decay"]), hp, cfg)
 
 
-def translation_finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
-  out = grid.map_runs(translation_task(cfg).test_metrics, g.weights["main"], prob.data)
-  return {"main": out | {"train_loss": tuning.tail_mean(g.losses)}}
-
-
-LOSS = lambda key, label: Metric(key, label, False, 1.0, 4)
-
 LM = tuning.Task(
     name="snoo-lm",
     title="Character Transformer on pydoc text: AdamW, Lookahead(AdamW), SNOO(AdamW) at equal steps",
-    methods={m: (m, "main") for m in METHODS},
-    select=LOSS("val_loss", "val loss (nats/char)"),
-    headline=LOSS("test_loss", "test loss (nats/char)"),
-    columns=(LOSS("final_train_loss", "final train loss"), LOSS("val_loss", "val loss"), LOSS("test_loss", "test loss")),
-    tolerance=(0.01, True),
+    **language.METRICS,
     paper={"AdamW vs SNOO(AdamW)": "SNOO paper: SNOO ahead of AdamW on LLM pre-training at equal steps",
            "AdamW vs LA(AdamW)": "Lookahead paper (5.3): LA(Adam) ahead of Adam on language modelling"},
-    paper_table=([], {}),
-    problem=lambda cfg: language.problem(cfg, lambda seed: lm_model(cfg, seed)),
-    optimizer=lm_optimizer, weights=lambda family, cfg: grid.main_weights, finals=lm_finals)
+    problem=lambda cfg: language.problem(cfg, lambda seed: language.transformer(cfg, seed)),
+    optimizer=lm_optimizer, finals=lm_finals)
 
 TRANSLATION = tuning.Task(
     name="snoo-translation",
     title="Number-word translation: AdamW, Lookahead(AdamW), SNOO(AdamW) at equal steps",
-    methods={m: (m, "main") for m in METHODS},
-    select=LOSS("val_loss", "val loss"),
-    headline=Metric("exact_match", "exact match %", True, 100.0),
-    columns=(LOSS("train_loss", "final train loss"), LOSS("val_loss", "val loss"), LOSS("test_loss", "test loss"),
-             Metric("exact_match", "exact match %", True, 100.0)),
+    **tr.METRICS,
     tolerance=(0.1, True),
     paper={"AdamW vs SNOO(AdamW)": "SNOO paper: SNOO ahead of AdamW at equal steps",
            "AdamW vs LA(AdamW)": "Lookahead paper (Table 4): LA(Adam) level with Adam in BLEU"},
-    paper_table=([], {}),
-    problem=lambda cfg: translation_task(cfg).problem(cfg["batch"]),
-    optimizer=translation_optimizer, weights=lambda family, cfg: grid.main_weights, finals=translation_finals)
+    problem=lambda cfg: tr.from_config(cfg).problem(cfg["batch"]),
+    optimizer=translation_optimizer, finals=tr.finals)
 
 TASKS = {"lm": (LM, LM_FULL, LM_QUICK), "translation": (TRANSLATION, TRANSLATION_FULL, TRANSLATION_QUICK)}
 """Task name -> (task, full config, quick config)."""

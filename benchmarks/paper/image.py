@@ -23,9 +23,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks.common import baselines, data, grid, models, train, tuning
+from benchmarks.common import data, grid, models, train, tuning
 from benchmarks.common.tuning import Metric
-from lookahead_optax import lookahead
 
 FULL = dict(
     dataset="digits", data_dir=None, model="mlp", widths=(256, 256), blocks=1, steps=1000, batch=64, max_shift=1,
@@ -104,20 +103,7 @@ def inner(name: str, hp: dict, cfg: dict) -> optax.GradientTransformation:
 
 def optimizer(family: str, cfg: dict):
   """``hp -> optimizer`` of a family of runs; SGD's runs also keep the Polyak average of their second half."""
-  def make(hp):
-    if tuning.is_lookahead(family):
-      return lookahead(inner(tuning.inner_of(family), hp, cfg), cfg["k"], hp["alpha"])
-    if family == "SGD":
-      return baselines.polyak_average(inner(family, hp, cfg), start=cfg["steps"] // 2)
-    return inner(family, hp, cfg)
-
-  return make
-
-
-def weights(family: str, cfg: dict):
-  if family == "SGD":
-    return lambda params, opt_state: {"main": params, "polyak": baselines.polyak_params(params, opt_state)}
-  return grid.main_weights
+  return tuning.optimizer_of(family, inner, cfg, polyak=("SGD",))
 
 
 def finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
@@ -149,7 +135,8 @@ def extras(cfg: dict, prob: grid.Problem, result: dict, seeds) -> dict:
       continue
     sub = dict(cfg, k=k)
     hparams, seed_axis = grid.settings_by_seeds([{"lr": lr, "alpha": a} for a in tuning.ALPHAS], seeds)
-    g = grid.train_grid(prob, optimizer("LA(SGD)", sub), hparams, seed_axis, cfg["steps"], cfg["eval_every"])
+    g = grid.train_grid(prob, optimizer("LA(SGD)", sub), hparams, seed_axis, cfg["steps"], cfg["eval_every"],
+                        chunk=len(seeds))
     acc = finals(sub, prob, g)["main"]["test_acc"]
     for i, a in enumerate(tuning.ALPHAS):
       runs = slice(i * len(seeds), (i + 1) * len(seeds))
@@ -169,7 +156,7 @@ def trace(cfg: dict, prob: grid.Problem, setting: dict, seeds) -> dict:
   hparams, seed_axis = grid.settings_by_seeds([{"lr": setting["lr"], "alpha": setting["alpha"]}], seeds)
   # The schedule is the full run's, so the window sits at the same point of training.
   g = grid.train_grid(traced, optimizer("LA(SGD)", cfg), hparams, seed_axis, start + window, 0, weights=both,
-                      segments=[(start, 1), (1, window)])
+                      segments=[(start, 1), (1, window)], chunk=len(seeds))
   return {"lr": setting["lr"], "alpha": setting["alpha"], "k": cfg["k"], "steps": g.eval_steps[1:].tolist(),
           "fast_acc": g.curves["fast"]["test_acc"][:, 1:].tolist(), "slow_acc": g.curves["slow"]["test_acc"][:, 1:].tolist()}
 
@@ -187,7 +174,8 @@ TASK = tuning.Task(
     paper={"SGD vs LA(SGD)": "Table 1: LA(SGD) 95.27 vs SGD 95.23 % (CIFAR-10), 78.34 vs 78.24 % (CIFAR-100)",
            "Adam vs LA(Adam)": "Fig. 5: LA(Adam) above Adam in training loss and accuracy (CIFAR)"},
     paper_table=(["paper CIFAR-10 %", "paper CIFAR-100 %"], PAPER_TABLE1),
-    problem=problem, optimizer=optimizer, weights=weights, finals=finals, extras=extras)
+    problem=problem, optimizer=optimizer,
+    weights=lambda family, cfg: tuning.weights_of(family, polyak=("SGD",)), finals=finals, extras=extras)
 
 
 def extras_section(res: dict, figdir: str) -> str:

@@ -16,18 +16,17 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from benchmarks.common import baselines, data, grid, language, models, train, tuning
+from benchmarks.common import data, grid, language, models, train, tuning
 from benchmarks.common.tuning import Metric
-from lookahead_optax import lookahead
 
 FULL = dict(
     steps=500, batch=16, seq_len=48, embed=32, hidden=64, clip=1.0, k=5, eval_every=50, curve_windows=64,
     train_eval_chars=32768, eval_chunk=64, max_chars=None,
     grids={"SGD": (1.0, 2.0, 3.0, 5.0, 10.0, 20.0), "Adam": (3e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2),
-           "LA(SGD)": (5.0, 10.0, 20.0), "LA(Adam)": (2e-2, 3e-2, 5e-2)},
+           "LA(SGD)": (5.0, 10.0, 20.0), "LA(Adam)": (3e-2, 5e-2, 0.1)},
     methods=("SGD", "LA(SGD)", "Adam", "LA(Adam)", "Polyak"), pairs=(("SGD", "LA(SGD)"), ("Adam", "LA(Adam)")),
 )
-QUICK = dict(FULL, grids={"Adam": (2e-2, 3e-2), "LA(Adam)": (3e-2,)}, methods=("Adam", "LA(Adam)"),
+QUICK = dict(FULL, grids={"Adam": (2e-2, 3e-2), "LA(Adam)": (5e-2,)}, methods=("Adam", "LA(Adam)"),
              pairs=(("Adam", "LA(Adam)"),), sensitivity=False)
 
 # Table 3 of the paper: Penn Treebank word-level perplexity (train, val, test), AWD-LSTM, 750 epochs.
@@ -55,23 +54,6 @@ def inner(name: str, hp: dict, cfg: dict) -> optax.GradientTransformation:
   raise ValueError(f"lm: inner optimizer must be SGD or Adam, got {name!r}.")
 
 
-def optimizer(family: str, cfg: dict):
-  def make(hp):
-    if tuning.is_lookahead(family):
-      return lookahead(inner(tuning.inner_of(family), hp, cfg), cfg["k"], hp["alpha"])
-    if family == "SGD":
-      return baselines.polyak_average(inner(family, hp, cfg), start=cfg["steps"] // 2)
-    return inner(family, hp, cfg)
-
-  return make
-
-
-def weights(family: str, cfg: dict):
-  if family == "SGD":
-    return lambda params, opt_state: {"main": params, "polyak": baselines.polyak_params(params, opt_state)}
-  return grid.main_weights
-
-
 def finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
   apply = train.functional_params(model(cfg, 0))[0]
   evaluate = lambda w, d: {f"{k}_ppl": jnp.exp(v) for k, v in language.split_losses(apply, w, d).items()}
@@ -92,4 +74,5 @@ TASK = tuning.Task(
     paper={"SGD vs LA(SGD)": "Table 3: LA(SGD) 63.04 vs SGD 63.90 test ppl (PTB)",
            "Adam vs LA(Adam)": "Table 3: LA(Adam) 57.72 vs Adam 59.33 test ppl (PTB)"},
     paper_table=(["paper train", "paper val", "paper test"], PAPER_TABLE3),
-    problem=problem, optimizer=optimizer, weights=weights, finals=finals)
+    problem=problem, optimizer=lambda family, cfg: tuning.optimizer_of(family, inner, cfg, polyak=("SGD",)),
+    weights=lambda family, cfg: tuning.weights_of(family, polyak=("SGD",)), finals=finals)

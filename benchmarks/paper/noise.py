@@ -22,7 +22,6 @@ from flax import nnx
 
 from benchmarks.common import data, grid, models, train, tuning
 from benchmarks.common.tuning import Metric
-from lookahead_optax import lookahead
 
 FULL = dict(
     steps=3000, batch=8, hidden=(), flip=0.3, n_val=200, k=5, eval_every=100,
@@ -57,15 +56,34 @@ def problem(cfg: dict) -> grid.Problem:
 
 
 def optimizer(family: str, cfg: dict):
-  def make(hp):
-    sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=hp["lr"])
-    return lookahead(sgd, cfg["k"], hp["alpha"]) if tuning.is_lookahead(family) else sgd
-
-  return make
+  sgd = lambda name, hp, cfg: optax.inject_hyperparams(optax.sgd)(learning_rate=hp["lr"])
+  return tuning.optimizer_of(family, sgd, cfg)
 
 
-def weights(family: str, cfg: dict):
-  return grid.main_weights
+def equal_rates(res: dict) -> list[dict]:
+  """LA(SGD) at alpha 0.5 against SGD at each learning rate both ran: the comparison Proposition 2 makes."""
+  sweep = TASK.sweep
+  sgd = {r["lr"]: r for r in res["methods"]["SGD"]["settings"]}
+  out = []
+  for r in res["methods"]["LA(SGD)"]["settings"]:
+    if r["alpha"] == tuning.ROBUST_ALPHA and r["lr"] in sgd:
+      out.append({"lr": r["lr"], "sgd": sgd[r["lr"]]["metrics"][sweep.key], "la": r["metrics"][sweep.key],
+                  **tuning.comparison(r, sgd[r["lr"]], sweep)})
+  return sorted(out, key=lambda row: row["lr"])
+
+
+def extras_section(res: dict, figdir: str) -> str:
+  """The steady-state objective of SGD and LA(SGD) at the same learning rates, each with its test."""
+  from benchmarks.common import report
+
+  rows = res["extras"]["equal_rates"]
+  if not rows:  # a quick run has no rate in common
+    return ""
+  m = TASK.sweep
+  table = [[f"{r['lr']:g}", m.cell(r["sgd"]), m.cell(r["la"]), f"{r['diff']:+.4f}", f"{r['p']:.3f}",
+            f"LA(SGD) {r['verdict']} SGD"] for r in rows]
+  return "\n".join([f"### At the same learning rate (Proposition 2's comparison): {m.label}, alpha 0.5", "",
+                    report.markdown_table(["lr", "SGD", "LA(SGD)", "difference", "Welch p", "verdict"], table)])
 
 
 def finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
@@ -89,7 +107,6 @@ def finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
 TASK = tuning.Task(
     name="noise",
     title="Noise-dominated regime: digits with flipped labels, batch 8, constant-rate SGD (paper 3.1, Prop. 2)",
-    methods={"SGD": ("SGD", "main"), "LA(SGD)": ("LA(SGD)", "main")},
     select=Metric("val_loss", "val loss", False, 1.0, 4),
     headline=Metric("test_loss", "test loss", False, 1.0, 4),
     columns=(Metric("steady_objective", "full-batch train loss (last quarter)", False, 1.0, 4),
@@ -98,5 +115,5 @@ TASK = tuning.Task(
     tolerance=(0.02, True),
     sweep=Metric("steady_objective", "full-batch train loss (last quarter)", False, 1.0, 4),
     paper={"SGD vs LA(SGD)": "Prop. 2: LA(SGD)'s steady-state variance below SGD's at the same rate (NQM)"},
-    paper_table=([], {}),
-    problem=problem, optimizer=optimizer, weights=weights, finals=finals)
+    problem=problem, optimizer=optimizer, finals=finals,
+    extras=lambda cfg, prob, res, seeds: {"equal_rates": equal_rates(res)})

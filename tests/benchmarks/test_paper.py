@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import paper
+from benchmarks.common import tuning
 from benchmarks.paper import __main__ as cli
 
 
@@ -91,7 +92,7 @@ def test_every_optimizer_builds_and_steps(name):
   mod = paper.TASKS[name]
   params = {"w": jnp.ones((40, 3)), "b": jnp.zeros(3)}
   grads = jax.tree.map(lambda x: 0.1 * jnp.ones_like(x), params)
-  for family in dict.fromkeys(mod.TASK.methods[m][0] for m in mod.FULL["methods"]):
+  for family in dict.fromkeys(tuning.family_of(mod.TASK, m)[0] for m in mod.FULL["methods"]):
     tx = mod.TASK.optimizer(family, dict(mod.FULL, variant=None))({"lr": jnp.asarray(0.01), "alpha": jnp.asarray(0.5)})
     updates, _ = tx.update(grads, tx.init(params), params)
     assert all(np.isfinite(u).all() and np.abs(u).max() > 0 for u in jax.tree.leaves(updates)), family

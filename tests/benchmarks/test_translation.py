@@ -50,7 +50,7 @@ def test_trains_data_parallel_on_8_simulated_devices_and_one_pass_exact_match_eq
       "print(json.dumps({'devices': jax.device_count(), 'losses': hist.losses.tolist(),\n"
       "                  'replicated': jax.tree.leaves(params)[0].sharding.is_fully_replicated,\n"
       "                  'exact': np.asarray(task.exact(params, task.data.test)).tolist(),\n"
-      "                  'decoded': decoded.tolist(), 'strings': task.strings(decoded)}))\n")
+      "                  'decoded': decoded.tolist()}))\n")
   proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -61,5 +61,3 @@ def test_trains_data_parallel_on_8_simulated_devices_and_one_pass_exact_match_eq
   per_sentence = [tr.exact_match(np.asarray(d)[None], y[None]) == 1.0 for d, y in zip(out["decoded"], task.data.test.y)]
   assert 0 < exact.sum() < len(exact)  # some right, some wrong: the comparison means something
   np.testing.assert_array_equal(exact, per_sentence)
-  assert tr.char_bleu(task.references("test"), task.references("test")) == pytest.approx(100.0)
-  assert 0.0 < tr.char_bleu(out["strings"], task.references("test")) < 100.0

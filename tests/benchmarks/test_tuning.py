@@ -84,10 +84,8 @@ def test_pairs_robustness_and_sensitivity_of_a_constructed_result():
 
 def test_verdict_table_and_section_say_what_the_numbers_say(tmp_path):
   res, acc = constructed_result()
-  task = tuning.Task(name="toy", title="Toy", methods={"SGD": ("SGD", "main"), "LA(SGD)": ("LA(SGD)", "main")},
-                     select=acc, headline=acc, columns=(acc,), tolerance=(0.05, False),
-                     paper={"SGD vs LA(SGD)": "the paper's claim"}, paper_table=([], {}),
-                     problem=None, optimizer=None, weights=None, finals=None)
+  task = tuning.Task(name="toy", title="Toy", select=acc, headline=acc, columns=(acc,), tolerance=(0.05, False),
+                     paper={"SGD vs LA(SGD)": "the paper's claim"}, problem=None, optimizer=None, finals=None)
   table = verdicts.verdict_table({"toy": task}, {"tasks": {"toy": res}})
   assert "LA(SGD) beats SGD" in table and "SGD 95.33 ± 0.47" in table and "the paper's claim" in table
   res["eval_steps"] = [1, 2]
