@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Hashable, Optional
+from typing import Any, Hashable, Optional
 
 import optax
 from jax.typing import DTypeLike
@@ -23,7 +23,7 @@ def ranger(
     inner_state_policy: str = "maintain",
     slow_dtype: Optional[DTypeLike] = None,
     axis_name: Optional[Hashable] = None,
-    placement_check: str = "warn",
+    placement_check: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Ranger: RAdam inside Lookahead, with the popular PyTorch "Ranger" defaults.
 
@@ -72,7 +72,7 @@ def snoo(
     inner_state_policy: str = "maintain",
     slow_dtype: Optional[DTypeLike] = None,
     axis_name: Optional[Hashable] = None,
-    placement_check: str = "warn",
+    placement_check: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SNOO: Lookahead whose slow step is Nesterov SGD on the pseudo-gradient.
 
@@ -124,9 +124,14 @@ def diloco(
     outer_momentum: float = 0.9,
     axis_name: Hashable = "replica",
     *,
+    fragments: Any = None,
+    communication_dtype: Optional[DTypeLike] = None,
+    error_feedback: bool = False,
+    delay: Optional[int] = None,
+    mixing: Optional[float] = None,
     inner_state_policy: str = "maintain",
     slow_dtype: Optional[DTypeLike] = None,
-    placement_check: str = "warn",
+    placement_check: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DiLoCo: replicas train independently for k steps, then take one shared Nesterov outer step.
 
@@ -151,6 +156,10 @@ def diloco(
       number of syncs).
     outer_momentum: the outer Nesterov momentum in [0, 1).
     axis_name: the mapped axis over the replicas.
+    fragments, communication_dtype, error_feedback, delay, mixing: Streaming
+      DiLoCo (Douillard et al. 2025): staggered fragment syncs, a compressed
+      exchange, and an exchange that overlaps the next step; as in
+      :func:`lookahead`.
     inner_state_policy: ``"maintain"`` or ``"reset"``, as in :func:`lookahead`.
     slow_dtype: as in :func:`lookahead`.
     placement_check: as in :func:`lookahead`.
@@ -159,14 +168,19 @@ def diloco(
     >>> import optax
     >>> from lookahead_optax import diloco
     >>> opt = diloco(optax.adamw(4e-4), k=500, axis_name="replica")
+    >>> streaming = diloco(optax.adamw(4e-4), k=100, fragments=4, communication_dtype="int8",
+    ...                    error_feedback=True, delay=1)
 
   References:
     Douillard et al., `DiLoCo: Distributed Low-Communication Training of
     Language Models <https://arxiv.org/abs/2311.08105>`_, 2023.
+    Douillard et al., `Streaming DiLoCo with overlapping communication
+    <https://arxiv.org/abs/2501.18512>`_, 2025.
   """
   if axis_name is None:
     raise ValueError("diloco: axis_name must name the mapped replica axis, got None. For a single replica "
                      "use snoo(...), the same slow step without the average.")
   outer = _nesterov("diloco", outer_learning_rate, outer_momentum)
   return build(make_config("diloco", inner, k, None, inner_state_policy, outer, slow_dtype, axis_name,
-                           placement_check))
+                           placement_check, fragments=fragments, communication_dtype=communication_dtype,
+                           error_feedback=error_feedback, delay=delay, mixing=mixing))

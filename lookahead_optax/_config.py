@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lookahead_optax import _alpha
+from lookahead_optax import _alpha, _exchange, _fragments
 from lookahead_optax._policy import POLICIES
 
 PLACEMENT_CHECKS = ("warn", "raise", "off")
@@ -35,14 +35,29 @@ class Config(NamedTuple):
   slow_dtype: Optional[jnp.dtype]
   axis_name: Optional[Hashable]
   placement_check: str
+  fragments: Any = 1
+  communication_dtype: Optional[jnp.dtype] = None
+  error_feedback: bool = False
+  delay: int = 0
+  mixing: float = 0.5
 
   @property
   def adaptive(self) -> bool:
     return isinstance(self.alpha, _alpha.AdaptiveAlpha)
 
+  @property
+  def n_fragments(self) -> int:
+    return _fragments.count(self.fragments)
 
-def make_config(caller, inner, k, alpha, policy, outer, slow_dtype, axis_name, placement_check) -> Config:
-  """Check every argument and return the configuration; ``alpha=None`` means 0.5 without ``outer``."""
+
+def make_config(caller, inner, k, alpha, policy, outer, slow_dtype, axis_name, placement_check, *, fragments=None,
+                communication_dtype=None, error_feedback=False, delay=None, mixing=None) -> Config:
+  """Check every argument and return the configuration; ``alpha=None`` means 0.5 without ``outer``.
+
+  ``placement_check=None`` means ``"warn"``, or ``"off"`` with ``delay=1`` (whose fast weights are a mix, not
+  the slow weights); ``mixing=None`` means 0.5 with ``delay=1``; ``fragments=None`` means 1 and ``delay=None``
+  means 0 (None, not a number, so that ``optax.inject_hyperparams`` does not trace them).
+  """
   check_transformation(caller, "inner", inner)
   if outer is not None:
     check_transformation(caller, "outer", outer)
@@ -69,6 +84,16 @@ def make_config(caller, inner, k, alpha, policy, outer, slow_dtype, axis_name, p
         f"which an outer optimizer does not have (outer={outer!r}). Use 'maintain' or 'reset'.")
   if slow_dtype is not None:
     slow_dtype = check_slow_dtype(caller, slow_dtype)
+  fragments = 1 if fragments is None else static_int(caller, "fragments", fragments)
+  delay = 0 if delay is None else static_int(caller, "delay", delay)
+  _fragments.check_fragments(caller, fragments, k)
+  communication_dtype = _exchange.check_communication_dtype(caller, communication_dtype)
+  check_streaming(caller, alpha, policy, axis_name, fragments, communication_dtype, error_feedback, delay, mixing,
+                  placement_check)
+  if placement_check is None:
+    placement_check = "off" if delay else "warn"
+  if mixing is None:
+    mixing = 0.5
   if placement_check not in PLACEMENT_CHECKS:
     raise ValueError(
         f"{caller}: placement_check must be one of {', '.join(map(repr, PLACEMENT_CHECKS))}, "
@@ -78,7 +103,51 @@ def make_config(caller, inner, k, alpha, policy, outer, slow_dtype, axis_name, p
   except TypeError as e:
     raise ValueError(f"{caller}: axis_name must be a mapped axis name (a string), got {axis_name!r}.") from e
   return Config(caller, optax.with_extra_args_support(inner), k, alpha, policy, outer, slow_dtype, axis_name,
-                placement_check)
+                placement_check, fragments, communication_dtype, bool(error_feedback), delay, mixing)
+
+
+def static_int(caller: str, name: str, value: Any) -> Any:
+  """A concrete integer array becomes an int; a traced one is an error (it shapes the program)."""
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{caller}: {name} shapes the compiled program and cannot be traced; under "
+                     f"optax.inject_hyperparams pass static_args=({name!r},).")
+  if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer):
+    return int(value)
+  return value
+
+
+def check_streaming(caller, alpha, policy, axis_name, fragments, communication_dtype, error_feedback, delay, mixing,
+                    placement_check) -> None:
+  """The Streaming DiLoCo arguments: each needs the others it acts with, and nothing they rule out."""
+  if isinstance(delay, bool) or not isinstance(delay, numbers.Integral) or delay not in (0, 1):
+    raise ValueError(f"{caller}: delay must be 0 or 1, got {delay!r}.")
+  if not isinstance(error_feedback, bool):
+    raise ValueError(f"{caller}: error_feedback must be True or False, got {error_feedback!r}.")
+  for name, value, default in (("communication_dtype", communication_dtype, None),
+                               ("error_feedback", error_feedback, False), ("delay", delay, 0)):
+    if value != default and axis_name is None:
+      raise ValueError(f"{caller}: {name}={value!r} acts on the exchange between replicas, which needs axis_name; "
+                       "got axis_name=None.")
+  if error_feedback and communication_dtype is None:
+    raise ValueError(f"{caller}: error_feedback=True keeps what compression loses, but communication_dtype=None "
+                     "(float32) loses nothing. Pass a communication_dtype, or error_feedback=False.")
+  if mixing is not None:
+    if not delay:
+      raise ValueError(f"{caller}: mixing={mixing!r} weighs the inner step taken during a delayed exchange; it needs "
+                       "delay=1, got delay=0.")
+    check_number(caller, "mixing", mixing, 0.0, 1.0)
+  if delay and placement_check not in (None, "off"):
+    raise ValueError(f"{caller}: placement_check={placement_check!r} compares the params with the slow weights at "
+                     "the start of a cycle, but with delay=1 the fast weights land on a mix of the slow weights and "
+                     "the last inner step. Leave placement_check out (or 'off') with delay=1.")
+  if _fragments.count(fragments) > 1:
+    if policy != "maintain":
+      raise ValueError(f"{caller}: fragments={fragments!r} syncs the params a fragment at a time, while "
+                       f"inner_state_policy={policy!r} acts on the whole inner state at once. Use 'maintain' with "
+                       "fragments.")
+    if isinstance(alpha, _alpha.AdaptiveAlpha) or (callable(alpha) and not isinstance(alpha, jax.Array)):
+      raise ValueError(f"{caller}: fragments={fragments!r} needs a constant alpha or an outer optimizer; an alpha "
+                       f"schedule or adaptive alpha is defined per whole sync, got alpha={alpha!r}.")
 
 
 def check_transformation(caller: str, name: str, tx: Any) -> None:

@@ -19,6 +19,7 @@ Where the slow step runs is decided by one rule, :func:`is_fused`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Hashable, NamedTuple, Optional, Union
 
 import jax
@@ -26,9 +27,9 @@ import jax.numpy as jnp
 import optax
 from jax.typing import DTypeLike
 
-from lookahead_optax import _alpha, _placement, _policy
+from lookahead_optax import _alpha, _exchange, _fragments, _placement, _policy
 from lookahead_optax._config import AlphaLike, Config, make_config
-from lookahead_optax._tree import cast_like, fill, is_inexact, map_inexact, mask_like
+from lookahead_optax._tree import cast_like, fill, is_inexact, map_inexact, mask_like, vary
 
 
 class LookaheadState(NamedTuple):
@@ -50,6 +51,8 @@ class LookaheadState(NamedTuple):
   """State of the outer optimizer of the slow step; ``EmptyState()`` for plain Lookahead."""
   alpha_state: optax.OptState
   """Adaptive alpha's squared-gradient EMA when it keeps one; else ``EmptyState()``."""
+  residual: optax.OptState
+  """``error_feedback=True`` only: what compressing each leaf's last exchange lost (float32); else ``EmptyState()``."""
 
 
 def lookahead(
@@ -61,7 +64,12 @@ def lookahead(
     outer: Optional[optax.GradientTransformation] = None,
     slow_dtype: Optional[DTypeLike] = None,
     axis_name: Optional[Hashable] = None,
-    placement_check: str = "warn",
+    fragments: Any = None,
+    communication_dtype: Optional[DTypeLike] = None,
+    error_feedback: bool = False,
+    delay: Optional[int] = None,
+    mixing: Optional[float] = None,
+    placement_check: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Lookahead: ``k`` steps of ``inner`` forward, one slow step back.
 
@@ -111,10 +119,30 @@ def lookahead(
       the pseudo-gradient at each sync; for data-parallel training where each
       replica computes its own gradients (DiLoCo). ``update`` must then run
       inside that mapped axis.
-    placement_check: ``"warn"`` (default), ``"raise"`` or ``"off"``: what to do
-      when, at the first update of a cycle, the params differ from the slow
+    fragments: Streaming DiLoCo's fragments: an int ``F`` (whole leaves, in
+      ``jax.tree.leaves`` order, split into ``F`` groups of near-equal size) or
+      a pytree of fragment ids shaped like the params. Fragment ``j`` syncs on
+      the steps ``t`` with ``(t - j k // F) % k == k - 1``: every fragment once
+      per cycle, one at a time, each with its own outer state. Default: 1.
+    communication_dtype: with ``axis_name``: the pseudo-gradient is exchanged
+      in ``bfloat16``, ``float8_e4m3fn``, ``float8_e5m2`` or ``int8`` (the
+      float8 and int8 ones scaled per row) and averaged in float32; default
+      (None): a float32 all-reduce.
+    error_feedback: with a ``communication_dtype``: keep what compression lost
+      (one more float32 copy of the params) and add it to that leaf's next
+      pseudo-gradient.
+    delay: 0 (the default) or 1. With 1 (and ``axis_name``) a sync's pseudo-gradient is taken
+      from the params the update receives, so its exchange does not wait for
+      this step's gradient and may overlap with the forward and backward pass;
+      the fast weights then land on ``(1 - mixing) * new slow + mixing * (params
+      + inner update)``.
+    mixing: ``delay=1`` only: the weight of this step's fast weights in that
+      landing, in [0, 1]; default 0.5.
+    placement_check: ``"warn"`` (the default), ``"raise"`` or ``"off"``: what to
+      do when, at the first update of a cycle, the params differ from the slow
       weights (a transformation placed after lookahead, or params changed
-      outside the optimizer). The check runs once per cycle.
+      outside the optimizer). The check runs once per cycle. Off with
+      ``delay=1``, whose fast weights are a mix by design.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -138,7 +166,8 @@ def lookahead(
     <https://arxiv.org/abs/1907.08610>`_, NeurIPS 2019.
   """
   return build(make_config("lookahead", inner, k, alpha, inner_state_policy, outer, slow_dtype, axis_name,
-                           placement_check))
+                           placement_check, fragments=fragments, communication_dtype=communication_dtype,
+                           error_feedback=error_feedback, delay=delay, mixing=mixing))
 
 
 def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
@@ -150,6 +179,7 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
     slow = map_inexact(lambda p: jnp.array(p, dtype=cfg.slow_dtype or p.dtype, copy=True), params)
     inner_state = cfg.inner.init(params)
     _placement.check_inner_state(cfg, inner_state)
+    ids = _fragments.assign(cfg.caller, cfg.fragments, params)
     return LookaheadState(
         count=jnp.zeros((), jnp.int32),
         syncs=jnp.zeros((), jnp.int32),
@@ -157,46 +187,63 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
         slow=slow,
         inner_state=inner_state,
         slow_inner_state=_policy.snapshot_init(cfg.policy, inner_state),
-        outer_state=optax.EmptyState() if cfg.outer is None else cfg.outer.init(slow),
+        outer_state=init_outer_state(cfg, slow, ids),
         alpha_state=_alpha.init_alpha_state(cfg.alpha, slow, inner_state),
+        residual=jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), slow) if cfg.error_feedback
+        else optax.EmptyState(),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     _placement.check_update(cfg, state, params)
-    _placement.announce(cfg, updates)  # force_sync looking for this lookahead stops here
+    _placement.announce(cfg, updates, params)  # force_sync looking for this lookahead stops here
     grads = mask_like(params, updates)
+    ids = _fragments.assign(cfg.caller, cfg.fragments, params)
     exact = exact_leaves(cfg, params, state.slow)
     alpha_state = _alpha.observe_gradient(cfg.alpha, state.alpha_state, grads)
-    sync = _placement.check_then_sync(cfg, state, params, exact)
+    index = _placement.check_then_sync(cfg, state, params, exact, ids)  # the fragment that syncs; F: none
+    sync = index < cfg.n_fragments
 
     fused = is_fused(cfg, exact)
     if fused:
       inner_updates, inner_state = cfg.inner.update(updates, state.inner_state, params, **extra_args)
-      delta, step, outer_state, alpha = slow_step(
-          cfg, state, params, fast_weights(params, inner_updates), grads, inner_state, alpha_state)
+      delta = pseudo_gradient(params, state.slow, fast_weights(params, inner_updates))
+      step, outer_state, alpha = slow_step(cfg, state.syncs, delta, grads, inner_state, alpha_state,
+                                           state.outer_state, state.slow, params)
       target = fused_landing(cfg, params, inner_updates, delta, step)
-      slow = state.slow
+      slow, syncs, residual = state.slow, jnp.where(sync, optax.safe_increment(state.syncs), state.syncs), \
+          state.residual
     else:
-      slow, outer_state, alpha, syncs = staged_sync(cfg, sync, state, params, updates, grads, alpha_state, extra_args)
+      slow, outer_state, alpha, syncs, residual = staged_sync(
+          cfg, index, ids, state, params, updates, grads, alpha_state, extra_args)
       inner_updates, inner_state = cfg.inner.update(
           updates, after(state.inner_state, syncs), params, **extra_args)
-      target = map_inexact(staged_landing, params, inner_updates, slow)
-    new_updates = landing_updates(sync, params, inner_updates, target)
+      target = map_inexact(lambda p, u, s: staged_landing(cfg, p, u, s), params, inner_updates, slow)
+    new_updates = landing_updates(leaf_flags(index, ids, params), params, inner_updates, target)
     slow, inner_state, slow_inner_state = commit(
-        cfg, sync, params, new_updates, exact, slow, inner_state, state.slow_inner_state, alpha)
+        cfg, index, ids, params, new_updates, exact, slow, inner_state, state.slow_inner_state, alpha)
     new_state = LookaheadState(
-        count=jnp.where(sync, 0, state.count + 1).astype(jnp.int32),
-        syncs=jnp.where(sync, optax.safe_increment(state.syncs), state.syncs) if fused else syncs,
+        count=jnp.where(state.count >= cfg.k - 1, 0, state.count + 1).astype(jnp.int32),
+        syncs=syncs,
         alpha=jax.tree.map(lambda a, last: jnp.where(sync, a, last), alpha, state.alpha),
         slow=slow,
         inner_state=inner_state,
         slow_inner_state=slow_inner_state,
         outer_state=outer_state,
         alpha_state=alpha_state,
+        residual=residual,
     )
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def init_outer_state(cfg: Config, slow, ids):
+  """The outer optimizer's state: one for the slow weights, or one per fragment (each moves at its own syncs)."""
+  if cfg.outer is None:
+    return optax.EmptyState()
+  if cfg.n_fragments == 1:
+    return cfg.outer.init(slow)
+  return tuple(cfg.outer.init(_fragments.mask(slow, ids, j)) for j in range(cfg.n_fragments))
 
 
 def exact_leaves(cfg: Config, params, slow):
@@ -215,18 +262,25 @@ def is_fused(cfg: Config, exact) -> bool:
 
   Fused when the slow step is element-wise arithmetic on the buffers the
   landing reads anyway: a constant, scheduled or injected alpha, no ``outer``,
-  no ``axis_name``, slow weights in the params' dtype. XLA then evaluates it
-  inside the inner optimizer's loop, and the only extra work of a non-sync step
-  is one read of the slow weights.
+  no ``axis_name``, slow weights in the params' dtype, one fragment. XLA then
+  evaluates it inside the inner optimizer's loop, and the only extra work of a
+  non-sync step is one read of the slow weights.
 
-  Everything else is staged: computed in a ``lax.cond`` taken only at a sync,
-  before the landing. That is where collectives (DiLoCo's ``pmean``), global
-  reductions (adaptive alpha, or a ``clip_by_global_norm`` inside ``outer``),
-  the outer optimizer's state and a slow copy of another dtype are read and
-  written; a non-sync step does exactly what a fused one does.
+  Everything else is staged: computed in a ``lax.switch`` branch taken only at a
+  sync (one branch per fragment), before the landing. That is where collectives
+  (DiLoCo's exchange), global reductions (adaptive alpha, or a
+  ``clip_by_global_norm`` inside ``outer``), the outer optimizer's state and a
+  slow copy of another dtype are read and written; a non-sync step does exactly
+  what a fused one does.
   """
-  return cfg.outer is None and cfg.axis_name is None and not cfg.adaptive and all(
-      jax.tree.leaves(exact))
+  return (cfg.outer is None and cfg.axis_name is None and not cfg.adaptive and cfg.n_fragments == 1
+          and all(jax.tree.leaves(exact)))
+
+
+def leaf_flags(index, ids, params):
+  """Per floating leaf, a scalar: does its fragment sync now (``index`` is the fragment syncing)."""
+  it = iter(ids)
+  return map_inexact(lambda p: index == next(it), params)
 
 
 def fast_weights(params, inner_updates):
@@ -245,27 +299,32 @@ def fast_weights(params, inner_updates):
   return map_inexact(leaf, params, inner_updates)
 
 
-def pseudo_gradient(cfg: Config, params, slow, fast):
-  r"""The pseudo-gradient :math:`\Delta = \phi - \theta_k`, in the slow weights' dtype; averaged over ``axis_name``."""
-  delta = map_inexact(lambda p, s, f: s - f.astype(s.dtype), params, slow, fast)
-  return delta if cfg.axis_name is None else jax.lax.pmean(delta, cfg.axis_name)
+def pseudo_gradient(params, slow, fast):
+  r"""The pseudo-gradient :math:`\Delta = \phi - \theta_k`, in the slow weights' dtype."""
+  return map_inexact(lambda p, s, f: s - f.astype(s.dtype), params, slow, fast)
 
 
-def slow_step(cfg: Config, state: LookaheadState, params, fast, grads, inner_state, alpha_state):
-  r"""The slow step at a sync: returns ``(delta, step, outer_state, alpha)``, new slow weights ``slow + step``.
+def exchange(cfg: Config, delta, residual):
+  """The pseudo-gradient averaged over ``axis_name`` (compressed as configured); as it is without an axis."""
+  if cfg.axis_name is None:
+    return delta, residual
+  return _exchange.exchange(delta, residual, cfg.communication_dtype, cfg.axis_name)
+
+
+def slow_step(cfg: Config, syncs, delta, grads, inner_state, alpha_state, outer_state, slow, params):
+  r"""The slow step from the (exchanged) pseudo-gradient: ``(step, outer_state, alpha)``, new slow ``slow + step``.
 
   Plain Lookahead: :math:`\mathrm{step} = -\alpha\Delta`, and ``alpha`` is the
   step size used. With ``outer``: ``step, outer_state = outer.update(delta,
   outer_state, slow)``, and there is no alpha (``EmptyState()``).
   """
-  delta = pseudo_gradient(cfg, params, state.slow, fast)
   if cfg.outer is not None:
-    step, outer_state = cfg.outer.update(delta, state.outer_state, state.slow)
-    return delta, step, outer_state, optax.EmptyState()
-  alpha = _alpha.alpha_at_sync(cfg.alpha, state.syncs, alpha_state, inner_state, delta, grads,
+    step, outer_state = cfg.outer.update(delta, outer_state, slow)
+    return step, outer_state, optax.EmptyState()
+  alpha = _alpha.alpha_at_sync(cfg.alpha, syncs, alpha_state, inner_state, delta, grads,
                                lambda tree: mask_like(params, tree), cfg.axis_name)
   step = jax.tree.map(lambda d: (-alpha * d).astype(d.dtype), delta)
-  return delta, step, state.outer_state, alpha
+  return step, outer_state, alpha
 
 
 def new_slow_weights(slow, step):
@@ -286,41 +345,87 @@ def fused_landing(cfg: Config, params, inner_updates, delta, step):
                      params, inner_updates, delta, step)
 
 
-def staged_landing(p, u, new_slow):
-  """Update from the params onto the new slow weights rounded to the params' dtype.
+def staged_landing(cfg: Config, p, u, new_slow):
+  r"""Update from the params onto the new slow weights rounded to the params' dtype.
 
   ``rounded - p`` is computed exactly in the wider dtype; when it fits the
   updates' dtype (``p`` and the target within a factor of two: the common case)
   ``p + update`` lands on the rounded slow weights exactly, otherwise within
-  one rounding.
+  one rounding. With ``delay=1`` the fast weights land on a mix of the new slow
+  weights and this step's inner step, :math:`(1 - \beta)\,\phi + \beta\,(p + u)`
+  with :math:`\beta` = ``mixing``.
   """
   wide = jnp.promote_types(p.dtype, new_slow.dtype)
   rounded = new_slow.astype(p.dtype)
   if jnp.issubdtype(p.dtype, jnp.floating) and p.dtype.itemsize < new_slow.dtype.itemsize:
     info = jnp.finfo(p.dtype)  # keep XLA from skipping the rounding (excess precision)
     rounded = jax.lax.reduce_precision(new_slow, exponent_bits=info.nexp, mantissa_bits=info.nmant).astype(p.dtype)
-  return (rounded.astype(wide) - p.astype(wide)).astype(u.dtype)
+  land = rounded.astype(wide) - p.astype(wide)
+  if cfg.delay:
+    land = (1.0 - cfg.mixing) * land + cfg.mixing * u.astype(wide)
+  return land.astype(u.dtype)
 
 
-def staged_sync(cfg: Config, sync, state: LookaheadState, params, updates, grads, alpha_state, extra_args):
-  """The sync-only branch of a staged slow step: the k-th inner step, the slow step, the outer state.
+def fragment_sync(cfg: Config, j: int, ids, state: LookaheadState, params, fast, grads, inner_state, alpha_state):
+  """Fragment ``j``'s slow step (all params when there is one fragment).
 
-  Returns the slow weights, outer state, alpha and sync count: their new values
-  at a sync, the stored ones on other steps. The branch computes the k-th inner
-  step for the fast weights only; the inner state is updated, as on every step,
-  by the inner step that follows it (ordered after it with :func:`after`, so
-  that every buffer is updated in place).
+  Returns the slow weights, outer state, alpha and residual with fragment
+  ``j``'s leaves (and its outer state) updated.
+  """
+  one = cfg.n_fragments == 1
+  part = (lambda tree: tree) if one else (lambda tree: _fragments.mask(tree, ids, j))
+  delta = part(pseudo_gradient(params, state.slow, fast))
+  residual = None if not cfg.error_feedback else part(state.residual)
+  delta, residual = exchange(cfg, delta, residual)
+  per_fragment = cfg.outer is not None and not one  # one outer state per fragment
+  outer_state = state.outer_state[j] if per_fragment else state.outer_state
+  step, outer_state, alpha = slow_step(cfg, state.syncs, delta, grads, inner_state, alpha_state, outer_state,
+                                       part(state.slow), params)
+  slow = new_slow_weights(part(state.slow), step)
+  if one:
+    return slow, outer_state, alpha, state.residual if residual is None else residual
+  outer_states = tuple(outer_state if i == j else s for i, s in enumerate(state.outer_state)) if per_fragment \
+      else outer_state
+  residual = state.residual if residual is None else _fragments.merge(state.residual, {j: residual}, ids)
+  return _fragments.merge(state.slow, {j: slow}, ids), outer_states, alpha, residual
+
+
+def staged_sync(cfg: Config, index, ids, state: LookaheadState, params, updates, grads, alpha_state, extra_args):
+  """The sync-only branches of a staged slow step, one per fragment, chosen by ``index`` (F: no sync).
+
+  A branch computes the k-th inner step for the fast weights (with ``delay=1``
+  it takes the params received instead, so that its exchange does not wait for
+  this step's gradient), then the fragment's slow step. Returns the slow
+  weights, outer state, alpha, sync count and residual: new at a sync, stored
+  otherwise. The inner state is updated, as on every step, by the inner step
+  that follows (ordered after the branch with :func:`after`, so that every
+  buffer is updated in place).
   """
 
-  def at_sync(slow, outer_state, alpha, syncs):
-    inner_updates, inner_state = cfg.inner.update(updates, state.inner_state, params, **extra_args)
-    current = state._replace(slow=slow, outer_state=outer_state, syncs=syncs)
-    _, step, outer_state, alpha = slow_step(
-        cfg, current, params, fast_weights(params, inner_updates), grads, inner_state, alpha_state)
-    return new_slow_weights(slow, step), outer_state, alpha, optax.safe_increment(syncs)
+  def at_sync(j, slow, outer_state, alpha, syncs, residual):
+    current = state._replace(slow=slow, outer_state=outer_state, syncs=syncs, residual=residual)
+    if cfg.delay:
+      fast, inner_state = map_inexact(lambda p: p, params), state.inner_state
+    else:
+      inner_updates, inner_state = cfg.inner.update(updates, state.inner_state, params, **extra_args)
+      fast = fast_weights(params, inner_updates)
+    slow, outer_state, alpha, residual = fragment_sync(cfg, j, ids, current, params, fast, grads, inner_state,
+                                                       alpha_state)
+    return slow, outer_state, alpha, optax.safe_increment(syncs), residual
 
-  stored = (state.slow, state.outer_state, state.alpha, state.syncs)
-  return jax.lax.cond(sync, lambda *x: cast_like(at_sync(*x), stored), lambda *x: x, *stored)
+  stored = (state.slow, state.outer_state, state.alpha, state.syncs, state.residual)
+  if cfg.communication_dtype is not None:  # an all-gathered mean is typed varying over the replicas
+    stored = (*vary((state.slow, state.outer_state, state.alpha), cfg.axis_name), state.syncs, state.residual)
+  branches = [functools.partial(at_sync, j) for j in range(cfg.n_fragments)]
+  branches = [lambda *x, b=b: cast_like(b(*x), stored) for b in branches] + [lambda *x: x]
+  return switch(index, branches, *stored)
+
+
+def switch(index, branches, *operands):
+  """``lax.switch``; a ``lax.cond`` on ``index == 0`` for two branches, which XLA updates in place more readily."""
+  if len(branches) == 2:
+    return jax.lax.cond(index == 0, branches[0], branches[1], *operands)
+  return jax.lax.switch(index, branches, *operands)
 
 
 def after(tree, syncs):
@@ -335,52 +440,64 @@ def after(tree, syncs):
 
 
 def landing_updates(sync, params, inner_updates, target):
-  """``where(sync, target, inner updates)`` element-wise; non-floating leaves keep the inner updates."""
-  return fill(map_inexact(lambda p, u, t: jnp.where(sync, t, u), params, inner_updates, target), inner_updates)
+  """``where(sync, target, inner updates)`` element-wise, ``sync`` per leaf; non-floating leaves keep the inner updates."""
+  return fill(map_inexact(lambda p, s, u, t: jnp.where(s, t, u), params, sync, inner_updates, target),
+              inner_updates)
 
 
-def commit(cfg: Config, sync, params, updates, exact, slow, inner_state, slow_inner_state, alpha):
-  """One ``lax.cond`` for what changes only at a sync: the slow weights and the inner-state policy.
+def commit(cfg: Config, index, ids, params, updates, exact, slow, inner_state, slow_inner_state, alpha):
+  """One ``lax.switch`` for what changes only at a sync: the slow weights and the inner-state policy.
 
   Where the slow weight is exactly ``params + updates`` (:func:`exact_leaves`)
   it is taken from that sum, the expression ``optax.apply_updates`` evaluates
   (XLA shares it with the caller's), so fast == slow bitwise; the other slow
-  weights already hold their new value (staged). Non-sync steps neither read nor
-  write anything here.
+  weights already hold their new value (staged). With fragments, branch ``j``
+  writes fragment ``j``'s leaves. Non-sync steps neither read nor write anything
+  here.
   """
-  landed = map_inexact(lambda p, u, s, e: (p + u).astype(p.dtype) if e else s, params, updates, slow, exact)
+  n = cfg.n_fragments
   stored = (slow, inner_state, slow_inner_state)
+  if n > 1 and not any(jax.tree.leaves(exact)):
+    return stored  # nothing to write: the staged branch holds every new slow weight (policy is maintain)
+  landed = map_inexact(lambda p, u, s, e: (p + u).astype(p.dtype) if e else s, params, updates, slow, exact)
 
-  def at_sync():
+  def at_sync(j):
+    new_slow = landed if n == 1 else _fragments.merge(slow, {j: _fragments.mask(landed, ids, j)}, ids)
     policy = _policy.at_sync(cfg.policy, inner_state, slow_inner_state, alpha, params,
                              fresh=lambda: cfg.inner.init(params))
-    return cast_like((landed, *policy), stored)
+    return cast_like((new_slow, *policy), stored)
 
-  return jax.lax.cond(sync, at_sync, lambda: stored)
+  branches = [functools.partial(at_sync, j) for j in range(n)] + [lambda: stored]
+  return switch(index, branches)
 
 
 def sync_now(cfg: Config, state: LookaheadState, params, grads=None):
-  """A sync at the current params, with no inner step: the slow step, the landing and the commit.
+  """A sync at the current params, of every fragment, with no inner step: slow steps, landing and commit.
 
   What :func:`lookahead_optax.force_sync` runs; returns ``(new_state, new_params)``.
   """
   grads = mask_like(params, grads) if grads is not None else map_inexact(jnp.zeros_like, params)
+  ids = _fragments.assign(cfg.caller, cfg.fragments, params)
   fast = map_inexact(lambda p: p, params)
-  delta, step, outer_state, alpha = slow_step(cfg, state, params, fast, grads, state.inner_state, state.alpha_state)
   exact = exact_leaves(cfg, params, state.slow)
-  slow = new_slow_weights(state.slow, step)
   zeros = map_inexact(jnp.zeros_like, params)
-  target = map_inexact(lambda p, z, s, e, d, o: (d + o).astype(p.dtype) if e else staged_landing(p, z, s),
-                       params, zeros, slow, exact, delta, step)
-  updates = landing_updates(jnp.bool_(True), params, zeros, target)
+  alpha = state.alpha
+  for j in range(cfg.n_fragments):
+    slow, outer_state, alpha, residual = fragment_sync(cfg, j, ids, state, params, fast, grads, state.inner_state,
+                                                       state.alpha_state)
+    state = state._replace(slow=slow, outer_state=outer_state, residual=residual,
+                           syncs=optax.safe_increment(state.syncs))
+  delta = pseudo_gradient(params, state.slow, fast)  # exact leaves: new slow - params, computed as a sync would
+  target = map_inexact(lambda p, z, s, e, d: d.astype(p.dtype) if e else staged_landing(
+      cfg._replace(delay=0), p, z, s), params, zeros, state.slow, exact, delta)
+  updates = landing_updates(map_inexact(lambda p: True, params), params, zeros, target)
   slow, inner_state, slow_inner_state = commit(
-      cfg, jnp.bool_(True), params, updates, exact, slow, state.inner_state, state.slow_inner_state, alpha)
+      cfg._replace(fragments=1), jnp.int32(0), [0] * len(ids), params, updates, exact, state.slow,
+      state.inner_state, state.slow_inner_state, alpha)
   new_state = state._replace(
-      count=jnp.zeros_like(state.count), syncs=optax.safe_increment(state.syncs),
-      alpha=alpha if cfg.outer is None else state.alpha, slow=slow, inner_state=inner_state,
-      slow_inner_state=slow_inner_state, outer_state=outer_state)
+      count=jnp.zeros_like(state.count), alpha=alpha if cfg.outer is None else state.alpha, slow=slow,
+      inner_state=inner_state, slow_inner_state=slow_inner_state)
   # Unlike an update, force_sync returns the params themselves: exactly the slow weights, rounded.
   landed = map_inexact(lambda p, u, s, e: (p + u).astype(p.dtype) if e else s.astype(p.dtype),
                        params, updates, slow, exact)
   return new_state, fill(landed, params)
-

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lookahead_optax import _fragments
 from lookahead_optax._tree import is_inexact, map_inexact
 
 
@@ -62,7 +63,8 @@ def check_update(cfg, state, params) -> None:
     raise ValueError(
         f"{name}: update needs params (the fast weights) to place the slow step; got params=None. "
         "Call opt.update(grads, state, params).")
-  fields = ("count", "syncs", "alpha", "slow", "inner_state", "slow_inner_state", "outer_state", "alpha_state")
+  fields = ("count", "syncs", "alpha", "slow", "inner_state", "slow_inner_state", "outer_state", "alpha_state",
+            "residual")
   if getattr(state, "_fields", None) != fields:
     raise ValueError(f"{name}: state must be the LookaheadState made by this optimizer's init, got "
                      f"{type(state).__name__}.")
@@ -115,32 +117,37 @@ def _can_report() -> bool:
   return not (getattr(mesh, "manual_axes", ()) and getattr(mesh, "explicit_axes", ()))
 
 
-def check_then_sync(cfg, state, params, exact):
-  """The sync flag ``count >= k - 1``, decided after the once-per-cycle placement check.
+def check_then_sync(cfg, state, params, exact, ids):
+  """The fragment that syncs at this update (``F``, the number of fragments, when none does).
 
-  The check is a ``lax.cond`` on ``count == 0`` that compares the params with
-  the slow weights. The sync flag is computed inside both of its branches, so
-  everything downstream (the landing, which overwrites the params in place) is
-  ordered after the comparison and no buffer is copied for it.
+  Decided after the once-per-cycle placement check: a ``lax.switch`` on the
+  fragment that synced at the previous update (with one fragment: on
+  ``count == 0``) compares that fragment's params with its slow weights. The
+  sync decision is computed inside every branch, so everything downstream (the
+  landing, which overwrites the params in place) is ordered after the
+  comparison and no buffer is copied for it.
   """
-  k = cfg.k
-  limit = lambda count: count >= k - 1
+  k, n = cfg.k, cfg.n_fragments
+  decide = lambda count: _fragments.syncing(count, k, n)
   if not _can_report():
-    return limit(state.count)
-  sync = jax.lax.cond(state.count > k - 1, _report_count(cfg, k), limit, state.count)
+    return decide(state.count)
+  index = jax.lax.cond(state.count > k - 1, _report_count(cfg, k, decide), decide, state.count)
   if cfg.placement_check == "off":
-    return sync
+    return index
+  previous = _fragments.syncing((state.count + k - 1) % k, k, n)
+  names = _leaf_names(params)
+  pairs = list(zip(*(jax.tree.leaves(t) for t in (map_inexact(lambda p: p, params), state.slow, exact))))
 
-  def check(count):
-    pairs = zip(*(jax.tree.leaves(t) for t in (map_inexact(lambda p: p, params), state.slow, exact)))
-    wrong = [_differs(p, s, e) for p, s, e in pairs]
-    # & count == 0: under vmap a cond runs both branches, so the flags themselves must say when to report.
-    wrong = (jnp.stack(wrong) if wrong else jnp.zeros((0,), bool)) & (count == 0)
-    report = functools.partial(_report_placement, cfg.caller, cfg.placement_check, _leaf_names(params))
+  def check(j, count):
+    wrong = [_differs(p, s, e) if ids[i] == j else jnp.zeros((), bool) for i, (p, s, e) in enumerate(pairs)]
+    # & previous == j: under vmap a switch runs every branch, so the flags themselves must say when to report.
+    wrong = (jnp.stack(wrong) if wrong else jnp.zeros((0,), bool)) & (previous == j)
+    report = functools.partial(_report_placement, cfg.caller, cfg.placement_check, names)
     jax.lax.cond(jnp.any(wrong), lambda w: jax.debug.callback(report, w), lambda w: None, wrong)
-    return limit(count)
+    return decide(count)
 
-  return jax.lax.cond(state.count == 0, check, lambda count: limit(count) | (count < 0), state.count)
+  branches = [functools.partial(check, j) for j in range(n)] + [lambda count: decide(count) + 0 * (count < 0)]
+  return jax.lax.switch(previous, branches, state.count)
 
 
 def _differs(p, s, exact):
@@ -182,11 +189,11 @@ def _report_placement(name, mode, leaves, wrong) -> None:
   warnings.warn(message, LookaheadPlacementWarning, stacklevel=2)
 
 
-def _report_count(cfg, k):
+def _report_count(cfg, k, decide):
   def branch(count):
     # The callback gets the values, not the branch: under vmap a cond runs both branches.
     jax.debug.callback(functools.partial(_raise_count, cfg.caller), count, jnp.asarray(k))
-    return count >= k - 1
+    return decide(count)
   return branch
 
 
@@ -221,6 +228,6 @@ def probing():
     _probe.active = False
 
 
-def announce(cfg, updates) -> None:
+def announce(cfg, updates, params=None) -> None:
   if getattr(_probe, "active", False):
     raise FoundLookahead(cfg, updates)

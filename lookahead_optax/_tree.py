@@ -53,3 +53,20 @@ def cast_like(tree, ref):
 def _varying_axes(aval) -> frozenset:
   mat = getattr(aval, "manual_axis_type", None)  # older jax: ``vma``
   return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def vary(tree, axis_name):
+  """``tree`` typed as varying over ``axis_name`` (no data moves): what an all-gather's result is typed as.
+
+  Under ``shard_map``'s type checks an all-gathered mean is varying even when
+  every replica holds the same value; the stored values it replaces are cast
+  alike, so that the branches of a sync agree.
+  """
+  if axis_name not in getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
+    return tree  # not a shard_map axis (pmap, vmap): no types to agree on
+
+  def leaf(x):
+    if axis_name in _varying_axes(jax.typeof(x)):
+      return x
+    return jax.lax.pcast(x, (axis_name,), to="varying")
+  return jax.tree.map(leaf, tree)

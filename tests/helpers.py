@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -205,3 +206,47 @@ def optimizer_step(tx):
 
 def tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+COLLECTIVES = ("psum", "all_gather", "all_reduce", "psum_scatter", "all_to_all", "ppermute", "pmax", "pmin")
+
+
+def collective_inputs_depend_on(fn, args, argnum: int) -> dict:
+  """For each collective in ``fn(*args)``'s program, whether its inputs depend on ``args[argnum]``.
+
+  Walks the jaxpr and every sub-jaxpr (``shard_map``, ``cond``/``switch``
+  branches, ``pjit``), propagating "depends on that argument" through each
+  equation; keys name the collective and where it sits.
+  """
+  closed = jax.make_jaxpr(fn)(*args)
+  flags = [i == argnum for i, a in enumerate(args) for _ in jax.tree.leaves(a)]
+  found = {}
+  _taint(closed.jaxpr, flags, found, "")
+  return found
+
+
+def _taint(jaxpr, tainted_inputs, found, where):
+  """Which outputs of ``jaxpr`` depend on its tainted inputs; records collectives in ``found``."""
+  literal = lambda v: isinstance(v, jax.extend.core.Literal)
+  tainted = {v for v, t in zip(jaxpr.invars, tainted_inputs) if t}
+  for n, eqn in enumerate(jaxpr.eqns):
+    ins = [not literal(v) and v in tainted for v in eqn.invars]
+    name = eqn.primitive.name
+    if any(c in name for c in COLLECTIVES):
+      found[f"{where}{n}:{name}"] = any(ins)
+    subs = [sub for value in eqn.params.values()
+            for sub in (value if isinstance(value, tuple) else (value,)) if hasattr(sub, "eqns") or
+            hasattr(getattr(sub, "jaxpr", None), "eqns")]
+    outs = [any(ins)] * len(eqn.outvars)
+    if subs:
+      operands = ins[1:] if name == "cond" else ins  # cond's first operand is the branch index
+      results = []
+      for i, sub in enumerate(subs):
+        inner = sub if hasattr(sub, "eqns") else sub.jaxpr
+        if len(inner.invars) == len(operands):
+          results.append(_taint(inner, operands, found, f"{where}{n}:{name}/{i}/"))
+      if results and all(len(r) == len(eqn.outvars) for r in results):
+        index_tainted = name == "cond" and ins[0]
+        outs = [index_tainted or any(r[o] for r in results) for o in range(len(eqn.outvars))]
+    tainted.update(v for v, t in zip(eqn.outvars, outs) if t)
+  return [not literal(v) and v in tainted for v in jaxpr.outvars]
