@@ -36,7 +36,7 @@ class AdaptiveAlphaState(NamedTuple):
 
   fisher: Any
   """EMA of squared gradients (param-shaped) or ``optax.EmptyState()`` when read from the inner state."""
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count, as in optax's states
   """Steps folded into the EMA, for bias correction (int32)."""
 
 
@@ -103,7 +103,7 @@ def adaptive_alpha(
   return AdaptiveAlpha(float(alpha_low), fisher, float(b2), float(eps))
 
 
-def adaptive_alpha_value(slow, fast, grad, fisher, eps: float = 0.0) -> jax.Array:
+def adaptive_alpha_value(slow: Any, fast: Any, grad: Any, fisher: Any, eps: float = 0.0) -> jax.Array:
   r"""Unclipped :math:`\hat\alpha = 1 + g^\top d / (d^\top (\hat A + \epsilon) d)`, :math:`d = \phi - \theta_k`.
 
   All four arguments are pytrees of the same structure; the sums run over every
@@ -181,8 +181,9 @@ def alpha_at_sync(rule, syncs, alpha_state, inner_state, delta, grads, mask, axi
     if isinstance(alpha_state, AdaptiveAlphaState):
       fisher, count = alpha_state.fisher, alpha_state.count
     else:
-      fisher, count = inner_second_moment(inner_state)
-      fisher = mask(fisher)
+      moment = inner_second_moment(inner_state)
+      assert moment is not None  # init chose the inner source only when the inner state has one
+      fisher, count = mask(moment[0]), moment[1]
     correction = 1.0 - rule.b2 ** jnp.maximum(count, 1).astype(jnp.float32)
     fisher = jax.tree.map(lambda f: f / correction.astype(f.dtype), fisher)
     sums = _quadratic_sums(delta, grads, fisher, rule.eps)

@@ -85,7 +85,7 @@ def exchange(delta, residual, dtype, axis_name):
     return mean.astype(d.dtype), (None if e is None else x - sent)
 
   leaves, structure = jax.tree.flatten(delta)
-  residuals = [None] * len(leaves) if residual is None else structure.flatten_up_to(residual)
+  residuals = [None] * len(leaves) if residual is None else jax.tree.leaves(residual)  # same structure as delta
   out = [leaf(d, e) for d, e in zip(leaves, residuals)]
-  new_residual = None if residual is None else structure.unflatten([r for _, r in out])
-  return structure.unflatten([m for m, _ in out]), new_residual
+  new_residual = None if residual is None else jax.tree.unflatten(structure, [r for _, r in out])
+  return jax.tree.unflatten(structure, [m for m, _ in out]), new_residual

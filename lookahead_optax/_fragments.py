@@ -28,7 +28,7 @@ from lookahead_optax._tree import is_inexact, map_inexact
 def check_fragments(caller: str, fragments: Any, k: Any) -> None:
   """At construction: an int >= 1, at most ``k``, or a pytree of ints (checked against the params at init)."""
   if isinstance(fragments, numbers.Integral) and not isinstance(fragments, bool):
-    if fragments < 1:
+    if int(fragments) < 1:
       raise ValueError(f"{caller}: fragments must be an int >= 1 or a pytree of fragment ids, got {fragments!r}.")
     if isinstance(k, numbers.Integral) and fragments > k:
       raise ValueError(
@@ -36,7 +36,7 @@ def check_fragments(caller: str, fragments: Any, k: Any) -> None:
           "fragments fit in a cycle.")
     return
   leaves = jax.tree.leaves(fragments)
-  if not leaves or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0 for x in leaves):
+  if not leaves or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and int(x) >= 0 for x in leaves):
     raise ValueError(
         f"{caller}: fragments must be an int >= 1 or a pytree of non-negative int fragment ids shaped like the "
         f"params, got {fragments!r}.")

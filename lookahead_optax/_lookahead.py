@@ -20,7 +20,7 @@ Where the slow step runs is decided by one rule, :func:`is_fused`.
 from __future__ import annotations
 
 import functools
-from typing import Any, Hashable, NamedTuple, Optional, Union
+from typing import Any, Callable, Hashable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ from lookahead_optax._tree import cast_like, fill, is_inexact, map_inexact, mask
 class LookaheadState(NamedTuple):
   """State of :func:`lookahead`."""
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count, as in optax's states
   """Inner steps taken since the last sync, in ``[0, k)`` (int32)."""
   syncs: jax.Array
   """Number of completed syncs (int32); the argument of an alpha schedule."""
@@ -339,7 +339,7 @@ def fused_landing(cfg: Config, params, inner_updates, delta, step):
   is then exactly 0); a Python ``alpha=1`` skips the term, so XLA compiles the
   inner update exactly as without lookahead.
   """
-  if _alpha.is_real_number(cfg.alpha) and float(cfg.alpha) == 1.0:
+  if isinstance(cfg.alpha, (int, float)) and not isinstance(cfg.alpha, bool) and cfg.alpha == 1.0:
     return inner_updates
   return map_inexact(lambda p, u, d, s: (u + (d + s).astype(u.dtype)).astype(u.dtype),
                      params, inner_updates, delta, step)
@@ -416,8 +416,9 @@ def staged_sync(cfg: Config, index, ids, state: LookaheadState, params, updates,
   stored = (state.slow, state.outer_state, state.alpha, state.syncs, state.residual)
   if cfg.communication_dtype is not None:  # an all-gathered mean is typed varying over the replicas
     stored = (*vary((state.slow, state.outer_state, state.alpha), cfg.axis_name), state.syncs, state.residual)
-  branches = [functools.partial(at_sync, j) for j in range(cfg.n_fragments)]
-  branches = [lambda *x, b=b: cast_like(b(*x), stored) for b in branches] + [lambda *x: x]
+  branches: list[Callable[..., Any]] = [
+      lambda *x, j=j: cast_like(at_sync(j, *x), stored) for j in range(cfg.n_fragments)]
+  branches.append(lambda *x: x)
   return switch(index, branches, *stored)
 
 

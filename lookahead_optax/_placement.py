@@ -78,8 +78,8 @@ def check_update(cfg, state, params) -> None:
   if has_outer != (cfg.outer is not None):
     was = "an outer optimizer (it has no alpha)" if has_outer else "alpha and no outer optimizer"
     raise ValueError(made_with(was) + f" This one has outer={cfg.outer!r}.")
-  if jax.tree.structure(map_inexact(lambda p: 0, params)) != jax.tree.structure(
-      jax.tree.map(lambda s: 0, state.slow)):
+  if str(jax.tree.structure(map_inexact(lambda p: 0, params))) != str(jax.tree.structure(
+      jax.tree.map(lambda s: 0, state.slow))):
     raise ValueError(
         f"{name}: the params passed to update are not shaped like the slow weights in the state: params "
         f"{jax.tree.structure(params)} vs slow weights {jax.tree.structure(state.slow)}.")

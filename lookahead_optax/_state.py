@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -128,7 +128,7 @@ def force_sync(
   old = find_lookahead_state(opt_state)
   params = _plain(params)
   probe_grads = jax.tree.map(jnp.zeros_like, params) if grads is None else grads
-  problem = None
+  problem: Optional[Union[Exception, str]] = None
   try:
     with _placement.probing():
       tx.update(probe_grads, _plain(opt_state), params)

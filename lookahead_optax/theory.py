@@ -59,6 +59,7 @@ import numbers
 from typing import NamedTuple, Optional
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from lookahead_optax._alpha import adaptive_alpha_value
 
@@ -154,7 +155,7 @@ def _geometric(x, n: int):
 # Noisy quadratic model (section 3.1).
 
 
-def nqm_sgd_variance(a, sigma2, lr) -> np.ndarray:
+def nqm_sgd_variance(a: ArrayLike, sigma2: ArrayLike, lr: ArrayLike) -> np.ndarray:
   r"""Steady-state variance of SGD's iterates on the noisy quadratic model (eq. 6).
 
   .. math::
@@ -183,7 +184,7 @@ def nqm_sgd_variance(a, sigma2, lr) -> np.ndarray:
   return lr**2 * a**2 * sigma2 / (1.0 - r**2)
 
 
-def nqm_lookahead_variance(a, sigma2, lr, k: int, alpha) -> np.ndarray:
+def nqm_lookahead_variance(a: ArrayLike, sigma2: ArrayLike, lr: ArrayLike, k: int, alpha: ArrayLike) -> np.ndarray:
   r"""Steady-state variance of Lookahead(SGD)'s slow weights on the noisy quadratic model (eq. 7).
 
   .. math::
@@ -229,7 +230,8 @@ class Moments(NamedTuple):
   """:math:`\\mathbb{V}[x_i]`."""
 
 
-def nqm_sgd_moments(a, sigma2, lr, steps: int, mean0, var0=0.0) -> Moments:
+def nqm_sgd_moments(a: ArrayLike, sigma2: ArrayLike, lr: ArrayLike, steps: int, mean0: ArrayLike,
+                    var0: ArrayLike = 0.0) -> Moments:
   r"""Mean and variance of SGD's iterate after ``steps`` updates on the noisy quadratic model.
 
   Solves the recursions :math:`m' = r m`, :math:`V' = r^2 V + \gamma^2 a^2\sigma^2`
@@ -261,7 +263,8 @@ def nqm_sgd_moments(a, sigma2, lr, steps: int, mean0, var0=0.0) -> Moments:
   return Moments(*np.broadcast_arrays(mean, var))
 
 
-def nqm_lookahead_moments(a, sigma2, lr, k: int, alpha, steps: int, mean0, var0=0.0) -> Moments:
+def nqm_lookahead_moments(a: ArrayLike, sigma2: ArrayLike, lr: ArrayLike, k: int, alpha: ArrayLike, steps: int,
+                          mean0: ArrayLike, var0: ArrayLike = 0.0) -> Moments:
   r"""Mean and variance of Lookahead(SGD)'s params after ``steps`` inner updates on the NQM.
 
   With :math:`n = \lfloor T/k \rfloor` syncs done and :math:`i = T - nk` inner
@@ -312,7 +315,7 @@ def nqm_lookahead_moments(a, sigma2, lr, k: int, alpha, steps: int, mean0, var0=
   return Moments(*np.broadcast_arrays(mean, var))
 
 
-def nqm_expected_loss(a, sigma2, moments: Moments) -> np.ndarray:
+def nqm_expected_loss(a: ArrayLike, sigma2: ArrayLike, moments: Moments) -> np.ndarray:
   r"""Expected loss (eq. 5), summed over the last axis (the coordinates).
 
   .. math::
@@ -357,14 +360,15 @@ def _matmul_2x2(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _power_2x2(m: np.ndarray, k: int) -> np.ndarray:
-  """m**k by repeated squaring."""
-  result = None
+  """m**k by repeated squaring (k >= 1)."""
+  result: Optional[np.ndarray] = None
   while k:
     if k & 1:
       result = m if result is None else _matmul_2x2(result, m)
     k >>= 1
     if k:
       m = _matmul_2x2(m, m)
+  assert result is not None
   return result
 
 
@@ -375,7 +379,7 @@ def _spectral_radius_2x2(m: np.ndarray) -> np.ndarray:
   return np.maximum(np.abs(half_trace + root), np.abs(half_trace - root))
 
 
-def cm_rate(a, lr, momentum) -> np.ndarray:
+def cm_rate(a: ArrayLike, lr: ArrayLike, momentum: ArrayLike) -> np.ndarray:
   r"""Exact convergence rate of classical momentum on :math:`\tfrac12 a x^2`: :math:`\rho(M)` per step.
 
   :math:`M = \begin{pmatrix} 1 - \gamma a & -\gamma\beta \\ a & \beta\end{pmatrix}`
@@ -403,7 +407,8 @@ def cm_rate(a, lr, momentum) -> np.ndarray:
   return _spectral_radius_2x2(_cm_matrix(a, lr, momentum))
 
 
-def lookahead_cm_rate(a, lr, momentum, k: int, alpha, inner_state_policy: str = "maintain") -> np.ndarray:
+def lookahead_cm_rate(a: ArrayLike, lr: ArrayLike, momentum: ArrayLike, k: int, alpha: ArrayLike,
+                      inner_state_policy: str = "maintain") -> np.ndarray:
   r"""Exact convergence rate per inner step of Lookahead wrapping classical momentum on :math:`\tfrac12 a x^2`.
 
   With :math:`M^k = \begin{pmatrix} p & q \\ s & u\end{pmatrix}` (see
@@ -461,7 +466,7 @@ class OptimalRate(NamedTuple):
 
 
 def optimal_rate(
-    condition_number,
+    condition_number: ArrayLike,
     momentum: float,
     *,
     k: Optional[int] = None,
@@ -557,7 +562,7 @@ def optimal_rate(
 # Proposition 1 (section 2.1).
 
 
-def optimal_alpha_quadratic(A, b, slow, fast) -> float:
+def optimal_alpha_quadratic(A: ArrayLike, b: ArrayLike, slow: ArrayLike, fast: ArrayLike) -> float:
   r"""Proposition 1: the slow step minimising :math:`L(x) = \tfrac12 x^\top A x - b^\top x` along the slow step.
 
   .. math::
