@@ -216,7 +216,7 @@ def test_lookahead_cm_rate_matches_measured_slope(lr, beta, k, alpha, policy):
   a, exact = a[keep][::3], exact[keep][::3]
   assert len(a) >= 3
   steps = int(60 / np.min(-np.log(exact)))
-  opt = lookahead(optax.sgd(lr, momentum=beta), k, alpha, inner_state=policy)
+  opt = lookahead(optax.sgd(lr, momentum=beta), k, alpha, inner_state_policy=policy)
   measured = measured_rates(opt, a, k, steps)  # observed right after each sync
   np.testing.assert_allclose(np.log(measured), np.log(exact), rtol=0.02)
 
