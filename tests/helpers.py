@@ -13,6 +13,10 @@ The references use only optax and jax.tree, no code of lookahead_optax:
 
 from __future__ import annotations
 
+import math
+import re
+from typing import NamedTuple
+
 import chex
 import jax
 import jax.extend
@@ -250,3 +254,116 @@ def _taint(jaxpr, tainted_inputs, found, where):
         outs = [index_tainted or any(r[o] for r in results) for o in range(len(eqn.outvars))]
     tainted.update(v for v, t in zip(eqn.outvars, outs) if t)
   return [not literal(v) and v in tainted for v in jaxpr.outvars]
+
+
+# --------------------------------------------------------- compiled HLO text
+# Read from ``jit(...).lower(...).compile().as_text()``: what each instruction produces and reads, and
+# whether it runs on every step or inside a conditional's branch (a sync branch).
+
+HLO_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+HLO_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+class HloInstruction(NamedTuple):
+  """One instruction of an HLO computation."""
+
+  name: str
+  op: str
+  """The opcode; an async collective is named by its ``-start`` half (``all-gather``; ``all-gather-done`` apart)."""
+  arrays: tuple
+  """What it produces: ``(element type, shape)`` per array (several for a tuple)."""
+  operands: tuple
+  """The names of its operands."""
+  callees: tuple
+  """The computations it calls; a ``conditional``'s branches in index order (false before true for a predicate)."""
+
+
+class HloPlaced(NamedTuple):
+  """An instruction reachable from the entry computation, with where it runs and what it reads."""
+
+  instruction: HloInstruction
+  operands: tuple
+  """``(element type, shape)`` of each array it reads."""
+  branch: tuple | None
+  """None: outside every conditional (every step); else ``(conditional name, branch index)``, the outermost."""
+
+
+def hlo_arrays(type_text: str) -> tuple:
+  """``"(f32[2,3]{1,0}, s8[4]{0})"`` -> ``(("f32", (2, 3)), ("s8", (4,)))``."""
+  return tuple((t, tuple(int(d) for d in dims.split(",") if d))
+               for t, dims in re.findall(r"([a-z]\w*)\[([\d,]*)\]", type_text))
+
+
+def hlo_nbytes(arrays) -> int:
+  return sum(HLO_ITEMSIZE[t] * math.prod(shape) for t, shape in arrays)
+
+
+def _closing(text: str, start: int) -> int:
+  """Index just past the bracket that closes the one at ``text[start]``."""
+  pairs, depth = {"(": ")", "{": "}"}, 0
+  for i in range(start, len(text)):
+    if text[i] == text[start]:
+      depth += 1
+    elif text[i] == pairs[text[start]]:
+      depth -= 1
+      if depth == 0:
+        return i + 1
+  raise ValueError(f"unbalanced HLO text: {text[start:start + 80]!r}")
+
+
+def _instruction(line: str) -> HloInstruction | None:
+  head = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*", line)
+  if head is None:
+    return None
+  at = head.end()
+  end = _closing(line, at) if line[at] == "(" else line.index(" ", at)
+  type_text = line[at:end]
+  op = re.match(r"\s*([\w\-]+)\(", line[end:])
+  args_at = end + op.end() - 1
+  args_end = _closing(line, args_at)
+  rest = re.sub(r"metadata=\{[^}]*\}", "", line[args_end:])
+  callees = []
+  for _, value in re.findall(r"(calls|to_apply|body|condition|branch_computations|called_computations|"
+                               r"false_computation|true_computation)=(\{[^}]*\}|%?[\w.\-]+)", rest):
+    callees += [n.strip().lstrip("%") for n in value.strip("{}").split(",") if n.strip()]
+  return HloInstruction(head.group(1), re.sub(r"-start$", "", op.group(1)), hlo_arrays(type_text),
+                        tuple(re.findall(r"%([\w.\-]+)", line[args_at:args_end])), tuple(callees))
+
+
+def hlo_computations(text: str) -> tuple:
+  """``(entry name, {computation name: {instruction name: HloInstruction}})`` of an HLO module's text."""
+  comps, entry, name = {}, None, None
+  for line in text.splitlines():
+    head = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if head and not line.startswith(" "):
+      name, comps[head.group(2)] = head.group(2), {}
+      entry = name if head.group(1) else entry
+    elif line.startswith("}"):
+      name = None
+    elif name is not None and (ins := _instruction(line)) is not None:
+      comps[name][ins.name] = ins
+  return entry, comps
+
+
+def hlo_placed(text: str) -> list:
+  """Every instruction reachable from the entry computation, as :class:`HloPlaced`.
+
+  A computation reached both outside and inside conditionals is listed once per place.
+  """
+  entry, comps = hlo_computations(text)
+  out, seen, todo = [], set(), [(entry, None)]
+  while todo:
+    comp, branch = todo.pop()
+    if (comp, branch) in seen or comp not in comps:
+      continue
+    seen.add((comp, branch))
+    body = comps[comp]
+    for ins in body.values():
+      reads = tuple(a for n in ins.operands if n in body for a in body[n].arrays)
+      out.append(HloPlaced(ins, reads, branch))
+      if ins.op == "conditional":
+        todo += [(c, branch or (ins.name, i)) for i, c in enumerate(ins.callees)]
+      else:
+        todo += [(c, branch) for c in ins.callees]
+  return out

@@ -7,21 +7,17 @@ import pytest
 from tests.distributed.multidevice_utils import session_results
 
 
-def _results(kind):
-  out = session_results("multidevice_checks.py", kind)
-  assert out["device_count"] == 8
-  return out
-
-
 class Results:
   """What a check script measured, by check name; a check that raised fails the test that reads it."""
 
-  def __init__(self, kind):
-    self.kind, self._out = kind, None
+  def __init__(self, script, *args):
+    self.script, self.args, self._out = script, args, None
 
   def __getitem__(self, name):
     if self._out is None:
-      self._out = _results(self.kind)
+      self._out = session_results(self.script, *self.args)
+      assert self._out["device_count"] == 8
+      assert "setup" not in self._out, self._out["setup"]["error"]
     out = self._out[name]
     assert "error" not in out, out.get("error") if isinstance(out, dict) else out
     return out
@@ -29,9 +25,14 @@ class Results:
 
 @pytest.fixture(scope="session")
 def lookahead_results():
-  return Results("lookahead")
+  return Results("multidevice_checks.py", "lookahead")
 
 
 @pytest.fixture(scope="session")
 def diloco_results():
-  return Results("diloco")
+  return Results("multidevice_checks.py", "diloco")
+
+
+@pytest.fixture(scope="session")
+def streaming_results():
+  return Results("streaming_checks.py")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import sys
 import time
 import traceback
@@ -28,6 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lookahead_optax import diloco, lookahead
+from tests.helpers import HLO_COLLECTIVES, hlo_placed
 
 K = 3
 CYCLES = 3
@@ -441,75 +441,25 @@ def check_outer_state_fsdp(axis_type):
 
 # ------------------------------------------------------ collective counting
 
-def _computations(hlo: str) -> dict:
-  """HLO module text -> {computation name: body text}."""
-  comps, name, lines = {}, None, []
-  for line in hlo.splitlines():
-    head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-    if head and not line.startswith(" "):
-      name, lines = head.group(1), []
-      if line.startswith("ENTRY"):
-        comps["__entry__"] = name
-      continue
-    if line.startswith("}") and name is not None:
-      comps[name] = "\n".join(lines)
-      name = None
-      continue
-    if name is not None:
-      lines.append(line)
-  return comps
-
-
-def _callees(body: str) -> set:
-  names = set()
-  for attr in re.findall(r"(?:calls|to_apply|body|condition|true_computation|false_computation|"
-                         r"branch_computations)=\{?([^}\n]*?)\}?(?:,\s|$|\))", body):
-    names.update(n.strip().lstrip("%") for n in attr.split(",") if n.strip())
-  return names
-
-
-def _reachable(comps: dict, start: str, stop=frozenset()) -> set:
-  seen, todo = set(), [start]
-  while todo:
-    c = todo.pop()
-    if c in seen or c in stop or c not in comps:
-      continue
-    seen.add(c)
-    todo.extend(_callees(comps[c]))
-  return seen
-
-
-def _count(body: str, op: str) -> int:
-  return len(re.findall(rf"\s{op}(?:-start)?\(", body))
-
-
 def hlo_collectives(hlo: str) -> dict:
   """Where the all-reduces of an optimized HLO module sit, relative to its conditionals.
 
-  Returns the number of all-reduce ops reachable from the entry computation
-  without entering any conditional branch, and, per conditional, the number in
-  each branch (branch 0 is the false/no-sync branch of a boolean ``lax.cond``).
+  Returns the number of all-reduce ops outside every conditional branch, and, per conditional of the step
+  (outermost), the number in each branch (branch 0 is the false/no-sync branch of a boolean ``lax.cond``).
   """
-  comps = _computations(hlo)
-  entry = comps.pop("__entry__")
-  branches = []
-  for body in comps.values():
-    for m in re.finditer(r"conditional\(.*?(?:branch_computations=\{([^}]*)\}|"
-                         r"true_computation=%?([\w.\-]+), false_computation=%?([\w.\-]+))", body):
-      if m.group(1):
-        branches.append([b.strip().lstrip("%") for b in m.group(1).split(",")])
-      else:
-        branches.append([m.group(3), m.group(2)])  # [false, true], as branch_computations orders them
-  all_branch_roots = {b for bs in branches for b in bs}
-  outside = _reachable(comps, entry, stop=all_branch_roots)
-  per_branch = [[sum(_count(comps[c], "all-reduce") for c in _reachable(comps, b)) for b in bs] for bs in branches]
+  placed = hlo_placed(hlo)
+  per_branch = {p.instruction.name: [0] * len(p.instruction.callees) for p in placed
+                if p.instruction.op == "conditional" and p.branch is None}
+  reduces = [p for p in placed if p.instruction.op == "all-reduce"]
+  for p in reduces:
+    if p.branch is not None:
+      per_branch[p.branch[0]][p.branch[1]] += 1
   return {
-      "hlo_all_reduce_total": sum(_count(b, "all-reduce") for b in comps.values()),
-      "hlo_all_reduce_outside_conditionals": sum(_count(comps[c], "all-reduce") for c in outside),
-      "hlo_all_reduce_per_branch": per_branch,
+      "hlo_all_reduce_total": len(reduces),
+      "hlo_all_reduce_outside_conditionals": sum(p.branch is None for p in reduces),
+      "hlo_all_reduce_per_branch": list(per_branch.values()),
       "hlo_other_collectives_outside_conditionals": sum(
-          _count(comps[c], op) for c in outside for op in ("all-gather", "reduce-scatter", "collective-permute",
-                                                           "all-to-all")),
+          1 for p in placed if p.branch is None and p.instruction.op in HLO_COLLECTIVES[1:]),
   }
 
 

@@ -9,7 +9,10 @@ the 4 global devices:
 - Lookahead(Adam), data parallel with ``jax.jit``: params replicated, the
   global batch sharded over the devices, each process feeding its own half;
 - DiLoCo (``diloco``), one replica per device under ``jax.shard_map``, each
-  replica on its own data, pseudo-gradients averaged across processes.
+  replica on its own data, pseudo-gradients averaged across processes;
+- Streaming DiLoCo (``streaming_checks.GLOO_CASE``: 2 fragments, int8 exchange
+  with error feedback, delay 1), the training of ``streaming_checks.py``, whose
+  single-process run of it on 4 devices the test compares with.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from lookahead_optax import diloco, lookahead  # noqa: E402
 from multidevice_checks import make_problem, mlp_loss  # noqa: E402
+import streaming_checks  # noqa: E402
 
 K, LOOKAHEAD_STEPS, DILOCO_STEPS = 3, 13, 7
 
@@ -87,10 +91,18 @@ def diloco_run(mesh):
       f"diloco/slow/{k}": gather(v) for k, v in state.slow.items()}
 
 
+def streaming_run(mesh):
+  sc = streaming_checks
+  problem = sc.make_problem(sc.GLOO_SHAPES, jax.device_count(), sc.STEPS, seed=3)
+  hist, _, _ = sc.train_shard_map(sc.make_opt(*sc.GLOO_CASE, axis_name="data"), mesh, problem, sc.STEPS)
+  fast, slow, _ = hist[-1]  # gathered from both processes
+  return {f"streaming/fast/{k}": v for k, v in fast.items()} | {f"streaming/slow/{k}": v for k, v in slow.items()}
+
+
 def main():
   assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  np.savez(OUT, **lookahead_run(mesh), **diloco_run(mesh))
+  np.savez(OUT, **lookahead_run(mesh), **diloco_run(mesh), **streaming_run(mesh))
   jax.distributed.shutdown()
 
 

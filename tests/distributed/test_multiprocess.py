@@ -1,11 +1,13 @@
 """Two JAX processes on 127.0.0.1 (2 CPU devices each, gloo collectives) vs one process.
 
-``multiprocess_worker.py`` trains Lookahead(Adam) data-parallel and DiLoCo
-across the 4 global devices; here both processes are started on a free port
-(with a timeout; both are killed if either fails) and their final weights are
-compared with each other (bitwise) and with single-process references computed
-in this process: the same Lookahead training on one device with the full
-batch, and DiLoCo as a Python loop over 4 replica copies.
+``multiprocess_worker.py`` trains Lookahead(Adam) data-parallel, DiLoCo and
+Streaming DiLoCo across the 4 global devices; here both processes are started on
+a free port (with a timeout; both are killed if either fails) and their final
+weights are compared with each other (bitwise) and with single-process
+references: the same Lookahead training on one device with the full batch and
+DiLoCo as a Python loop over 4 replica copies, both computed in this process;
+Streaming DiLoCo run by ``streaming_checks.py`` in one process on 4 simulated
+devices (itself checked against its Python loop over replicas there).
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def outputs(tmp_path_factory):
 
 def test_processes_end_bitwise_identical(outputs):
   a, b = outputs
-  assert sorted(a) == sorted(b) and any(k.startswith("diloco/") for k in a) and any(k.startswith("lookahead/") for k in a)
+  assert sorted(a) == sorted(b)
+  assert {k.split("/")[0] for k in a} == {"lookahead", "diloco", "streaming"}
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
@@ -90,3 +93,15 @@ def test_diloco_equals_reference_loop(outputs):
       np.testing.assert_allclose(slow[0], slows[-1][name], rtol=0, atol=TOL, err_msg=name)
       for m in range(4):
         np.testing.assert_allclose(out[f"diloco/fast/{name}"][m], fasts[-1][m][name], rtol=0, atol=TOL, err_msg=name)
+
+
+def test_streaming_diloco_equals_single_process_run(outputs, streaming_results):
+  """2 fragments, int8 exchange with error feedback, delay 1: gloo across processes = one process, 4 devices."""
+  single = streaming_results["gloo_reference"]
+  for out in outputs:
+    for name, slow in single["slow"].items():
+      ours = out[f"streaming/slow/{name}"]
+      assert (ours == ours[:1]).all(), f"slow {name} differs across replicas"
+      np.testing.assert_allclose(ours, np.asarray(slow, np.float32), rtol=0, atol=TOL, err_msg=name)
+      np.testing.assert_allclose(out[f"streaming/fast/{name}"], np.asarray(single["fast"][name], np.float32),
+                                 rtol=0, atol=TOL, err_msg=name)
