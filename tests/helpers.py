@@ -285,8 +285,9 @@ class HloPlaced(NamedTuple):
   instruction: HloInstruction
   operands: tuple
   """``(element type, shape)`` of each array it reads."""
-  branch: tuple | None
-  """None: outside every conditional (every step); else ``(conditional name, branch index)``, the outermost."""
+  branches: tuple
+  """The conditional branches it runs in, outermost first, as ``(conditional name, branch index)``; () outside
+  every conditional (it runs on every step)."""
 
 
 def hlo_arrays(type_text: str) -> tuple:
@@ -349,21 +350,21 @@ def hlo_computations(text: str) -> tuple:
 def hlo_placed(text: str) -> list:
   """Every instruction reachable from the entry computation, as :class:`HloPlaced`.
 
-  A computation reached both outside and inside conditionals is listed once per place.
+  A computation reached from several places is listed once per place.
   """
   entry, comps = hlo_computations(text)
-  out, seen, todo = [], set(), [(entry, None)]
+  out, seen, todo = [], set(), [(entry, ())]
   while todo:
-    comp, branch = todo.pop()
-    if (comp, branch) in seen or comp not in comps:
+    comp, branches = todo.pop()
+    if (comp, branches) in seen or comp not in comps:
       continue
-    seen.add((comp, branch))
+    seen.add((comp, branches))
     body = comps[comp]
     for ins in body.values():
       reads = tuple(a for n in ins.operands if n in body for a in body[n].arrays)
-      out.append(HloPlaced(ins, reads, branch))
+      out.append(HloPlaced(ins, reads, branches))
       if ins.op == "conditional":
-        todo += [(c, branch or (ins.name, i)) for i, c in enumerate(ins.callees)]
+        todo += [(c, (*branches, (ins.name, i))) for i, c in enumerate(ins.callees)]
       else:
-        todo += [(c, branch) for c in ins.callees]
+        todo += [(c, branches) for c in ins.callees]
   return out

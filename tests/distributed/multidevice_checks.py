@@ -449,17 +449,18 @@ def hlo_collectives(hlo: str) -> dict:
   """
   placed = hlo_placed(hlo)
   per_branch = {p.instruction.name: [0] * len(p.instruction.callees) for p in placed
-                if p.instruction.op == "conditional" and p.branch is None}
+                if p.instruction.op == "conditional" and not p.branches}
   reduces = [p for p in placed if p.instruction.op == "all-reduce"]
   for p in reduces:
-    if p.branch is not None:
-      per_branch[p.branch[0]][p.branch[1]] += 1
+    if p.branches:
+      cond, branch = p.branches[0]
+      per_branch[cond][branch] += 1
   return {
       "hlo_all_reduce_total": len(reduces),
-      "hlo_all_reduce_outside_conditionals": sum(p.branch is None for p in reduces),
+      "hlo_all_reduce_outside_conditionals": sum(not p.branches for p in reduces),
       "hlo_all_reduce_per_branch": list(per_branch.values()),
       "hlo_other_collectives_outside_conditionals": sum(
-          1 for p in placed if p.branch is None and p.instruction.op in HLO_COLLECTIVES[1:]),
+          1 for p in placed if not p.branches and p.instruction.op in HLO_COLLECTIVES[1:]),
   }
 
 

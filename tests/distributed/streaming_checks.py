@@ -268,9 +268,9 @@ def hlo_facts(compiled) -> dict:
   """Collectives and where they sit; what the entry computation (the step outside every branch) moves."""
   text = compiled.as_text()
   placed = hlo_placed(text)
-  collectives = [{"op": p.instruction.op, "branch": p.branch, "operands": p.operands, "wire_bytes": hlo_nbytes(
-      p.operands)} for p in placed if p.instruction.op in HLO_COLLECTIVES]
-  holding = {c["branch"][0] for c in collectives if c["branch"] is not None}
+  collectives = [{"op": p.instruction.op, "branches": p.branches, "operands": p.operands,
+                  "wire_bytes": hlo_nbytes(p.operands)} for p in placed if p.instruction.op in HLO_COLLECTIVES]
+  holding = {cond for c in collectives for cond, _ in c["branches"]}
   entry, comps = hlo_computations(text)
   smallest = min(int(np.prod(s)) for s in SHAPES.values())
   big = lambda arrays: [a for a in arrays if int(np.prod(a[1])) >= smallest]
@@ -279,7 +279,7 @@ def hlo_facts(compiled) -> dict:
   reads = lambda ins: [a for n in ins.operands if n in body for a in big(body[n].arrays)]
   return {
       "collectives": collectives,
-      # per conditional holding a collective: its number of branches
+      # per conditional with a collective in one of its branches: its number of branches
       "branch_counts": {p.instruction.name: len(p.instruction.callees) for p in placed if p.instruction.name in
                         holding and p.instruction.op == "conditional"},
       "entry_param_sized_copies": sum(1 for ins in work if ins.op == "copy" and big(ins.arrays)),

@@ -21,7 +21,6 @@ import math
 import pytest
 
 from tests.distributed.streaming_checks import CASES, FRAGMENT_IDS, SHAPES, case_name
-from tests.helpers import HLO_ITEMSIZE
 
 EXACT = 1e-6
 FLIPPED_FRACTION, FLIPPED_MAX = 1e-3, 1e-2  # a compressed exchange: elements rounded the other way, and by how much
@@ -76,36 +75,40 @@ def expected_exchange(n, dtype):
   return out
 
 
-def branch_contents(out):
-  """Per branch of the conditional that holds the collectives: [(op, element type, elements), ...]."""
-  (name, n_branches), = out["branch_counts"].items()  # exactly one conditional holds collectives
-  branches = [[] for _ in range(n_branches)]
+def exchanges(out):
+  """The collectives of the compiled step, grouped by the conditional branch they run in (the innermost)."""
+  groups = {}
   for c in out["collectives"]:
-    assert c["branch"] is not None and c["branch"][0] == name, c
-    branches[c["branch"][1]] += [(c["op"], t, math.prod(shape)) for t, shape in c["operands"]]
-  return branches
+    groups.setdefault(tuple(c["branches"][-1]) if c["branches"] else None, []).append(c)
+  return groups
+
+
+def elements(collectives):
+  return sorted(math.prod(shape) for c in collectives for _, shape in c["operands"])
 
 
 @pytest.mark.parametrize("case", SHARD_MAP, ids=ids(SHARD_MAP))
 def test_each_fragment_exchanged_once_inside_its_own_branch(streaming_results, case):
-  """The compiled step: each fragment's collectives sit in one branch of the sync conditional, none elsewhere.
+  """The compiled step: each fragment's collectives sit in a sync branch of their own, none elsewhere.
 
   float32: one all-reduce per fragment, its operands the fragment's leaves. Compressed: all-gathers of the
   fragment's leaves (and of their per-row scales); no all-reduce.
   """
   _, n, dtype, _, _ = case
   out = streaming_results[case_name(*case)]
-  assert [c for c in out["collectives"] if c["branch"] is None] == []  # none on the path of every step
-  branches = branch_contents(out)
-  assert len(branches) == n + 1  # one branch per fragment, one that syncs nothing
-  carried = sorted(sorted(e for _, _, e in b) for b in branches)
-  expected = sorted([[]] + [sorted(values + scales) for values, scales in expected_exchange(n, dtype)])
-  assert carried == expected
-  ops = [sorted({op for op, _, _ in b}) for b in branches if b]
-  assert ops == [["all-reduce" if dtype is None else "all-gather"]] * n
-  if dtype is None:
-    assert sorted(len(b) for b in branches) == sorted([0] + [len(v) for v, _ in expected_exchange(n, None)])
-    assert sum(c["op"] == "all-reduce" for c in out["collectives"]) == n  # one all-reduce per fragment
+  groups = exchanges(out)
+  assert None not in groups, groups[None]  # no collective on the path of every step
+  assert len(groups) == n
+  carried = sorted(elements(g) for g in groups.values())
+  assert carried == sorted(sorted(values + scales) for values, scales in expected_exchange(n, dtype))
+  for g in groups.values():
+    if dtype is None:
+      assert [c["op"] for c in g] == ["all-reduce"]  # one per fragment
+    else:
+      assert {c["op"] for c in g} == {"all-gather"}
+  # the step that syncs nothing: a branch of the outermost sync conditional that runs no collective
+  (outer,) = {c["branches"][0][0] for c in out["collectives"]}
+  assert len({c["branches"][0][1] for c in out["collectives"]}) < out["branch_counts"][outer]
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=WIDENED) if c[2] in ("bfloat16", "float8_e4m3fn",
@@ -115,7 +118,7 @@ def test_bytes_on_the_wire_are_the_communication_dtype(streaming_results, case):
   """Per fragment, the collective operands' bytes: its values in the chosen dtype, its scales in float32."""
   _, n, dtype, _, _ = case
   out = streaming_results[case_name(*case)]
-  carried = sorted(sum(HLO_ITEMSIZE[t] * e for _, t, e in b) for b in branch_contents(out) if b)
+  carried = sorted(sum(c["wire_bytes"] for c in g) for g in exchanges(out).values())
   expected = sorted(ITEMSIZE[dtype] * sum(values) + 4 * sum(scales) for values, scales in expected_exchange(n, dtype))
   assert carried == expected
 
