@@ -143,11 +143,32 @@ def check_then_sync(cfg, state, params, exact, ids):
     # & previous == j: under vmap a switch runs every branch, so the flags themselves must say when to report.
     wrong = (jnp.stack(wrong) if wrong else jnp.zeros((0,), bool)) & (previous == j)
     report = functools.partial(_report_placement, cfg.caller, cfg.placement_check, names)
-    jax.lax.cond(jnp.any(wrong), lambda w: jax.debug.callback(report, w), lambda w: None, wrong)
+    jax.lax.cond(jnp.any(wrong), lambda w: host_call(report, w), lambda w: None, wrong)
     return decide(count)
 
   branches = [functools.partial(check, j) for j in range(n)] + [lambda count: decide(count) + 0 * (count < 0)]
   return jax.lax.switch(previous, branches, state.count)
+
+
+def host_call(fn, *args) -> None:
+  """``jax.debug.callback(fn, *args)``, called once per step under ``vmap``, with the batched values.
+
+  (``jax.debug.callback`` alone unrolls over a ``vmap``: one host call per run
+  of a batch, which makes a vmapped grid of thousands of runs crawl.) ``fn``
+  must accept values with leading batch axes.
+  """
+
+  @jax.custom_batching.custom_vmap
+  def call(*args):
+    jax.debug.callback(fn, *args)
+    return jnp.zeros((), bool)
+
+  @call.def_vmap
+  def _(axis_size, in_batched, *args):
+    args = [a if b else jnp.broadcast_to(a, (axis_size, *jnp.shape(a))) for a, b in zip(args, in_batched)]
+    return call(*args), False
+
+  call(*args)
 
 
 def _differs(p, s, exact):
@@ -192,7 +213,7 @@ def _report_placement(name, mode, leaves, wrong) -> None:
 def _report_count(cfg, k, decide):
   def branch(count):
     # The callback gets the values, not the branch: under vmap a cond runs both branches.
-    jax.debug.callback(functools.partial(_raise_count, cfg.caller), count, jnp.asarray(k))
+    host_call(functools.partial(_raise_count, cfg.caller), count, jnp.asarray(k))
     return decide(count)
   return branch
 

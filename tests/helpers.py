@@ -229,6 +229,18 @@ def collective_inputs_depend_on(fn, args, argnum: int) -> dict:
   return found
 
 
+def count_primitive(jaxpr, name: str) -> int:
+  """Equations of primitive ``name`` in ``jaxpr``, nested jaxprs (branches, bodies) included."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == name
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = sub if hasattr(sub, "eqns") else getattr(sub, "jaxpr", None)
+        n += count_primitive(sub, name) if hasattr(sub, "eqns") else 0
+  return n
+
+
 def _taint(jaxpr, tainted_inputs, found, where):
   """Which outputs of ``jaxpr`` depend on its tainted inputs; records collectives in ``found``."""
   literal = lambda v: isinstance(v, jax.extend.core.Literal)

@@ -12,7 +12,7 @@ import pytest
 
 from lookahead_optax import (LookaheadPlacementError, LookaheadPlacementWarning, adaptive_alpha, diloco, lookahead,
                              snoo)
-from tests.helpers import make_params, quadratic_grad, replica_grad
+from tests.helpers import count_primitive, make_params, quadratic_grad, replica_grad
 
 TARGET = 3.0
 
@@ -85,6 +85,39 @@ def test_the_check_runs_once_per_cycle():
     opt.update({"w": jnp.ones(3)}, state, params)
     jax.effects_barrier()
   assert not caught
+
+
+@pytest.mark.parametrize("runs", [1, 64])
+def test_under_vmap_the_checks_call_the_host_once_per_step(runs):
+  """A vmapped grid of runs reports from one host call per check, not one per run (same program for 1 or 64 runs)."""
+  opt = lookahead(optax.sgd(0.1), k=3)
+  params = {"w": jnp.zeros((runs, 3))}
+  state = jax.vmap(opt.init)(params)
+  step = jax.vmap(opt.update)
+  assert count_primitive(jax.make_jaxpr(step)(params, state, params).jaxpr, "debug_callback") == 2  # the count guard, the placement
+  lowered = jax.jit(step).lower(params, state, params).as_text()
+  assert lowered.count("callback") == jax.jit(opt.update).lower(
+      {"w": jnp.zeros(3)}, opt.init({"w": jnp.zeros(3)}), {"w": jnp.zeros(3)}).as_text().count("callback")
+
+
+def test_under_vmap_a_misplaced_run_and_a_wrong_count_are_reported():
+  """One run of a nested vmap misplaced: one warning naming the leaf; one run's count too large: the error."""
+  opt = lookahead(optax.sgd(0.5), k=3)
+  params = {"w": jnp.ones((2, 3, 4))}
+  state = jax.vmap(jax.vmap(opt.init))(params)
+  step = jax.jit(jax.vmap(jax.vmap(opt.update)))
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", LookaheadPlacementWarning)
+    for t in range(6):
+      updates, state = step(params, state, params)
+      params = optax.apply_updates(params, updates)
+      if t == 2:  # right after the first sync, one run's params leave its slow weights
+        params = {"w": params["w"].at[1, 2, 0].add(1.0)}
+    jax.effects_barrier()
+  assert len(caught) == 1 and "(params['w'])" in str(caught[0].message)
+  wrong = state._replace(count=state.count.at[0, 1].set(5))
+  with pytest.raises(Exception, match=r"the state's count is 5, but k=3 allows 0..2"):
+    jax.block_until_ready(step(params, wrong, params))
 
 
 # ---------------------------------------------------- no false alarms
