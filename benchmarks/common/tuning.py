@@ -165,45 +165,47 @@ def run_task(task: Task, cfg: dict, seeds: Sequence[int], log: Callable[[str], N
   families = list(dict.fromkeys(family_of(task, m)[0] for m in cfg["methods"]))
   result: dict[str, Any] = {"task": task.name, "config": dict(cfg), "seeds": seeds, "budget": budget,
                             "methods": {}, "programs": []}
+  trained = {}  # (family, variant) -> (grid, finals): methods sharing a family (SGD and Polyak) share its runs
   for family in families:
     rows = {m: [] for m in cfg["methods"] if family_of(task, m)[0] == family}
     for variant in dict.fromkeys(s.get("variant") for s in settings(family, cfg)):
       sets = [s for s in settings(family, cfg) if s.get("variant") == variant]
+      if (family, variant) not in trained:
+        trained[family, variant] = _train_program(task, problem, family, dict(cfg, variant=variant), sets, seeds,
+                                                  result, log)
       for method, method_rows in rows.items():
-        method_rows += _train_program(task, problem, family, dict(cfg, variant=variant), sets, seeds, result, log,
-                                      family_of(task, method)[1])
+        method_rows += _rows(sets, len(seeds), *trained[family, variant], family_of(task, method)[1])
     for method, method_rows in rows.items():
       result["methods"][method] = {"family": family, "settings": method_rows,
                                    "best": best_setting(method_rows, task.select)}
-  del result["_trained"]
   if task.extras is not None and cfg.get("extras", True):
     result["extras"] = task.extras(cfg, problem, result, seeds)
   return result
 
 
-def _train_program(task, problem, family, cfg, sets, seeds, result, log, weights_name):
-  """Trains ``sets`` x ``seeds`` in one program (once per family and variant); rows of ``weights_name``."""
-  key = (family, cfg["variant"])
-  cache = result.setdefault("_trained", {})
-  if key not in cache:  # methods sharing a family (SGD and Polyak) share its runs
-    hparams, seed_axis = grid.settings_by_seeds([{k: s[k] for k in ("lr", "alpha") if k in s} for s in sets], seeds)
-    # One chunk per setting: a setting's runs are then the same, to the bit, in a quick run as in the full run.
-    g = grid.train_grid(problem, task.optimizer(family, cfg), hparams, seed_axis, cfg["steps"], cfg["eval_every"],
-                        weights=task.weights(family, cfg) if task.weights else grid.main_weights, chunk=len(seeds))
-    start = time.perf_counter()
-    finals = task.finals(cfg, problem, g)
-    eval_s = time.perf_counter() - start
-    result["eval_steps"] = g.eval_steps.tolist()
-    what = family + (f" [{cfg['variant']}]" if cfg["variant"] else "")
-    result["programs"].append({"family": what, "runs": len(seed_axis), "settings": len(sets),
-                               "compile_s": g.compile_seconds, "run_s": g.run_seconds, "final_eval_s": eval_s})
-    log(f"  {task.name} {what}: {len(sets)} settings x {len(seeds)} seeds in one program, compiled in "
-        f"{g.compile_seconds:.1f} s, trained in {g.run_seconds:.1f} s, final evaluation {eval_s:.1f} s")
-    cache[key] = (g, finals)
-  g, finals = cache[key]
+def _train_program(task, problem, family, cfg, sets, seeds, result, log):
+  """``(Grid, finals)`` of ``sets`` x ``seeds`` trained in one program; logs and records its compile and run time."""
+  hparams, seed_axis = grid.settings_by_seeds([{k: s[k] for k in ("lr", "alpha") if k in s} for s in sets], seeds)
+  # One chunk per setting: a setting's runs are then the same, to the bit, in a quick run as in the full run.
+  g = grid.train_grid(problem, task.optimizer(family, cfg), hparams, seed_axis, cfg["steps"], cfg["eval_every"],
+                      weights=task.weights(family, cfg) if task.weights else grid.main_weights, chunk=len(seeds))
+  start = time.perf_counter()
+  finals = task.finals(cfg, problem, g)
+  eval_s = time.perf_counter() - start
+  result["eval_steps"] = g.eval_steps.tolist()
+  what = family + (f" [{cfg['variant']}]" if cfg["variant"] else "")
+  result["programs"].append({"family": what, "runs": len(seed_axis), "settings": len(sets),
+                             "compile_s": g.compile_seconds, "run_s": g.run_seconds, "final_eval_s": eval_s})
+  log(f"  {task.name} {what}: {len(sets)} settings x {len(seeds)} seeds in one program, compiled in "
+      f"{g.compile_seconds:.1f} s, trained in {g.run_seconds:.1f} s, final evaluation {eval_s:.1f} s")
+  return g, finals
+
+
+def _rows(sets, n_seeds, g, finals, weights_name) -> list[dict]:
+  """One row per setting: its metrics and curves over the seeds (of the weights named ``weights_name``)."""
   rows = []
   for i, s in enumerate(sets):
-    runs = slice(i * len(seeds), (i + 1) * len(seeds))
+    runs = slice(i * n_seeds, (i + 1) * n_seeds)
     rows.append({**s, "metrics": {k: v[runs].tolist() for k, v in finals[weights_name].items()},
                  "curves": {k: v[runs].tolist() for k, v in g.curves[weights_name].items()},
                  "loss_curve": binned(g.losses[runs].mean(0))})

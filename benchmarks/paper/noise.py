@@ -28,7 +28,7 @@ FULL = dict(
     grids={"SGD": (0.03, 0.05, 0.1, 0.2, 0.5, 1.0), "LA(SGD)": (0.2, 0.5, 1.0)},
     methods=("SGD", "LA(SGD)"), pairs=(("SGD", "LA(SGD)"),),
 )
-QUICK = dict(FULL, grids={"SGD": (0.1, 0.2), "LA(SGD)": (0.5,)}, sensitivity=False)
+QUICK = dict(FULL, grids={"SGD": (0.1, 0.2), "LA(SGD)": (1.0,)}, sensitivity=False)
 
 
 def splits(cfg: dict) -> dict:

@@ -29,7 +29,7 @@ FULL = dict(
     methods=("Adam", "LA(Adam)", "Adam-", "LA(Adam-)", "Adafactor"),
     pairs=(("Adam", "LA(Adam)"), ("Adam-", "LA(Adam-)")), sensitivity=("LA(Adam)",),
 )
-QUICK = dict(FULL, grids={"Adam": (1e-2, 2e-2), "LA(Adam)": (5e-2,)}, methods=("Adam", "LA(Adam)"),
+QUICK = dict(FULL, grids={"Adam": (1e-2, 2e-2), "LA(Adam)": (3e-2,)}, methods=("Adam", "LA(Adam)"),
              pairs=(("Adam", "LA(Adam)"),), sensitivity=False)
 
 # Table 4 of the paper: BLEU of the Transformer base model after 50k steps on WMT'14 En-De (newstest13, 14).
