@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks.common import translation as tr
+from tests.distributed.multidevice_utils import device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,8 +40,7 @@ def test_warmup_rsqrt_closed_form():
 
 def test_trains_data_parallel_on_8_simulated_devices_and_one_pass_exact_match_equals_greedy_decoding():
   # A fresh process: the device count is fixed when jax starts its backend.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env = dict(device_env(8), JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   script = (
       "import json, jax, numpy as np, optax\n"
       "from benchmarks.common import translation as tr\n"

@@ -23,10 +23,17 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 def device_env(devices: int) -> dict:
-  """The environment of a child process that sees ``devices`` CPU devices."""
+  """The environment of a child process that sees ``devices`` CPU devices.
+
+  Simulated devices are threads: on a loaded 2-core machine one of them can
+  reach a collective long after the others, so XLA's 40-second limit on a
+  collective's rendezvous is raised to 2 minutes.
+  """
   env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+  ours = ("--xla_force_host_platform_device_count", "--xla_cpu_collective_call_terminate_timeout_seconds")
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(ours)]
+  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}",
+                                       "--xla_cpu_collective_call_terminate_timeout_seconds=120"])
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
   return env
