@@ -266,7 +266,7 @@ def is_fused(cfg: Config, exact) -> bool:
   evaluates it inside the inner optimizer's loop, and the only extra work of a
   non-sync step is one read of the slow weights.
 
-  Everything else is staged: computed in a ``lax.switch`` branch taken only at a
+  Everything else is staged: computed in a ``lax.cond`` branch taken only at a
   sync (one branch per fragment), before the landing. That is where collectives
   (DiLoCo's exchange), global reductions (adaptive alpha, or a
   ``clip_by_global_norm`` inside ``outer``), the outer optimizer's state and a
@@ -418,8 +418,7 @@ def staged_sync(cfg: Config, index, ids, state: LookaheadState, params, updates,
     stored = (*vary((state.slow, state.outer_state, state.alpha), cfg.axis_name), state.syncs, state.residual)
   branches: list[Callable[..., Any]] = [
       lambda *x, j=j: cast_like(at_sync(j, *x), stored) for j in range(cfg.n_fragments)]
-  branches.append(lambda *x: x)
-  return switch(index, branches, *stored)
+  return at_most_one(index, branches, *stored)
 
 
 def switch(index, branches, *operands):
@@ -427,6 +426,18 @@ def switch(index, branches, *operands):
   if len(branches) == 2:
     return jax.lax.cond(index == 0, branches[0], branches[1], *operands)
   return jax.lax.switch(index, branches, *operands)
+
+
+def at_most_one(index, branches, *operands):
+  """``branches[index](*operands)`` for ``index < len(branches)``; the operands unchanged otherwise.
+
+  One two-way ``lax.cond`` per branch, in sequence, rather than one
+  ``lax.switch``: XLA updates a two-way conditional's outputs in place, while it
+  copies those of a switch with more branches on every call.
+  """
+  for j, branch in enumerate(branches):
+    operands = jax.lax.cond(index == j, branch, lambda *x: x, *operands)
+  return operands
 
 
 def after(tree, syncs):
