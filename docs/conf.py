@@ -105,9 +105,8 @@ _kernel_for_this_interpreter()
 # wherever it sits under benchmarks/results/, so that a page survives a reorganisation of that folder.
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 RESULTS_LINK = re.compile(r"\]\(results:([^)\s]+)\)")
-# results.md shows benchmarks/results/README.md, or our own summary while that file does not exist.
+# results.md shows benchmarks/results/README.md.
 RESULTS_MARKER = "<!-- benchmarks/results/README.md -->"
-BENCHMARKS_README = os.path.join(RESULTS, "README.md")
 
 
 def _find_result(name: str) -> list[str]:
@@ -121,10 +120,7 @@ def _find_result(name: str) -> list[str]:
 def _resolve_results_links(app, docname, source):
   text = source[0]
   if docname == "results" and RESULTS_MARKER in text:
-    if os.path.exists(BENCHMARKS_README):
-      block = "```{include} ../benchmarks/results/README.md\n:relative-images:\n:relative-docs: ../\n:heading-offset: 1\n```"
-    else:
-      block = open(os.path.join(DOCS, "_results_summary.md"), encoding="utf-8").read()
+    block = "```{include} ../benchmarks/results/README.md\n:relative-images:\n:relative-docs: ../\n:heading-offset: 1\n```"
     text = text.replace(RESULTS_MARKER, block)
   here = os.path.dirname(app.env.doc2path(docname))
 
