@@ -21,6 +21,7 @@ import chex
 import jax
 import jax.extend
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 
@@ -227,6 +228,22 @@ def collective_inputs_depend_on(fn, args, argnum: int) -> dict:
   found = {}
   _taint(closed.jaxpr, flags, found, "")
   return found
+
+
+def reference_compress(x, dtype):
+  """Compress then decompress with numpy and ml_dtypes: what one replica sends, as float32."""
+  x = np.asarray(x, np.float32)
+  if dtype is None:
+    return x
+  if dtype == "bfloat16":
+    return x.astype(ml_dtypes.bfloat16).astype(np.float32)
+  narrow = {"int8": np.int8, "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2}[dtype]
+  top = 127.0 if dtype == "int8" else float(ml_dtypes.finfo(narrow).max)
+  amax = np.max(np.abs(x), axis=-1, keepdims=True) if x.ndim >= 2 else np.max(np.abs(x), keepdims=True)
+  scale = np.where(amax > 0, amax / top, 1.0).astype(np.float32)
+  y = x / scale
+  y = np.clip(np.round(y), -127, 127).astype(np.int8) if dtype == "int8" else y.astype(narrow)
+  return y.astype(np.float32) * scale
 
 
 def count_primitive(jaxpr, name: str) -> int:

@@ -15,7 +15,6 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import optax
 import pytest
@@ -23,7 +22,8 @@ import pytest
 from lookahead_optax import diloco, find_lookahead_state, force_sync, lookahead
 from lookahead_optax import _fragments
 from lookahead_optax._exchange import compress, decompress
-from tests.helpers import collective_inputs_depend_on, make_params, quadratic_grad, replica_grad, run
+from tests.helpers import (collective_inputs_depend_on, make_params, quadratic_grad, reference_compress, replica_grad,
+                           run)
 
 LR, MU, INNER_LR = 0.7, 0.9, 0.05
 
@@ -103,20 +103,6 @@ def test_fragments_without_replicas_match_per_fragment_lookahead(n):
 
 
 # ------------------------------------------------------------ compression
-
-
-def reference_compress(x, dtype):
-  """Compress then decompress with numpy and ml_dtypes: what one replica sends, as float32."""
-  x = np.asarray(x, np.float32)
-  if dtype == "bfloat16":
-    return x.astype(ml_dtypes.bfloat16).astype(np.float32)
-  narrow = {"int8": np.int8, "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2}[dtype]
-  top = 127.0 if dtype == "int8" else float(ml_dtypes.finfo(narrow).max)
-  amax = np.max(np.abs(x), axis=-1, keepdims=True) if x.ndim >= 2 else np.max(np.abs(x), keepdims=True)
-  scale = np.where(amax > 0, amax / top, 1.0).astype(np.float32)
-  y = x / scale
-  y = np.clip(np.round(y), -127, 127).astype(np.int8) if dtype == "int8" else y.astype(narrow)
-  return y.astype(np.float32) * scale
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn", "float8_e5m2", "int8"])

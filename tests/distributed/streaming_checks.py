@@ -24,7 +24,6 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
@@ -32,7 +31,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lookahead_optax import diloco
-from tests.helpers import HLO_COLLECTIVES, collective_inputs_depend_on, hlo_computations, hlo_nbytes, hlo_placed
+from tests.helpers import (HLO_COLLECTIVES, collective_inputs_depend_on, hlo_computations, hlo_nbytes, hlo_placed,
+                           reference_compress)
 
 K, STEPS = 4, 10  # every fragment syncs at least twice; the run ends mid-cycle
 INNER_LR, LR, MU, MIXING = 0.02, 0.7, 0.9, 0.25  # MIXING: not the default 0.5, so that a dropped weight shows
@@ -91,21 +91,6 @@ def gradient(params, curv, target, noise):
 
 
 # ---------------------------------------------------------------- reference
-
-def reference_compress(x, dtype):
-  """What one replica sends, decompressed to float32: a cast, or a per-row (per-tensor for 1-d) scaled cast."""
-  if dtype is None:
-    return x
-  if dtype == "bfloat16":
-    return x.astype(ml_dtypes.bfloat16).astype(np.float32)
-  narrow = {"int8": np.int8, "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2}[dtype]
-  top = 127.0 if dtype == "int8" else float(ml_dtypes.finfo(narrow).max)
-  amax = np.max(np.abs(x), axis=-1, keepdims=True) if x.ndim >= 2 else np.max(np.abs(x), keepdims=True)
-  scale = np.where(amax > 0, amax / top, 1.0).astype(np.float32)
-  y = x / scale
-  y = np.clip(np.round(y), -127, 127).astype(np.int8) if dtype == "int8" else y.astype(narrow)
-  return y.astype(np.float32) * scale
-
 
 @functools.cache
 def _inner_update():
