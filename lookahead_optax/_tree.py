@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -19,6 +20,12 @@ def is_masked(x) -> bool:
 def map_inexact(f, params, *rest):
   """``f`` over the floating-point leaves of ``params``; ``MaskedNode()`` elsewhere."""
   return jax.tree.map(lambda p, *r: f(p, *r) if is_inexact(p) else optax.MaskedNode(), params, *rest)
+
+
+def is_concrete(tree) -> bool:
+  """True when every leaf is a concrete array or number: a call made outside ``jit``, ``vmap`` and ``grad``."""
+  return all(isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, bool, complex))
+             and not isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
 def mask_like(params, tree):

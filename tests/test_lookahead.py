@@ -164,6 +164,30 @@ def test_compiles_once_over_200_steps(params):
   assert (traces, compiled) == (1, 1)
 
 
+@pytest.mark.parametrize("kwargs", [dict(alpha=0.5), dict(inner_state_policy="reset"),
+                                    dict(outer=optax.sgd(0.7, momentum=0.9, nesterov=True))], ids=["plain", "reset", "outer"])
+def test_eager_steps_compile_once(kwargs):
+  """Outside jit, from the third call on an update compiles nothing: the step runs as one cached program."""
+  compiles = []
+  listener = lambda event, seconds, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None
+  opt = lookahead(optax.adam(0.1), 3, **kwargs)
+  params = {"w": jnp.ones(4), "b": jnp.zeros(())}
+  state = opt.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for _ in range(2):  # op by op, then the compiled step (and apply_updates's sum) compiles
+    updates, state = opt.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for _ in range(6):  # through two syncs
+      updates, state = opt.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+    jax.block_until_ready(params)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == [] and int(state.syncs) == 2
+
+
 def test_vmap_over_independent_runs():
   opt = lookahead(optax.sgd(0.1, momentum=0.5), 3, 0.5)
   batch = jax.vmap(make_params_fn := (lambda x: {"w": x}))(jnp.arange(4.0)[:, None] * jnp.ones((4, 2)))
