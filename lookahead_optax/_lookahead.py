@@ -430,13 +430,6 @@ def staged_sync(cfg: Config, index, ids, state: LookaheadState, params, updates,
   return at_most_one(index, branches, *stored)
 
 
-def switch(index, branches, *operands):
-  """``lax.switch``; a ``lax.cond`` on ``index == 0`` for two branches, which XLA updates in place more readily."""
-  if len(branches) == 2:
-    return jax.lax.cond(index == 0, branches[0], branches[1], *operands)
-  return jax.lax.switch(index, branches, *operands)
-
-
 def at_most_one(index, branches, *operands):
   """``branches[index](*operands)`` for ``index < len(branches)``; the operands unchanged otherwise.
 
@@ -467,14 +460,14 @@ def landing_updates(sync, params, inner_updates, target):
 
 
 def commit(cfg: Config, index, ids, params, updates, exact, slow, inner_state, slow_inner_state, alpha):
-  """One ``lax.switch`` for what changes only at a sync: the slow weights and the inner-state policy.
+  """What changes only at a sync, in one conditional per fragment: the slow weights and the inner-state policy.
 
   Where the slow weight is exactly ``params + updates`` (:func:`exact_leaves`)
   it is taken from that sum, the expression ``optax.apply_updates`` evaluates
   (XLA shares it with the caller's), so fast == slow bitwise; the other slow
-  weights already hold their new value (staged). With fragments, branch ``j``
-  writes fragment ``j``'s leaves. Non-sync steps neither read nor write anything
-  here.
+  weights already hold their new value (staged). With fragments, the branch of
+  fragment ``j`` writes fragment ``j``'s leaves. Non-sync steps neither read nor
+  write anything here.
   """
   n = cfg.n_fragments
   stored = (slow, inner_state, slow_inner_state)
@@ -482,14 +475,13 @@ def commit(cfg: Config, index, ids, params, updates, exact, slow, inner_state, s
     return stored  # nothing to write: the staged branch holds every new slow weight (policy is maintain)
   landed = map_inexact(lambda p, u, s, e: (p + u).astype(p.dtype) if e else s, params, updates, slow, exact)
 
-  def at_sync(j):
+  def at_sync(j, slow, inner_state, slow_inner_state):
     new_slow = landed if n == 1 else _fragments.merge(slow, {j: _fragments.mask(landed, ids, j)}, ids)
     policy = _policy.at_sync(cfg.policy, inner_state, slow_inner_state, alpha, params,
                              fresh=lambda: cfg.inner.init(params))
     return cast_like((new_slow, *policy), stored)
 
-  branches = [functools.partial(at_sync, j) for j in range(n)] + [lambda: stored]
-  return switch(index, branches)
+  return at_most_one(index, [functools.partial(at_sync, j) for j in range(n)], *stored)
 
 
 def sync_now(cfg: Config, state: LookaheadState, params, grads=None):

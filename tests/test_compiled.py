@@ -2,7 +2,7 @@
 
 Structure, not timing (``benchmarks/overhead.py`` measures the time). Each path
 (plain Lookahead with each inner-state policy, an ``outer`` optimizer,
-``slow_dtype``, adaptive alpha, ``axis_name``) is compiled as a jitted, donated
+``slow_dtype``, adaptive alpha, ``axis_name``, fragments) is compiled as a jitted, donated
 optimizer-only step and its HLO is read: the non-sync step must do what plain
 Lookahead does, one extra read of the slow weights; everything that changes only
 at a sync is written by a ``conditional``.
@@ -43,6 +43,9 @@ PATHS = {
     "outer slow_dtype": (lambda: snoo(ADAM(), 5, slow_dtype=jnp.float32), jnp.bfloat16, 2),
     "adaptive alpha": (lambda: lookahead(ADAM(), 5, adaptive_alpha()), jnp.float32, 3),
     "axis_name (DiLoCo)": (lambda: diloco(ADAM(), 5, axis_name="replica"), jnp.float32, 2),  # + all-reduce result
+    "fragments": (lambda: lookahead(ADAM(), 5, 0.5, fragments=2), jnp.float32, 0),
+    "fragments, outer": (lambda: lookahead(ADAM(), 5, outer=optax.sgd(0.7, momentum=0.9, nesterov=True), fragments=2),
+                         jnp.float32, 1),
 }
 
 
@@ -195,4 +198,6 @@ def test_state_is_inner_state_plus_one_copy_of_the_slow_weights(name):
 def test_one_compile_for_every_step(name):
   build, dtype, _ = PATHS[name]
   traces, executables, state = jit_and_count_traces(build(), make_params(1 << 12, dtype), 23)
-  assert (traces, executables, int(state.syncs)) == (1, 1, 4)
+  # syncs after 23 steps at k=5: 4; with 2 fragments it counts fragment syncs, 4 of fragment 0 (steps 4, 9,
+  # 14, 19) and 5 of fragment 1 (steps 1, 6, 11, 16, 21).
+  assert (traces, executables, int(state.syncs)) == (1, 1, 9 if "fragments" in name else 4)
