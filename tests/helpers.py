@@ -199,20 +199,6 @@ def assert_trajectories_close(fasts, slows, ref_fasts, ref_slows, rtol=2e-5, ato
     chex.assert_trees_all_close(s, rs, rtol=rtol, atol=atol, custom_message=f"slow weights, step {t}")
 
 
-def optimizer_step(tx):
-  """The jitted, donated optimizer-only step ``(params, state, grads) -> (params, state)``."""
-
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  return jax.jit(step, donate_argnums=(0, 1))
-
-
-def tree_bytes(tree) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
 COLLECTIVES = ("psum", "all_gather", "all_reduce", "psum_scatter", "all_to_all", "ppermute", "pmax", "pmin")
 
 

@@ -20,7 +20,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from lookahead_optax import adaptive_alpha, diloco, lookahead, snoo
-from tests.helpers import jit_and_count_traces, optimizer_step, tree_bytes
+from benchmarks.overhead import optimizer_step, tree_bytes  # the step the overhead benchmark times
+from tests.helpers import jit_and_count_traces
 
 N = 1 << 18
 SMALL = 64 * 1024  # bytes: scalars and bookkeeping, far below one param leaf

@@ -149,9 +149,10 @@ def test_extra_args_reach_the_inner_optimizer():
   ours, state = params, opt.init(params)
   inner = optax.lbfgs()
   fast, slow, inner_state = params, params, inner.init(params)  # Algorithm 1, by hand
+  ours_step, inner_step = jax.jit(functools.partial(step, opt)), jax.jit(functools.partial(step, inner))
   for t in range(steps):
-    ours, state = jax.jit(functools.partial(step, opt))(ours, state)
-    fast, inner_state = step(inner, fast, inner_state)
+    ours, state = ours_step(ours, state)
+    fast, inner_state = inner_step(fast, inner_state)
     if (t + 1) % k == 0:
       slow = jax.tree.map(lambda s, f: s + alpha * (f - s), slow, fast)
       fast = slow

@@ -154,9 +154,15 @@ def reference(method: Method) -> str:
   return Method(method.fragments).name
 
 
+def in_order(res: dict) -> list[tuple[str, dict]]:
+  """The methods of a result as :func:`methods` lists them (the JSON keeps them sorted by name)."""
+  key = lambda item: (item[1]["fragments"], EXCHANGES.index(item[1]["exchange"]), item[1]["delay"])
+  return sorted(res["methods"].items(), key=key)
+
+
 def table_rows(res: dict) -> list[list]:
   rows, dp = [], res["methods"]["DP"]
-  for name, row in res["methods"].items():
+  for name, row in in_order(res):
     ref = reference(Method(row["fragments"], row["exchange"], row["delay"]))
     if ref:
       c = stats.compare(row["val_loss"], res["methods"][ref]["val_loss"], higher_is_better=False)
@@ -179,7 +185,7 @@ def figure(res: dict, path: str) -> str:
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
   markers = {0: "s", 1: "o", 2: "^", 4: "D"}
   colors = {e: plt.get_cmap("tab10")(i) for i, e in enumerate(EXCHANGES)}
-  for name, row in res["methods"].items():
+  for name, row in in_order(res):
     loss = np.asarray(row["val_loss"])
     filled = "+EF" in row["exchange"] or row["fragments"] == 0
     spread = 1.0 + 0.05 * (EXCHANGES.index(row["exchange"]) - 3) if row["fragments"] else 1.0
