@@ -124,45 +124,68 @@ def bench_optimizer(inner_name: str, k: int, n: int, dtype: str, repeats: int, s
            "inner_state_bytes": r["inner_state_bytes"], "param_bytes": r["param_bytes"]} for r in runs]
 
 
+REPLICA_LAYOUTS = ("sliced", "replicated")
+"""How the replicas' params and state enter ``shard_map``: with a leading replica axis sliced off before
+``update`` (``a[0]``, as the distributed guide shows) and added back after; or replicated (``in_specs=P()``,
+``check_vma=False``)."""
+
+
+def replica_optimizers(k: int) -> list[tuple[str, optax.GradientTransformation]]:
+  adam = INNERS["adam"]
+  return [("inner", adam()), ("snoo", snoo(adam(), k)), ("diloco", diloco(adam(), k, axis_name="replica")),
+          ("streaming diloco (F=4, int8, EF)", diloco(adam(), k, axis_name="replica", fragments=4,
+                                                       communication_dtype="int8", error_feedback=True))]
+
+
+def replica_step(tx, layout: str, mesh, params, grads):
+  """``(step, args, grads)`` of one optimizer-only step under ``shard_map`` over ``mesh``'s replica axis."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  def body(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  if layout == "replicated":
+    # check_vma off: a compressed exchange's all-gathered mean is typed varying, though equal on every replica.
+    smap = lambda f: jax.shard_map(f, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
+    return jax.jit(smap(body), donate_argnums=(0, 1)), (params, jax.jit(smap(tx.init))(params)), grads
+  local = lambda tree: jax.tree.map(lambda x: x[0], tree)
+  expand = lambda tree: jax.tree.map(lambda x: x[None], tree)
+  smap = lambda f: jax.shard_map(f, mesh=mesh, in_specs=P("replica"), out_specs=P("replica"))
+  stack = lambda tree: jax.device_put(jax.tree.map(lambda x: jnp.stack([x] * jax.device_count()), tree),
+                                      NamedSharding(mesh, P("replica")))
+  params, grads = stack(params), stack(grads)
+  step = jax.jit(smap(lambda p, s, g: expand(body(local(p), local(s), local(g)))), donate_argnums=(0, 1))
+  return step, (params, jax.jit(smap(lambda p: expand(tx.init(local(p)))))(params)), grads
+
+
 def bench_replicas(n: int, repeats: int, steps: int, progress) -> list[dict]:
-  """Non-sync and average steps of SNOO and DiLoCo under shard_map, one replica per local device.
+  """Non-sync and average steps of SNOO and (Streaming) DiLoCo under shard_map, one replica per local device.
 
-  Each replica holds its own copy of the params (data parallel, no gradient
-  all-reduce); DiLoCo averages the pseudo-gradient over the replicas at a sync.
-  ``k=10**9`` never syncs in the timed steps: the non-sync step alone.
+  Each replica runs its own optimizer (no gradient all-reduce); DiLoCo averages
+  the pseudo-gradient over the replicas at a sync. ``k=10**9`` never syncs in
+  the timed steps: the non-sync step alone. Both layouts of
+  :data:`REPLICA_LAYOUTS`; the values are the same on every replica here,
+  which does not change the cost of a step.
   """
-  from jax.sharding import PartitionSpec as P
-
   mesh = jax.make_mesh((jax.device_count(),), ("replica",))
   rows = []
   for k in (5, 10**9):
-    runs = []
-    for name, tx in [("inner", INNERS["adam"]()), ("snoo", snoo(INNERS["adam"](), k)),
-                     ("diloco", diloco(INNERS["adam"](), k, axis_name="replica"))]:
-      local = lambda tree: jax.tree.map(lambda x: x[0], tree)
-      expand = lambda tree: jax.tree.map(lambda x: x[None], tree)
-
-      def body(params, state, grads, tx=tx):
-        updates, state = tx.update(local(grads), local(state), local(params))
-        return expand(optax.apply_updates(local(params), updates)), expand(state)
-
-      step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("replica"), out_specs=P("replica")),
-                     donate_argnums=(0, 1))
-      stack = lambda tree: jax.device_put(jax.tree.map(lambda x: jnp.stack([x] * jax.device_count()), tree),
-                                          jax.sharding.NamedSharding(mesh, P("replica")))
-      params = stack(make_params(n))
-      grads = stack(jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), make_params(n, 1)))
-      state = jax.jit(jax.shard_map(lambda p, tx=tx: expand(tx.init(local(p))), mesh=mesh, in_specs=P("replica"),
-                                    out_specs=P("replica")))(params)
-      runs.append({"impl": name, "step": step, "grads": grads, "args": (params, state), "times": []})
-    for _ in range(repeats):
-      for run in runs:
-        fn = lambda p, s, run=run: run["step"](p, s, run["grads"])
-        times, run["args"] = timing.time_steps(fn, run["args"], steps=steps, repeats=1, warmup=2)
-        run["times"] += times
-        progress.update(1)
-    rows += [{"k": k, "params": n, "replicas": jax.device_count(), "impl": r["impl"],
-              "ms": float(np.median(r["times"])), "times_ms": r["times"]} for r in runs]
+    for layout in REPLICA_LAYOUTS:
+      runs = []
+      for name, tx in replica_optimizers(k):
+        params = make_params(n)
+        step, args, grads = replica_step(tx, layout, mesh, params,
+                                         jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), make_params(n, 1)))
+        runs.append({"impl": name, "step": step, "grads": grads, "args": args, "times": []})
+      for _ in range(repeats):
+        for run in runs:
+          fn = lambda p, s, run=run: run["step"](p, s, run["grads"])
+          times, run["args"] = timing.time_steps(fn, run["args"], steps=steps, repeats=1, warmup=2)
+          run["times"] += times
+          progress.update(1)
+      rows += [{"k": k, "layout": layout, "params": n, "replicas": jax.device_count(), "impl": r["impl"],
+                "ms": float(np.median(r["times"])), "times_ms": r["times"]} for r in runs]
   return rows
 
 
@@ -252,13 +275,16 @@ def write_markdown(path: str, result: dict) -> None:
   lines += [report.markdown_table(headers, table), ""]
   if result.get("replicas"):
     rows = result["replicas"]
-    base = {r["k"]: r["ms"] for r in rows if r["impl"] == "inner"}
+    layout = lambda r: r.get("layout", "sliced")
+    base = {(r["k"], layout(r)): r["ms"] for r in rows if r["impl"] == "inner"}
     lines += [f"## SNOO and DiLoCo under shard_map ({rows[0]['replicas']} replica(s), one per device, Adam inner, "
               f"{rows[0]['params'] / 1e6:.0f}M params each)", "",
-              "k = 10⁹ never syncs in the timed steps: the non-sync step alone.", "",
-              report.markdown_table(["k", "implementation", "ms/step", "× inner"],
-                                    [[r["k"] if r["k"] < 10**9 else "10⁹", r["impl"], f"{r['ms']:.3f}",
-                                      f"{r['ms'] / base[r['k']]:.3f}"] for r in rows]), ""]
+              "k = 10⁹ never syncs in the timed steps: the non-sync step alone. Layout: `sliced`, params and "
+              "state with a leading replica axis sliced off before `update` (`a[0]`) and added back after; "
+              "`replicated`, `in_specs=P()`.", "",
+              report.markdown_table(["k", "layout", "implementation", "ms/step", "× inner"],
+                                    [[r["k"] if r["k"] < 10**9 else "10⁹", layout(r), r["impl"], f"{r['ms']:.3f}",
+                                      f"{r['ms'] / base[(r['k'], layout(r))]:.3f}"] for r in rows]), ""]
   if result["training"]:
     lines += ["## Full training step (forward, backward, Adam update), bare vs lookahead(adam, k=5)", ""]
     base = {r["task"]: r["ms"] for r in result["training"] if r["impl"] == "inner"}
@@ -352,7 +378,7 @@ def run(args, argv=()) -> dict:
   configs = [(i, k, n, d) for i in args.inners for k in args.ks for n in args.sizes for d in args.dtypes]
   impls = lambda d: sum(d in i.dtypes for i in IMPLS)
   total = (sum(impls(c[3]) for c in configs) * args.repeats + (0 if args.no_training else 4 * args.repeats)
-           + (0 if args.no_replicas else 6 * args.repeats))
+           + (0 if args.no_replicas else 2 * len(REPLICA_LAYOUTS) * len(replica_optimizers(5)) * args.repeats))
   with tqdm(total=total, desc="overhead", mininterval=2.0) as progress:
     optimizer_rows = [row for c in configs for row in bench_optimizer(*c, args.repeats, args.steps, progress)]
     replica_rows = [] if args.no_replicas else bench_replicas(max(args.sizes), args.repeats, args.steps, progress)

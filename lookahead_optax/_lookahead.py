@@ -424,7 +424,9 @@ def staged_sync(cfg: Config, index, ids, state: LookaheadState, params, updates,
 
   stored = (state.slow, state.outer_state, state.alpha, state.syncs, state.residual)
   if cfg.communication_dtype is not None:  # an all-gathered mean is typed varying over the replicas
-    stored = (*vary((state.slow, state.outer_state, state.alpha), cfg.axis_name), state.syncs, state.residual)
+    slow, outer_state, alpha, residual = vary((state.slow, state.outer_state, state.alpha, state.residual),
+                                              cfg.axis_name)
+    stored = (slow, outer_state, alpha, state.syncs, residual)
   branches: list[Callable[..., Any]] = [
       lambda *x, j=j: cast_like(at_sync(j, *x), stored) for j in range(cfg.n_fragments)]
   return at_most_one(index, branches, *stored)
