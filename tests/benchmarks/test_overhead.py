@@ -14,7 +14,7 @@ def test_overhead_cli_writes_results(tmp_path):
     assert impls == [i.name for i in overhead.IMPLS if dtype in i.dtypes]
   assert "lookahead, slow_dtype=float32" in impls and "snoo" in impls
   assert [(r["k"], r["layout"], r["impl"]) for r in result["replicas"]] == [
-      (k, layout, impl) for k in (5, 10**9) for layout in ("sliced", "replicated")
+      (k, layout, impl) for k in (5, 10**9) for layout in ("sliced", "blocks")
       for impl in ("inner", "snoo", "diloco", "streaming diloco (F=4, int8, EF)")]
   for row in result["optimizer"]:
     assert row["ms"] > 0 and row["temp_bytes"] >= 0

@@ -70,20 +70,22 @@ def diloco_run(mesh):
   params, x, y = make_problem(batch=8 * n, seed=1)
   opt = diloco(optax.adam(0.02), k=K, outer_learning_rate=0.7, outer_momentum=0.9, axis_name="data")
   spec = NamedSharding(mesh, P("data"))
-  squeeze = lambda tree: jax.tree.map(lambda a: a[0], tree)
-  expand = lambda tree: jax.tree.map(lambda a: a[None], tree)
+  # The optimizer runs on each replica's blocks (leading axis of size 1), params and state alike; only the
+  # model sees the block's one slice. Slicing the donated state instead makes XLA copy it at every step.
+  local = lambda tree: jax.tree.map(lambda a: a[0], tree)
 
   def body(params, state, x, y):
-    params, state = squeeze(params), squeeze(state)
-    updates, state = opt.update(jax.grad(mlp_loss)(params, x[0], y[0]), state, params)
-    return expand(optax.apply_updates(params, updates)), expand(state)
+    grads = jax.grad(lambda q: mlp_loss(local(q), x[0], y[0]))(params)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
 
-  smap = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data"), check_vma=False))
   global_array = lambda a: jax.make_array_from_callback(a.shape, spec, lambda idx: np.asarray(a)[idx])
   p = jax.tree.map(lambda a: global_array(np.stack([np.asarray(a)] * n)), params)
   xs, ys = global_array(np.asarray(x).reshape(n, -1, 16)), global_array(np.asarray(y).reshape(n, -1, 4))
-  state = smap(lambda q: expand(opt.init(squeeze(q))))(p)
-  step = smap(body)
+  specs = jax.tree.map(lambda a: P("data") if a.ndim else P(), jax.eval_shape(opt.init, p))  # scalars: shared
+  state = jax.jit(jax.shard_map(opt.init, mesh=mesh, in_specs=P("data"), out_specs=specs))(p)
+  step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("data"), specs, P("data"), P("data")),
+                               out_specs=(P("data"), specs)))
   for _ in range(DILOCO_STEPS):
     p, state = step(p, state, xs, ys)
   gather = lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True))
