@@ -194,15 +194,16 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
     )
 
   def update_fn(updates, state, params=None, **extra_args):
+    nonlocal called_eagerly
     _placement.check_update(cfg, state, params)
     _placement.announce(cfg, updates, params)  # force_sync looking for this lookahead stops here
     if is_concrete((updates, state, params, extra_args)):
       # Called eagerly: op by op, every conditional of the step compiles anew at each call. From the
       # second call of this transformation on, the step runs as one compiled program instead (one
       # built afresh at every call, as optax.inject_hyperparams does, stays op by op).
-      if called_eagerly[0]:
+      if called_eagerly:
         return compiled_update(updates, state, params, extra_args)
-      called_eagerly[0] = True
+      called_eagerly = True
     grads = mask_like(params, updates)
     ids = _fragments.assign(cfg.caller, cfg.fragments, params)
     exact = exact_leaves(cfg, params, state.slow)
@@ -241,7 +242,7 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
     )
     return new_updates, new_state
 
-  called_eagerly = [False]
+  called_eagerly = False
   compiled_update = jax.jit(lambda updates, state, params, extra_args: update_fn(updates, state, params, **extra_args))
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

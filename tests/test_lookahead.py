@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from lookahead_optax import LookaheadState, find_lookahead_state, lookahead, slow_params
+from lookahead_optax import LookaheadState, adaptive_alpha, find_lookahead_state, lookahead, slow_params
 from tests.helpers import (INNERS, assert_trajectories_close, jit_and_count_traces, make_params, quadratic_grad,
                            reference_lookahead, run)
 
@@ -165,8 +165,11 @@ def test_compiles_once_over_200_steps(params):
   assert (traces, compiled) == (1, 1)
 
 
-@pytest.mark.parametrize("kwargs", [dict(alpha=0.5), dict(inner_state_policy="reset"),
-                                    dict(outer=optax.sgd(0.7, momentum=0.9, nesterov=True))], ids=["plain", "reset", "outer"])
+@pytest.mark.parametrize("kwargs", [
+    dict(alpha=0.5), dict(inner_state_policy="reset"), dict(inner_state_policy="interpolate"),
+    dict(outer=optax.sgd(0.7, momentum=0.9, nesterov=True)), dict(slow_dtype=jnp.bfloat16),
+    dict(alpha=adaptive_alpha()), dict(fragments=2)],
+    ids=["plain", "reset", "interpolate", "outer", "slow_dtype", "adaptive alpha", "fragments"])
 def test_eager_steps_compile_once(kwargs):
   """Outside jit, from the third call on an update compiles nothing: the step runs as one cached program."""
   compiles = []
@@ -186,7 +189,8 @@ def test_eager_steps_compile_once(kwargs):
     jax.block_until_ready(params)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
-  assert compiles == [] and int(state.syncs) == 2
+  # 8 steps at k=3: syncs after steps 2 and 5; with 2 fragments, fragment syncs at steps 2, 5 and 0, 3, 6.
+  assert compiles == [] and int(state.syncs) == (5 if "fragments" in kwargs else 2)
 
 
 def test_vmap_over_independent_runs():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -18,6 +19,25 @@ RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def results_dir(experiment: str) -> str:
   """``benchmarks/results/<experiment>``: where an experiment writes by default."""
   return os.path.join(RESULTS, experiment)
+
+
+def seeds_count(text: str) -> int:
+  """``--seeds``: at least 2, since every verdict is Welch's test over seeds."""
+  n = int(text)
+  if n < 2:
+    raise argparse.ArgumentTypeError(f"--seeds must be at least 2 (verdicts compare seeds with Welch's test), got {n}")
+  return n
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, quick: str, seeds: int, unit: str, folder: str,
+                      reports: str) -> None:
+  """The options every experiment command shares: ``--quick``, ``--seeds``, ``--out``, ``--report-only``."""
+  parser.add_argument("--quick", action="store_true", help=f"smoke run: {quick}")
+  parser.add_argument("--seeds", type=seeds_count, default=seeds, help=f"seeds per {unit} (default {seeds})")
+  parser.add_argument("--out", default=None, help=f"output folder (default benchmarks/results/{folder}; with "
+                                                  f"--quick benchmarks/results/quick_{folder})")
+  parser.add_argument("--report-only", action="store_true",
+                      help=f"train nothing: rewrite the {reports} from the JSON")
 
 
 def environment() -> dict:

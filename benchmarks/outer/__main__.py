@@ -52,11 +52,8 @@ def main(argv=None) -> dict:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS),
                       help="experiments to run (default: all)")
-  parser.add_argument("--quick", action="store_true", help="smoke run: tiny models, a few steps, 2-point grids")
-  parser.add_argument("--seeds", type=int, default=5, help="seeds per setting (default 5)")
-  parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/outer; with --quick "
-                                                  "benchmarks/results/quick_outer)")
-  parser.add_argument("--report-only", action="store_true", help="train nothing: rewrite the reports from the JSON")
+  report.add_run_arguments(parser, quick="tiny models, a few steps, 2-point grids", seeds=5, unit="setting",
+                           folder="outer", reports="reports")
   args = parser.parse_args(argv)
   out = args.out or report.results_dir("quick_outer" if args.quick else "outer")
   start = time.perf_counter()

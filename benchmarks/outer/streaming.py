@@ -105,17 +105,17 @@ def communication(method: Method, params, cfg: dict) -> dict:
   groups = sorted({g for g, _ in operand if g is not None})
   per_group = lambda table: [max(v for (g, _), v in table.items() if g == group) for group in groups]
   every = lambda table: table.get((None, None), 0)
-  counts = [len(s) for s in sync_steps(method.fragments, cfg["k"], steps)] if method.fragments else [steps]
-  if method.fragments and len(groups) != method.fragments:
+  if len(groups) != method.fragments:  # data parallelism (0 fragments) exchanges outside any cond
     raise RuntimeError(f"{method.name}: expected one sync branch with collectives per fragment, found {len(groups)}.")
+  counts = [len(s) for s in sync_steps(method.fragments, cfg["k"], steps)]
   group_sent = per_group(sent)
   return {
       "collectives": len(found),
       "every_step_operand_bytes": every(operand),
       "sync_operand_bytes": per_group(operand),
       "sync_sent_bytes": group_sent,
-      "syncs": counts if method.fragments else [],
-      "total_sent_bytes": every(sent) * steps + sum(c * b for c, b in zip(counts, group_sent) if method.fragments),
+      "syncs": counts,
+      "total_sent_bytes": every(sent) * steps + sum(c * b for c, b in zip(counts, group_sent)),
       "peak_sent_bytes": every(sent) + max(group_sent, default=0.0),
   }
 
@@ -124,7 +124,8 @@ def run(cfg: dict, seeds, log=print) -> dict:
   """Trains every method over ``seeds``; returns losses, curves and bytes per method."""
   prob = dl.problem(cfg)
   params = jax.tree.map(lambda x: x[0], prob.init(0))
-  results = {"config": {k: v for k, v in cfg.items() if k not in ("grids", "variants", "methods", "pairs")}, "seeds": list(seeds),
+  config = {k: v for k, v in cfg.items() if k not in ("grids", "variants", "methods", "pairs")}
+  results = {"config": config, "seeds": list(seeds),
              "params": int(sum(x.size for x in jax.tree.leaves(params))), "methods": {}}
   for method in methods(cfg):
     lr = LR["DP" if method.fragments == 0 else "DiLoCo"]
@@ -223,11 +224,8 @@ def write_report(res: dict, out: str, command: str) -> str:
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.outer.streaming", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, a few steps, 4 methods")
-  parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
-  parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/outer; with --quick "
-                                                  "benchmarks/results/quick_outer)")
-  parser.add_argument("--report-only", action="store_true", help="train nothing: rewrite the report from the JSON")
+  report.add_run_arguments(parser, quick="tiny model, a few steps, 5 methods", seeds=3, unit="method",
+                           folder="outer", reports="report")
   args = parser.parse_args(argv)
   out = args.out or report.results_dir("quick_outer" if args.quick else "outer")
   command = "python -m benchmarks.outer.streaming" + (" --quick" if args.quick else "")

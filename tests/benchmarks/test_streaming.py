@@ -79,3 +79,9 @@ def test_sync_steps_are_the_steps_at_which_each_fragments_slow_weights_move():
   steps = streaming.sync_steps(2, CFG["k"], CFG["steps"])
   assert steps == [[9, 19, 29, 39], [4, 14, 24, 34]]
   assert moved == {name: steps[j] for name, j in ids.items()}
+
+
+def test_fewer_than_two_seeds_is_refused_by_name(capsys):
+  with pytest.raises(SystemExit):
+    streaming.main(["--seeds", "1", "--report-only"])
+  assert "--seeds must be at least 2" in capsys.readouterr().err
