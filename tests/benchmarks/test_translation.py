@@ -38,10 +38,13 @@ def test_warmup_rsqrt_closed_form():
     tr.warmup_rsqrt(1e-3, 0)
 
 
-def test_trains_data_parallel_on_4_simulated_devices_and_one_pass_exact_match_equals_greedy_decoding():
-  # A fresh process: the device count is fixed when jax starts its backend. 4 devices, not 8: each of the
-  # 150 steps all-reduces, and on a loaded 2-core machine 8 device threads can miss XLA's rendezvous limit.
-  env = dict(device_env(4), JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+def test_trains_data_parallel_on_2_simulated_devices_and_one_pass_exact_match_equals_greedy_decoding():
+  # A fresh process: the device count is fixed when jax starts its backend. XLA:CPU's simulated devices
+  # (threads) now and then never all reach an all-reduce of this jit-partitioned program (seen with 8 and
+  # with 4 devices, also on an idle machine): XLA aborts after its rendezvous limit, here 2 minutes, and
+  # the run is retried once; a second abort fails the test. 2 devices keep such aborts rare.
+  env = dict(device_env(2), JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("terminate_timeout_seconds=300", "terminate_timeout_seconds=120")
   script = (
       "import json, jax, numpy as np, optax\n"
       "from benchmarks.common import translation as tr\n"
@@ -52,10 +55,14 @@ def test_trains_data_parallel_on_4_simulated_devices_and_one_pass_exact_match_eq
       "                  'replicated': jax.tree.leaves(params)[0].sharding.is_fully_replicated,\n"
       "                  'exact': np.asarray(task.exact(params, task.data.test)).tolist(),\n"
       "                  'decoded': decoded.tolist()}))\n")
-  proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  run = lambda: subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                               timeout=600)
+  proc = run()
+  if proc.returncode != 0 and "rendezvous" in proc.stderr:
+    proc = run()
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert out["devices"] == 4 and out["replicated"] and np.isfinite(out["losses"]).all()
+  assert out["devices"] == 2 and out["replicated"] and np.isfinite(out["losses"]).all()
   assert np.mean(out["losses"][-10:]) < 0.5 * np.mean(out["losses"][:10])
   task = tr.make_task(n_train=200, n_val=8, n_test=64, max_number=400, dim=16, heads=2, layers=1)
   exact = np.asarray(out["exact"])
