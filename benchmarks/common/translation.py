@@ -274,8 +274,9 @@ def train_data_parallel(task: Translation, tx: optax.GradientTransformation, ste
   The params (and so the slow weights and the optimizer state, which follow
   them) are replicated; each batch is split over the devices, and ``jax.jit``
   inserts the gradient all-reduce. The same code runs on one CPU, on simulated
-  devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``) and on an
-  accelerator slice.
+  devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``), on an
+  accelerator slice and across processes after ``jax.distributed.initialize``
+  (every process builds the same task and feeds the same global batches).
   """
   mesh = data_mesh() if mesh is None else mesh
   params = jax.device_put(task.init(seed), NamedSharding(mesh, P()))

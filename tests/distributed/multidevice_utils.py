@@ -14,9 +14,11 @@ import fcntl
 import functools
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+from typing import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -70,3 +72,35 @@ def session_results(script: str, *args: str, devices: int = 8) -> dict:
       return results
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that is free now (for ``jax.distributed.initialize``'s coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_processes(argv: Callable[[int, int], list[str]], processes: int = 2, devices: int = 1,
+                  timeout: float = 180) -> list[str]:
+  """Start ``python *argv(process_id, port)`` ``processes`` times, each with ``devices`` CPU devices.
+
+  The processes share one coordinator port; each one's stdout and stderr come
+  back, in process order. All are killed if any runs past ``timeout`` seconds,
+  and a process that exits with an error fails with its output.
+  """
+  port = free_port()
+  env = device_env(devices)
+  procs = [subprocess.Popen([sys.executable, *argv(i, port)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+  try:
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for i, p in enumerate(procs):
+    if p.returncode != 0:
+      raise RuntimeError(f"process {i} of {processes} exited with {p.returncode}:\n{logs[i][-3000:]}")
+  return logs

@@ -13,9 +13,6 @@ devices (itself checked against its Python loop over replicas there).
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -24,39 +21,18 @@ import pytest
 
 from tests.distributed import multidevice_checks as md
 from lookahead_optax import lookahead
-from tests.distributed.multidevice_utils import HERE, ROOT, device_env
+from tests.distributed.multidevice_utils import HERE, run_processes
 
 TIMEOUT = 180
 TOL = 1e-6
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
   """The two processes' final weights: a list of two dicts of numpy arrays."""
   tmp = tmp_path_factory.mktemp("multiprocess")
-  port = free_port()
-  env = device_env(2)
-  procs = [
-      subprocess.Popen([sys.executable, os.path.join(HERE, "multiprocess_worker.py"), str(i), str(port),
-                        str(tmp / f"out{i}.npz")], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True)
-      for i in range(2)
-  ]
-  try:
-    logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{logs[i][-3000:]}"
+  run_processes(lambda i, port: [os.path.join(HERE, "multiprocess_worker.py"), str(i), str(port),
+                                 str(tmp / f"out{i}.npz")], devices=2, timeout=TIMEOUT)
   return [dict(np.load(tmp / f"out{i}.npz")) for i in range(2)]
 
 
