@@ -3,9 +3,7 @@ r"""The pseudo-gradient exchange of DiLoCo: the average over replicas, in full o
 In full precision it is one ``pmean`` (an all-reduce). With a
 ``communication_dtype`` each replica sends its pseudo-gradient compressed and
 the mean is taken in float32 after decompression, so the sum never loses
-precision to the narrow type: the compressed values (and their float32 scales)
-are all-gathered, which is what the compiled program's collective operands then
-hold. Compression:
+precision to the narrow type. Compression:
 
 - ``bfloat16``: a cast.
 - ``float8_e4m3fn`` / ``float8_e5m2``: scaled per row (per tensor for 0-d and
@@ -13,7 +11,24 @@ hold. Compression:
   finite value, then cast.
 - ``int8``: scaled per row likewise to 127, rounded to nearest.
 
-With error feedback the part that compression lost,
+The float32 scales travel with the values. A leaf of ``R`` rows goes one of
+two ways over ``M`` replicas, whichever sends fewer bytes:
+
+- **Reduce-scatter, then all-gather** (when ``2 ceil(R / M) < R``, so for
+  matrices with at least as many rows as replicas from ``M = 4`` on): the rows
+  are split into ``M`` blocks (zero rows pad the last); an all-to-all gives
+  replica ``i`` every replica's block ``i``, which it averages in float32 and
+  compresses again; an all-gather of those compressed means gives every
+  replica the whole mean. Each value is sent twice in the narrow type:
+  :math:`2 (M - 1) / M` values per value, as a ring all-reduce, so an int8
+  exchange moves a quarter of the float32 all-reduce's bytes (plus one float32
+  scale per row). The mean is compressed once more, per row, on its way back.
+- **All-gather** (vectors, scalars and matrices with few rows): every replica
+  receives every replica's compressed leaf, :math:`M - 1` values per value,
+  and averages them itself.
+
+Every replica ends with the same mean, bit for bit. With error feedback the
+part that a replica's own compression lost,
 :math:`e \leftarrow x - \mathrm{decompress}(\mathrm{compress}(x))` for
 :math:`x = \Delta + e`, is kept per replica and added to that leaf's next
 pseudo-gradient (one more float32 copy of the params in the state).
@@ -21,6 +36,7 @@ pseudo-gradient (one more float32 copy of the params in the state).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -66,22 +82,63 @@ def decompress(values, scale):
   return x if scale is None else x * scale
 
 
+def _moved(collective, values):
+  """``collective(values)`` on the values' raw bytes: XLA:CPU widens bfloat16 and float8 operands of collectives."""
+  if values.dtype == jnp.int8 or values.dtype.itemsize == 4:
+    return collective(values)
+  raw = jnp.uint16 if values.dtype.itemsize == 2 else jnp.uint8
+  return jax.lax.bitcast_convert_type(collective(jax.lax.bitcast_convert_type(values, raw)), values.dtype)
+
+
+def _gathered(collective, values, scale):
+  """``collective`` applied to the compressed values and their scales (None stays None)."""
+  return _moved(collective, values), (None if scale is None else collective(scale))
+
+
+def scattered_rows(shape, replicas: int) -> int:
+  """Rows per replica block when a leaf of ``shape`` is reduce-scattered over ``replicas``; 0 if all-gathered."""
+  if len(shape) < 2:
+    return 0
+  rows = math.prod(shape[:-1])
+  block = -(-rows // replicas)
+  return block if 2 * block < rows else 0
+
+
+def _mean_by_all_gather(values, scale, axis_name):
+  values, scale = _gathered(lambda v: jax.lax.all_gather(v, axis_name), values, scale)
+  return jnp.mean(decompress(values, scale), axis=0)
+
+
+def _mean_by_reduce_scatter(x, values, scale, dtype, axis_name, replicas, block):
+  rows = math.prod(x.shape[:-1])
+  blocks = lambda a: jnp.pad(a, ((0, block * replicas - rows), (0, 0))).reshape(replicas, block, a.shape[-1])
+  scale = None if scale is None else blocks(scale)
+  mine = _gathered(lambda v: jax.lax.all_to_all(v, axis_name, 0, 0), blocks(values), scale)
+  part = jnp.mean(decompress(*mine), axis=0)  # block i of the mean, on replica i
+  values, scale = _gathered(lambda v: jax.lax.all_gather(v, axis_name), *compress(part, dtype))
+  return decompress(values, scale).reshape(block * replicas, x.shape[-1])[:rows].reshape(x.shape)
+
+
 def exchange(delta, residual, dtype, axis_name):
   """The replica mean of ``delta`` (a tree), and the new error-feedback residual (None without).
 
   ``dtype`` None: ``pmean`` in the pseudo-gradient's own dtype. Otherwise each
-  leaf is compressed, all-gathered, decompressed and averaged in float32.
+  leaf is compressed and averaged in float32, by reduce-scatter and all-gather
+  or by all-gather (see the module docstring).
   """
   if dtype is None:
     return jax.lax.pmean(delta, axis_name), residual
+  replicas = jax.lax.axis_size(axis_name)
 
   def leaf(d, e):
     x = d.astype(jnp.float32) + (0.0 if e is None else e)
-    values, scale = compress(x, dtype)
-    sent = decompress(values, scale)
-    gathered = jax.lax.all_gather(values, axis_name)
-    scales = None if scale is None else jax.lax.all_gather(scale, axis_name)
-    mean = jnp.mean(decompress(gathered, scales), axis=0)
+    block = scattered_rows(x.shape, replicas)
+    values, scale = compress(x.reshape(-1, x.shape[-1]) if block else x, dtype)
+    sent = decompress(values, scale).reshape(x.shape)
+    if block:
+      mean = _mean_by_reduce_scatter(x, values, scale, dtype, axis_name, replicas, block)
+    else:
+      mean = _mean_by_all_gather(values, scale, axis_name)
     return mean.astype(d.dtype), (None if e is None else x - sent)
 
   leaves, structure = jax.tree.flatten(delta)

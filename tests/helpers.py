@@ -232,6 +232,27 @@ def reference_compress(x, dtype):
   return y.astype(np.float32) * scale
 
 
+def reference_mean(sent, dtype):
+  """The replica mean that the exchange returns, from what each replica sent (compressed, as float32).
+
+  Averaged in float32. A matrix that goes by reduce-scatter (``reference_block_rows``) travels back
+  compressed once more, per row.
+  """
+  mean = np.mean(np.stack(sent), axis=0, dtype=np.float32)
+  if dtype is not None and reference_block_rows(mean.shape, len(sent)):
+    mean = reference_compress(mean, dtype)
+  return mean
+
+
+def reference_block_rows(shape, replicas: int) -> int:
+  """Rows per replica when a compressed leaf goes by reduce-scatter (``2 ceil(R / M) < R``); 0 when all-gathered."""
+  if len(shape) < 2:
+    return 0
+  rows = math.prod(shape[:-1])
+  block = -(-rows // replicas)
+  return block if 2 * block < rows else 0
+
+
 def count_primitive(jaxpr, name: str) -> int:
   """Equations of primitive ``name`` in ``jaxpr``, nested jaxprs (branches, bodies) included."""
   n = 0

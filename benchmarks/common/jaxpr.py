@@ -70,7 +70,10 @@ def ring_bytes_sent(primitive: str, operand_bytes: int, replicas: int) -> float:
 
   An all-reduce (``psum``) of ``P`` bytes: reduce-scatter then all-gather,
   ``2 (M - 1) / M * P``. An all-gather of a ``c``-byte block: ``(M - 1) * c``.
+  An all-to-all of ``P`` bytes keeps one ``M``-th and sends the rest: ``(M - 1) / M * P``.
   """
   if primitive.startswith("all_gather"):
     return (replicas - 1) * operand_bytes
+  if primitive.startswith("all_to_all"):
+    return (replicas - 1) / replicas * operand_bytes
   return 2 * (replicas - 1) / replicas * operand_bytes

@@ -14,9 +14,11 @@ Bytes come from the program each replica runs (its jaxpr with the replica axis
 bound): every collective's operand sizes and dtypes, those inside a fragment's
 sync branch counted at the steps where that fragment syncs. "Sent" is what one
 replica sends under ring algorithms: ``2 (M-1)/M`` times the operand of an
-all-reduce (the float32 exchange), ``M-1`` times that of an all-gather (the
-compressed exchange gathers the compressed values and their scales, then
-averages in float32). Peak is the most any single step sends.
+all-reduce (the float32 exchange), ``(M-1)/M`` times that of an all-to-all and
+``M-1`` times that of an all-gather (a compressed exchange reduce-scatters a
+matrix's compressed rows by an all-to-all, averages its block in float32 and
+all-gathers the compressed means; vectors are all-gathered whole). Peak is the
+most any single step sends.
 
 Tuning: none per variant. Data parallelism and every DiLoCo variant run at the
 learning rate tuned for DP-AdamW and DiLoCo-H30(AdamW) in the DiLoCo experiment

@@ -17,9 +17,10 @@ PARAMS = {"a": jnp.zeros((6, 5)), "b": jnp.zeros(7), "c": jnp.zeros((3, 4)), "d"
 N = 6 * 5 + 7 + 3 * 4 + 9
 
 
-def test_ring_bytes_of_an_all_reduce_and_an_all_gather():
+def test_ring_bytes_of_an_all_reduce_an_all_gather_and_an_all_to_all():
   assert jaxpr.ring_bytes_sent("psum", 400, 4) == 600.0  # 2 (M-1)/M * P
   assert jaxpr.ring_bytes_sent("all_gather", 100, 4) == 300  # (M-1) * c
+  assert jaxpr.ring_bytes_sent("all_to_all", 400, 4) == 300.0  # (M-1)/M * P
 
 
 def test_collectives_are_grouped_by_top_level_cond_and_sized_by_their_operands():
@@ -51,11 +52,18 @@ def test_full_precision_diloco_sends_each_fragment_once_per_cycle(fragments):
   assert comm["peak_sent_bytes"] == pytest.approx(2 * (M - 1) / M * max(comm["sync_operand_bytes"]))
 
 
-def test_int8_exchange_gathers_one_byte_per_value_and_a_float32_scale_per_row():
+def test_int8_exchange_sends_one_byte_per_value_and_a_float32_scale_per_row():
   comm = streaming.communication(streaming.Method(1, "int8+EF"), PARAMS, CFG)
-  rows = 6 + 1 + 3 + 1  # per-row scales of 2-d leaves, one scale for a 1-d leaf
-  assert comm["sync_operand_bytes"] == [N + 4 * rows]
-  assert comm["total_sent_bytes"] == pytest.approx(CFG["steps"] // CFG["k"] * (M - 1) * (N + 4 * rows))
+  # Over 4 replicas, a (6 rows) and c (3 rows) go by reduce-scatter: an all-to-all of their rows padded to blocks
+  # of 2 and 1 rows, then an all-gather of one block, each with one float32 scale per row. b and d (vectors, one
+  # scale each) are all-gathered whole.
+  a2a = [(8 * 5, 8), (4 * 4, 4)]  # (int8 values, scales) of a, c
+  ag = [(2 * 5, 2), (1 * 4, 1), (7, 1), (9, 1)]  # one block of a, of c; b; d
+  nbytes = lambda v, r: v + 4 * r
+  assert comm["sync_operand_bytes"] == [sum(nbytes(*x) for x in a2a + ag)]
+  sent = sum((M - 1) / M * nbytes(*x) for x in a2a) + sum((M - 1) * nbytes(*x) for x in ag)
+  assert sent == 228  # against 348 for the float32 all-reduce, 2 (M-1)/M * 4 N
+  assert comm["total_sent_bytes"] == pytest.approx(CFG["steps"] // CFG["k"] * sent)
 
 
 def test_sync_steps_are_the_steps_at_which_each_fragments_slow_weights_move():
