@@ -126,8 +126,9 @@ def lookahead(
       per cycle, one at a time, each with its own outer state. Default: 1.
     communication_dtype: with ``axis_name``: the pseudo-gradient is exchanged
       in ``bfloat16``, ``float8_e4m3fn``, ``float8_e5m2`` or ``int8`` (the
-      float8 and int8 ones scaled per row) and averaged in float32; default
-      (None): a float32 all-reduce.
+      float8 and int8 ones scaled per row) and averaged in float32 (a
+      matrix by reduce-scatter, its mean sent back compressed; see
+      ``docs/behaviour.md``); default (None): a float32 all-reduce.
     error_feedback: with a ``communication_dtype``: keep what compression lost
       (one more float32 copy of the params) and add it to that leaf's next
       pseudo-gradient.

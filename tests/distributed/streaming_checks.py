@@ -7,7 +7,8 @@ Run by ``test_streaming_replicas.py`` in a subprocess (``multidevice_utils.sessi
 The reference is written here from Douillard et al. (2025), with numpy and ``ml_dtypes`` for the narrow
 formats and none of the library's code: M replicas in a Python loop, each on its own noisy quadratic; fragment
 ``j`` syncs where ``(t - j k // F) % k == k - 1``; a syncing fragment's pseudo-gradients are compressed per
-replica (per-row scale for float8 and int8), averaged in float32, and fed to a Nesterov step with one momentum
+replica (per-row scale for float8 and int8), averaged in float32 (the mean of a matrix that goes by
+reduce-scatter compressed once more, ``helpers.reference_mean``), and fed to a Nesterov step with one momentum
 per leaf; error feedback keeps each replica's compression residual; with ``delay=1`` the pseudo-gradient is
 taken from the weights the step starts from, and the fast weights land on ``(1 - mixing) slow + mixing fast``.
 
