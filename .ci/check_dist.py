@@ -28,8 +28,11 @@ def main() -> int:
   assert os.path.basename(wheel).startswith(f"lookahead_optax-{version}-"), (wheel, version)
   assert os.path.basename(sdist) == f"lookahead_optax-{version}.tar.gz", (sdist, version)
 
-  modules = sorted(f"lookahead_optax/{name}" for name in os.listdir(os.path.join(REPO, "lookahead_optax"))
-                   if name.endswith(".py") or name == "py.typed")
+  modules = sorted(
+    f"lookahead_optax/{name}"
+    for name in os.listdir(os.path.join(REPO, "lookahead_optax"))
+    if name.endswith(".py") or name == "py.typed"
+  )
   with zipfile.ZipFile(wheel) as zf:
     names = set(zf.namelist())
     info = f"lookahead_optax-{version}.dist-info"
@@ -50,8 +53,9 @@ def main() -> int:
   for needed in ["LICENSE", "README.md", "pyproject.toml", *modules]:
     assert needed in snames, f"{os.path.basename(sdist)} lacks {needed}"
 
-  print(f"dist OK: {os.path.basename(wheel)} ({len(modules)} package files, py.typed, LICENSE), "
-        f"{os.path.basename(sdist)}")
+  print(
+    f"dist OK: {os.path.basename(wheel)} ({len(modules)} package files, py.typed, LICENSE), {os.path.basename(sdist)}"
+  )
   return 0
 
 

@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import report, train as training
+from benchmarks.common import report
+from benchmarks.common import train as training
 from lookahead_optax import lookahead
 
 
@@ -74,10 +75,10 @@ def averaging(k: int = 20, slow_dtype=None, lr: float = 0.2, burn: int = 20) -> 
 def optimizers(k: int = 20, lr: float = 0.2, burn: int = 20) -> dict:
   """``name -> (optimizer, params dtype)``."""
   return {
-      "SGD, float32 params": (optax.sgd(lr), jnp.float32),
-      "SGD, bfloat16 params": (optax.sgd(lr), jnp.bfloat16),
-      "Lookahead averaging, bfloat16 params and slow weights": (averaging(k, None, lr, burn), jnp.bfloat16),
-      "Lookahead averaging, bfloat16 params, float32 slow weights": (averaging(k, jnp.float32, lr, burn), jnp.bfloat16),
+    "SGD, float32 params": (optax.sgd(lr), jnp.float32),
+    "SGD, bfloat16 params": (optax.sgd(lr), jnp.bfloat16),
+    "Lookahead averaging, bfloat16 params and slow weights": (averaging(k, None, lr, burn), jnp.bfloat16),
+    "Lookahead averaging, bfloat16 params, float32 slow weights": (averaging(k, jnp.float32, lr, burn), jnp.bfloat16),
   }
 
 
@@ -99,21 +100,32 @@ def train(problem: Problem, opt: optax.GradientTransformation, dtype, steps: int
   return np.asarray(losses), params, state
 
 
-def run(steps: int = 10000, dim: int = 4096, k: int = 20, lr: float = 0.2, sigma: float = 0.1, burn: int = 20,
-        seed: int = 0) -> dict:
+def run(
+  steps: int = 10000, dim: int = 4096, k: int = 20, lr: float = 0.2, sigma: float = 0.1, burn: int = 20, seed: int = 0
+) -> dict:
   problem = make_problem(dim, sigma, seed)
   curves = {name: train(problem, opt, dtype, steps, seed)[0] for name, (opt, dtype) in optimizers(k, lr, burn).items()}
-  return {"config": dict(steps=steps, dim=dim, k=k, lr=lr, sigma=sigma, burn=burn, seed=seed),
-          "bf16_grid_floor": grid_floor(problem), "curves": curves}
+  return {
+    "config": dict(steps=steps, dim=dim, k=k, lr=lr, sigma=sigma, burn=burn, seed=seed),
+    "bf16_grid_floor": grid_floor(problem),
+    "curves": curves,
+  }
 
 
 def plot(results: dict, path: str) -> str:
   fig, ax = report.pyplot().subplots(figsize=(7, 4.2))
   for name, losses in results["curves"].items():
     ax.plot(np.arange(1, len(losses) + 1), losses, label=name, lw=1.2)
-  ax.axhline(results["bf16_grid_floor"], color="k", ls="--", lw=1, label="bfloat16 grid floor (best any bf16 vector can do)")
-  ax.set(xscale="log", yscale="log", xlabel="step", ylabel="loss (float32, at the slow weights for Lookahead)",
-         title="bfloat16 params: float32 slow weights keep averaging below bf16 resolution")
+  ax.axhline(
+    results["bf16_grid_floor"], color="k", ls="--", lw=1, label="bfloat16 grid floor (best any bf16 vector can do)"
+  )
+  ax.set(
+    xscale="log",
+    yscale="log",
+    xlabel="step",
+    ylabel="loss (float32, at the slow weights for Lookahead)",
+    title="bfloat16 params: float32 slow weights keep averaging below bf16 resolution",
+  )
   ax.title.set_fontsize(10)
   ax.legend(fontsize=7, loc="lower left")
   return report.save_figure(fig, path)
@@ -127,15 +139,25 @@ def main(argv=None):
   parser.add_argument("--lr", type=float, default=0.2, help="SGD learning rate (default 0.2)")
   parser.add_argument("--sigma", type=float, default=0.1, help="gradient noise scale (default 0.1)")
   parser.add_argument("--burn", type=int, default=20, help="syncs at alpha=0.5 before averaging (default 20)")
-  parser.add_argument("--out", default=os.path.join(report.results_dir("mixed_precision"), "mixed_precision"),
-                      help="results path without extension: writes .json and .png")
+  parser.add_argument(
+    "--out",
+    default=os.path.join(report.results_dir("mixed_precision"), "mixed_precision"),
+    help="results path without extension: writes .json and .png",
+  )
   args = parser.parse_args(argv)
   results = run(args.steps, args.dim, args.k, args.lr, args.sigma, args.burn)
   plot(results, args.out + ".png")
   checkpoints = sorted({s for s in (100, 1000, args.steps // 2, args.steps) if s <= args.steps})
   summary = {name: {str(s): float(c[s - 1]) for s in checkpoints} for name, c in results["curves"].items()}
-  report.write_json(args.out + ".json", {"config": results["config"], "bf16_grid_floor": results["bf16_grid_floor"],
-                                          "loss_at_step": summary, "environment": report.environment()})
+  report.write_json(
+    args.out + ".json",
+    {
+      "config": results["config"],
+      "bf16_grid_floor": results["bf16_grid_floor"],
+      "loss_at_step": summary,
+      "environment": report.environment(),
+    },
+  )
   rows = [[name] + [summary[name][str(s)] for s in checkpoints] for name in summary]
   print(f"bfloat16 grid floor: {results['bf16_grid_floor']:.3g}")
   print(report.markdown_table(["optimizer"] + [f"loss @ {s}" for s in checkpoints], rows))

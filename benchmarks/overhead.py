@@ -28,7 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +41,9 @@ from benchmarks.common import data, models, report, timing, train
 from lookahead_optax import diloco, lookahead, snoo
 
 INNERS: dict[str, Callable[[], optax.GradientTransformation]] = {
-    "sgd": lambda: optax.sgd(1e-2),
-    "sgd+momentum": lambda: optax.sgd(1e-2, momentum=0.9),
-    "adam": lambda: optax.adam(1e-3),
+  "sgd": lambda: optax.sgd(1e-2),
+  "sgd+momentum": lambda: optax.sgd(1e-2, momentum=0.9),
+  "adam": lambda: optax.adam(1e-3),
 }
 
 
@@ -56,19 +57,32 @@ class Impl(NamedTuple):
 
 
 IMPLS = [
-    Impl("inner", lambda inner, k: inner),
-    Impl("lookahead (maintain)", lambda inner, k: lookahead(inner, k, 0.5)),
-    Impl("lookahead (reset)", lambda inner, k: lookahead(inner, k, 0.5, inner_state_policy="reset"), dtypes=("float32",)),
-    Impl("lookahead (interpolate)", lambda inner, k: lookahead(inner, k, 0.5, inner_state_policy="interpolate"),
-         dtypes=("float32",)),
-    Impl("lookahead, no placement check", lambda inner, k: lookahead(inner, k, 0.5, placement_check="off"),
-         dtypes=("float32",)),
-    Impl("lookahead, slow_dtype=float32", lambda inner, k: lookahead(inner, k, 0.5, slow_dtype=jnp.float32),
-         dtypes=("bfloat16",)),
-    Impl("snoo", lambda inner, k: snoo(inner, k)),
-    Impl("optax.lookahead", lambda inner, k: optax.lookahead(inner, k, 0.5),
-         # separate buffers for fast and slow, so that both can be donated
-         wrap=lambda p: optax.LookaheadParams(fast=p, slow=jax.tree.map(jnp.copy, p)), dtypes=("float32",)),
+  Impl("inner", lambda inner, k: inner),
+  Impl("lookahead (maintain)", lambda inner, k: lookahead(inner, k, 0.5)),
+  Impl("lookahead (reset)", lambda inner, k: lookahead(inner, k, 0.5, inner_state_policy="reset"), dtypes=("float32",)),
+  Impl(
+    "lookahead (interpolate)",
+    lambda inner, k: lookahead(inner, k, 0.5, inner_state_policy="interpolate"),
+    dtypes=("float32",),
+  ),
+  Impl(
+    "lookahead, no placement check",
+    lambda inner, k: lookahead(inner, k, 0.5, placement_check="off"),
+    dtypes=("float32",),
+  ),
+  Impl(
+    "lookahead, slow_dtype=float32",
+    lambda inner, k: lookahead(inner, k, 0.5, slow_dtype=jnp.float32),
+    dtypes=("bfloat16",),
+  ),
+  Impl("snoo", lambda inner, k: snoo(inner, k)),
+  Impl(
+    "optax.lookahead",
+    lambda inner, k: optax.lookahead(inner, k, 0.5),
+    # separate buffers for fast and slow, so that both can be donated
+    wrap=lambda p: optax.LookaheadParams(fast=p, slow=jax.tree.map(jnp.copy, p)),
+    dtypes=("float32",),
+  ),
 ]
 
 
@@ -95,8 +109,11 @@ def tree_bytes(tree) -> int:
 
 def compiled_memory(jitted, *args) -> dict:
   mem = jitted.lower(*args).compile().memory_analysis()
-  return {"argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
-          "temp_bytes": int(mem.temp_size_in_bytes)}
+  return {
+    "argument_bytes": int(mem.argument_size_in_bytes),
+    "output_bytes": int(mem.output_size_in_bytes),
+    "temp_bytes": int(mem.temp_size_in_bytes),
+  }
 
 
 def bench_optimizer(inner_name: str, k: int, n: int, dtype: str, repeats: int, steps: int, progress) -> list[dict]:
@@ -110,18 +127,40 @@ def bench_optimizer(inner_name: str, k: int, n: int, dtype: str, repeats: int, s
     step = optimizer_step(tx)
     memory = compiled_memory(step, params, state, grads_fast)
     inner_bytes = tree_bytes(INNERS[inner_name]().init(make_params(n, 0, dtype)))
-    runs.append({"impl": impl.name, "step": step, "args": (params, state), "memory": memory,
-                 "state_bytes": tree_bytes(state), "inner_state_bytes": inner_bytes,
-                 "param_bytes": tree_bytes(make_params(n, 0, dtype)), "times": []})
+    runs.append(
+      {
+        "impl": impl.name,
+        "step": step,
+        "args": (params, state),
+        "memory": memory,
+        "state_bytes": tree_bytes(state),
+        "inner_state_bytes": inner_bytes,
+        "param_bytes": tree_bytes(make_params(n, 0, dtype)),
+        "times": [],
+      }
+    )
   for _ in range(repeats):
     for run in runs:
       fn = lambda p, s, run=run: run["step"](p, s, grads_fast)
       times, run["args"] = timing.time_steps(fn, run["args"], steps=steps, repeats=1, warmup=2)
       run["times"] += times
       progress.update(1)
-  return [{"inner": inner_name, "k": k, "params": n, "dtype": dtype, "impl": r["impl"],
-           "ms": float(np.median(r["times"])), "times_ms": r["times"], **r["memory"], "state_bytes": r["state_bytes"],
-           "inner_state_bytes": r["inner_state_bytes"], "param_bytes": r["param_bytes"]} for r in runs]
+  return [
+    {
+      "inner": inner_name,
+      "k": k,
+      "params": n,
+      "dtype": dtype,
+      "impl": r["impl"],
+      "ms": float(np.median(r["times"])),
+      "times_ms": r["times"],
+      **r["memory"],
+      "state_bytes": r["state_bytes"],
+      "inner_state_bytes": r["inner_state_bytes"],
+      "param_bytes": r["param_bytes"],
+    }
+    for r in runs
+  ]
 
 
 REPLICA_LAYOUTS = ("sliced", "blocks")
@@ -132,27 +171,37 @@ sliced off (``a[0]``) before and added back (``a[None]``) after; or as the per-d
 
 def replica_optimizers(k: int) -> list[tuple[str, optax.GradientTransformation]]:
   adam = INNERS["adam"]
-  return [("inner", adam()), ("snoo", snoo(adam(), k)), ("diloco", diloco(adam(), k, axis_name="replica")),
-          ("streaming diloco (F=4, int8, EF)", diloco(adam(), k, axis_name="replica", fragments=4,
-                                                       communication_dtype="int8", error_feedback=True))]
+  return [
+    ("inner", adam()),
+    ("snoo", snoo(adam(), k)),
+    ("diloco", diloco(adam(), k, axis_name="replica")),
+    (
+      "streaming diloco (F=4, int8, EF)",
+      diloco(adam(), k, axis_name="replica", fragments=4, communication_dtype="int8", error_feedback=True),
+    ),
+  ]
 
 
 def replica_step(tx, layout: str, mesh, params, grads):
   """``(step, args, grads)`` of one optimizer-only step under ``shard_map`` over ``mesh``'s replica axis."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   def body(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  stack = lambda tree: jax.device_put(jax.tree.map(lambda x: jnp.stack([x] * jax.device_count()), tree),
-                                      NamedSharding(mesh, P("replica")))
+  stack = lambda tree: jax.device_put(
+    jax.tree.map(lambda x: jnp.stack([x] * jax.device_count()), tree), NamedSharding(mesh, P("replica"))
+  )
   params, grads = stack(params), stack(grads)
   if layout == "blocks":
     specs = jax.tree.map(lambda x: P("replica") if x.ndim else P(), jax.eval_shape(tx.init, params))
     init = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P("replica"), out_specs=specs))
-    step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("replica"), specs, P("replica")),
-                                 out_specs=(P("replica"), specs)), donate_argnums=(0, 1))
+    step = jax.jit(
+      jax.shard_map(body, mesh=mesh, in_specs=(P("replica"), specs, P("replica")), out_specs=(P("replica"), specs)),
+      donate_argnums=(0, 1),
+    )
     return step, (params, init(params)), grads
   local = lambda tree: jax.tree.map(lambda x: x[0], tree)
   expand = lambda tree: jax.tree.map(lambda x: x[None], tree)
@@ -176,8 +225,9 @@ def bench_replicas(n: int, repeats: int, steps: int, progress) -> list[dict]:
       runs = []
       for name, tx in replica_optimizers(k):
         params = make_params(n)
-        step, args, grads = replica_step(tx, layout, mesh, params,
-                                         jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), make_params(n, 1)))
+        step, args, grads = replica_step(
+          tx, layout, mesh, params, jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), make_params(n, 1))
+        )
         runs.append({"impl": name, "step": step, "grads": grads, "args": args, "times": []})
       for _ in range(repeats):
         for run in runs:
@@ -185,8 +235,18 @@ def bench_replicas(n: int, repeats: int, steps: int, progress) -> list[dict]:
           times, run["args"] = timing.time_steps(fn, run["args"], steps=steps, repeats=1, warmup=2)
           run["times"] += times
           progress.update(1)
-      rows += [{"k": k, "layout": layout, "params": n, "replicas": jax.device_count(), "impl": r["impl"],
-                "ms": float(np.median(r["times"])), "times_ms": r["times"]} for r in runs]
+      rows += [
+        {
+          "k": k,
+          "layout": layout,
+          "params": n,
+          "replicas": jax.device_count(),
+          "impl": r["impl"],
+          "ms": float(np.median(r["times"])),
+          "times_ms": r["times"],
+        }
+        for r in runs
+      ]
   return rows
 
 
@@ -198,10 +258,13 @@ def training_tasks(quick: bool):
   mlp = models.MLP((64, 512, 512, 10) if quick else (64, 2048, 2048, 10), rngs=nnx.Rngs(0))
   corpus = data.char_corpus(max_chars=50_000)
   lm_batch = next(data.lm_batches(corpus.train, 8 if quick else 16, 64, np.random.default_rng(0)))
-  lm = models.TransformerLM(len(corpus.vocab), dim=64 if quick else 256, heads=4, layers=2, max_len=64,
-                            rngs=nnx.Rngs(0))
-  return [("MLP on digits", mlp, lambda apply, p, b: train.cross_entropy(apply(p, b.x), b.y), data.Split(x, y)),
-          ("Transformer LM", lm, lambda apply, p, b: train.cross_entropy(apply(p, b.x), b.y), lm_batch)]
+  lm = models.TransformerLM(
+    len(corpus.vocab), dim=64 if quick else 256, heads=4, layers=2, max_len=64, rngs=nnx.Rngs(0)
+  )
+  return [
+    ("MLP on digits", mlp, lambda apply, p, b: train.cross_entropy(apply(p, b.x), b.y), data.Split(x, y)),
+    ("Transformer LM", lm, lambda apply, p, b: train.cross_entropy(apply(p, b.x), b.y), lm_batch),
+  ]
 
 
 def bench_training(quick: bool, repeats: int, steps: int, progress) -> list[dict]:
@@ -216,13 +279,15 @@ def bench_training(quick: bool, repeats: int, steps: int, progress) -> list[dict
       runs.append({"impl": impl_name, "step": step, "args": (p, tx.init(p)), "times": []})
     for _ in range(repeats):
       for run in runs:
-        fn = lambda p, s, run=run: run["step"](p, s, batch)[:2]
+        fn = lambda p, s, run=run, batch=batch: run["step"](p, s, batch)[:2]
         times, run["args"] = timing.time_steps(fn, run["args"], steps=steps, repeats=1, warmup=2)
         run["times"] += times
         progress.update(1)
     n = sum(x.size for x in jax.tree.leaves(params))
-    rows += [{"task": name, "params": int(n), "impl": r["impl"], "ms": float(np.median(r["times"])),
-              "times_ms": r["times"]} for r in runs]
+    rows += [
+      {"task": name, "params": int(n), "impl": r["impl"], "ms": float(np.median(r["times"])), "times_ms": r["times"]}
+      for r in runs
+    ]
   return rows
 
 
@@ -258,56 +323,116 @@ def add_ratios(rows: list[dict]) -> None:
 
 def write_markdown(path: str, result: dict) -> None:
   mb = lambda b: f"{b / 2**20:.1f}"
-  lines = [f"# Lookahead overhead ({result['device']})", "",
-           f"Generated by `python -m benchmarks.overhead {' '.join(result['argv'])}`.".replace("  ", " "),
-           f"Environment: `{json.dumps(result['environment'])}`.", "",
-           f"Median of {result['repeats']} repeats of {result['steps']} steps after warm-up; implementations",
-           "interleaved within each repeat; ratios taken within the same run. Bytes from",
-           "`jax.jit(step).lower(...).compile().memory_analysis()` (MiB).", "",
-           "## Optimizer-only step (update + apply_updates, jitted, params and state donated)", ""]
-  headers = ["inner", "k", "params", "dtype", "implementation", "ms/step", "× inner", "× optax.lookahead",
-             "argument MiB", "output MiB", "temp MiB", "state − inner state − params (MiB)"]
+  lines = [
+    f"# Lookahead overhead ({result['device']})",
+    "",
+    f"Generated by `python -m benchmarks.overhead {' '.join(result['argv'])}`.".replace("  ", " "),
+    f"Environment: `{json.dumps(result['environment'])}`.",
+    "",
+    f"Median of {result['repeats']} repeats of {result['steps']} steps after warm-up; implementations",
+    "interleaved within each repeat; ratios taken within the same run. Bytes from",
+    "`jax.jit(step).lower(...).compile().memory_analysis()` (MiB).",
+    "",
+    "## Optimizer-only step (update + apply_updates, jitted, params and state donated)",
+    "",
+  ]
+  headers = [
+    "inner",
+    "k",
+    "params",
+    "dtype",
+    "implementation",
+    "ms/step",
+    "× inner",
+    "× optax.lookahead",
+    "argument MiB",
+    "output MiB",
+    "temp MiB",
+    "state − inner state − params (MiB)",
+  ]
   ratio = lambda x: "—" if x is None else f"{x:.3f}"
-  table = [[r["inner"], r["k"], f"{r['params'] / 1e6:.0f}M", r["dtype"], r["impl"], f"{r['ms']:.3f}",
-            ratio(r["ratio_vs_inner"]), ratio(r["ratio_vs_optax_lookahead"]), mb(r["argument_bytes"]),
-            mb(r["output_bytes"]), mb(r["temp_bytes"]),
-            "—" if r["impl"] in ("inner", "optax.lookahead") else mb(r["state_bytes"] - r["inner_state_bytes"] - r["param_bytes"])]
-           for r in result["optimizer"]]
+  table = [
+    [
+      r["inner"],
+      r["k"],
+      f"{r['params'] / 1e6:.0f}M",
+      r["dtype"],
+      r["impl"],
+      f"{r['ms']:.3f}",
+      ratio(r["ratio_vs_inner"]),
+      ratio(r["ratio_vs_optax_lookahead"]),
+      mb(r["argument_bytes"]),
+      mb(r["output_bytes"]),
+      mb(r["temp_bytes"]),
+      "—"
+      if r["impl"] in ("inner", "optax.lookahead")
+      else mb(r["state_bytes"] - r["inner_state_bytes"] - r["param_bytes"]),
+    ]
+    for r in result["optimizer"]
+  ]
   lines += [report.markdown_table(headers, table), ""]
   if result.get("replicas"):
     rows = result["replicas"]
     layout = lambda r: r.get("layout", "sliced")
     base = {(r["k"], layout(r)): r["ms"] for r in rows if r["impl"] == "inner"}
-    lines += [f"## SNOO and DiLoCo under shard_map ({rows[0]['replicas']} replica(s), one per device, Adam inner, "
-              f"{rows[0]['params'] / 1e6:.0f}M params each)", "",
-              "k = 10⁹ never syncs in the timed steps: the non-sync step alone. Layout: `sliced`, params and "
-              "state with a leading replica axis sliced off before `update` (`a[0]`) and added back after; "
-              "`blocks`, `update` on the per-device blocks (leading axis of size 1).", "",
-              report.markdown_table(["k", "layout", "implementation", "ms/step", "× inner"],
-                                    [[r["k"] if r["k"] < 10**9 else "10⁹", layout(r), r["impl"], f"{r['ms']:.3f}",
-                                      f"{r['ms'] / base[(r['k'], layout(r))]:.3f}"] for r in rows]), ""]
+    lines += [
+      f"## SNOO and DiLoCo under shard_map ({rows[0]['replicas']} replica(s), one per device, Adam inner, "
+      f"{rows[0]['params'] / 1e6:.0f}M params each)",
+      "",
+      "k = 10⁹ never syncs in the timed steps: the non-sync step alone. Layout: `sliced`, params and "
+      "state with a leading replica axis sliced off before `update` (`a[0]`) and added back after; "
+      "`blocks`, `update` on the per-device blocks (leading axis of size 1).",
+      "",
+      report.markdown_table(
+        ["k", "layout", "implementation", "ms/step", "× inner"],
+        [
+          [
+            r["k"] if r["k"] < 10**9 else "10⁹",
+            layout(r),
+            r["impl"],
+            f"{r['ms']:.3f}",
+            f"{r['ms'] / base[(r['k'], layout(r))]:.3f}",
+          ]
+          for r in rows
+        ],
+      ),
+      "",
+    ]
   if result["training"]:
     lines += ["## Full training step (forward, backward, Adam update), bare vs lookahead(adam, k=5)", ""]
     base = {r["task"]: r["ms"] for r in result["training"] if r["impl"] == "inner"}
-    lines += [report.markdown_table(
+    lines += [
+      report.markdown_table(
         ["task", "params", "implementation", "ms/step", "× inner"],
-        [[r["task"], r["params"], r["impl"], f"{r['ms']:.3f}", f"{r['ms'] / base[r['task']]:.3f}"]
-         for r in result["training"]]), ""]
-  lines += ["## What the compiled program does", "",
-            "A non-sync lookahead step compiles to the inner optimizer's own loop fusions with the landing",
-            "(`where(sync, land on the slow weights, inner update)`) fused into the fusion that writes the params,",
-            "plus `conditional`s whose non-sync branches pass the slow weights, outer state and inner state",
-            "through untouched. Plain Lookahead computes its slow step element-wise inside that fusion; SNOO,",
-            "`slow_dtype`, adaptive alpha and DiLoCo compute it in a sync-only branch before the landing. Either way",
-            "the one extra cost of a non-sync step is one read stream of the slow weights (`tests/test_compiled.py`",
-            "checks this, and that no donated buffer is copied, for every path). On a memory-bound machine that",
-            "bounds the ratio at (streams + 1) / streams of the bare step: SGD 4/3, SGD+momentum 6/5, Adam 11/10.",
-            "A sync step adds the sync branch; staged paths run the k-th inner step a second time there and",
-            "materialise the pseudo-gradient (temp above). The placement check compares params and slow weights",
-            "once per cycle. `optax.lookahead` runs its selects as separate passes with param-sized temporaries.", ""]
+        [
+          [r["task"], r["params"], r["impl"], f"{r['ms']:.3f}", f"{r['ms'] / base[r['task']]:.3f}"]
+          for r in result["training"]
+        ],
+      ),
+      "",
+    ]
+  lines += [
+    "## What the compiled program does",
+    "",
+    "A non-sync lookahead step compiles to the inner optimizer's own loop fusions with the landing",
+    "(`where(sync, land on the slow weights, inner update)`) fused into the fusion that writes the params,",
+    "plus `conditional`s whose non-sync branches pass the slow weights, outer state and inner state",
+    "through untouched. Plain Lookahead computes its slow step element-wise inside that fusion; SNOO,",
+    "`slow_dtype`, adaptive alpha and DiLoCo compute it in a sync-only branch before the landing. Either way",
+    "the one extra cost of a non-sync step is one read stream of the slow weights (`tests/test_compiled.py`",
+    "checks this, and that no donated buffer is copied, for every path). On a memory-bound machine that",
+    "bounds the ratio at (streams + 1) / streams of the bare step: SGD 4/3, SGD+momentum 6/5, Adam 11/10.",
+    "A sync step adds the sync branch; staged paths run the k-th inner step a second time there and",
+    "materialise the pseudo-gradient (temp above). The placement check compares params and slow weights",
+    "once per cycle. `optax.lookahead` runs its selects as separate passes with param-sized temporaries.",
+    "",
+  ]
   c = result["compiles"]
-  lines += [f"Compile check: {c['steps']} jitted lookahead steps traced {c['traces']} time(s), "
-            f"{c['compiled']} compiled executable(s).", ""]
+  lines += [
+    f"Compile check: {c['steps']} jitted lookahead steps traced {c['traces']} time(s), "
+    f"{c['compiled']} compiled executable(s).",
+    "",
+  ]
   with open(path, "w") as f:
     f.write("\n".join(lines))
 
@@ -325,8 +450,11 @@ def plot(path: str, rows: list[dict]) -> None:
     for j, inner in enumerate(inners):
       ax = axes[i][j]
       for impl in [m.name for m in IMPLS[1:]]:
-        pts = sorted((r["params"], r["ratio_vs_inner"]) for r in rows
-                     if r["inner"] == inner and r["k"] == k and r["impl"] == impl and r["dtype"] == "float32")
+        pts = sorted(
+          (r["params"], r["ratio_vs_inner"])
+          for r in rows
+          if r["inner"] == inner and r["k"] == k and r["impl"] == impl and r["dtype"] == "float32"
+        )
         if pts:
           ax.plot([p for p, _ in pts], [q for _, q in pts], marker="o", label=impl)
       ax.axhline(1.0, color="gray", lw=0.8)
@@ -344,7 +472,9 @@ def plot(path: str, rows: list[dict]) -> None:
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="small subset: adam, k=5, 1M params, 3 repeats of 20 steps")
-  parser.add_argument("--inners", default=",".join(INNERS), help=f"comma-separated inner optimizers from {list(INNERS)}")
+  parser.add_argument(
+    "--inners", default=",".join(INNERS), help=f"comma-separated inner optimizers from {list(INNERS)}"
+  )
   parser.add_argument("--ks", default="5,10", help="comma-separated sync periods k (default 5,10)")
   parser.add_argument("--sizes", default="1000000,8000000", help="comma-separated parameter counts")
   parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated params dtypes")
@@ -352,7 +482,9 @@ def parse_args(argv=None):
   parser.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration (default 5)")
   parser.add_argument("--steps", type=int, default=50, help="steps per timed repeat (default 50)")
   parser.add_argument("--no-training", action="store_true", help="skip the full-training-step comparison")
-  parser.add_argument("--out", default=report.results_dir("overhead"), help="output directory (default benchmarks/results/overhead)")
+  parser.add_argument(
+    "--out", default=report.results_dir("overhead"), help="output directory (default benchmarks/results/overhead)"
+  )
   parser.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the .json, run nothing")
   parser.add_argument("--device-tag", default="", help="write overhead_NAME.{json,md,png}: a run on another device")
   args = parser.parse_args(argv)
@@ -378,17 +510,28 @@ def run(args, argv=()) -> dict:
 
   configs = [(i, k, n, d) for i in args.inners for k in args.ks for n in args.sizes for d in args.dtypes]
   impls = lambda d: sum(d in i.dtypes for i in IMPLS)
-  total = (sum(impls(c[3]) for c in configs) * args.repeats + (0 if args.no_training else 4 * args.repeats)
-           + (0 if args.no_replicas else 2 * len(REPLICA_LAYOUTS) * len(replica_optimizers(5)) * args.repeats))
+  total = (
+    sum(impls(c[3]) for c in configs) * args.repeats
+    + (0 if args.no_training else 4 * args.repeats)
+    + (0 if args.no_replicas else 2 * len(REPLICA_LAYOUTS) * len(replica_optimizers(5)) * args.repeats)
+  )
   with tqdm(total=total, desc="overhead", mininterval=2.0) as progress:
     optimizer_rows = [row for c in configs for row in bench_optimizer(*c, args.repeats, args.steps, progress)]
     replica_rows = [] if args.no_replicas else bench_replicas(max(args.sizes), args.repeats, args.steps, progress)
     training_rows = [] if args.no_training else bench_training(args.quick, args.repeats, args.steps, progress)
   add_ratios(optimizer_rows)
   env = report.environment()
-  return {"device": args.device_tag or env["device"], "environment": env, "argv": list(argv),
-          "repeats": args.repeats, "steps": args.steps, "optimizer": optimizer_rows, "replicas": replica_rows,
-          "training": training_rows, "compiles": count_compiles()}
+  return {
+    "device": args.device_tag or env["device"],
+    "environment": env,
+    "argv": list(argv),
+    "repeats": args.repeats,
+    "steps": args.steps,
+    "optimizer": optimizer_rows,
+    "replicas": replica_rows,
+    "training": training_rows,
+    "compiles": count_compiles(),
+  }
 
 
 def main(argv=None):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional
 
 import numpy as np
 
@@ -53,16 +52,16 @@ def figure3_data(steps: int = FIG3_STEPS, k: int = FIG3_K, num_alpha: int = 100,
     return theory.nqm_expected_loss(a, sigma2, moments) - irreducible
 
   return {
-      "lr": lrs[:, 0],
-      "alpha": alphas[:, 0, 0],
-      "sgd_final": excess(theory.Moments(zero, theory.nqm_sgd_variance(a, sigma2, lrs))),
-      "sgd_at_T": excess(theory.nqm_sgd_moments(a, sigma2, lrs, steps, x0)),
-      "la_final": excess(theory.Moments(zero, theory.nqm_lookahead_variance(a, sigma2, lrs, k, alphas))),
-      "la_at_T": excess(theory.nqm_lookahead_moments(a, sigma2, lrs, k, alphas, steps, x0)),
+    "lr": lrs[:, 0],
+    "alpha": alphas[:, 0, 0],
+    "sgd_final": excess(theory.Moments(zero, theory.nqm_sgd_variance(a, sigma2, lrs))),
+    "sgd_at_T": excess(theory.nqm_sgd_moments(a, sigma2, lrs, steps, x0)),
+    "la_final": excess(theory.Moments(zero, theory.nqm_lookahead_variance(a, sigma2, lrs, k, alphas))),
+    "la_at_T": excess(theory.nqm_lookahead_moments(a, sigma2, lrs, k, alphas, steps, x0)),
   }
 
 
-def figure3(path: Optional[str] = None, data: Optional[dict] = None) -> dict:
+def figure3(path: str | None = None, data: dict | None = None) -> dict:
   from matplotlib import cm, colors
   from matplotlib.figure import Figure
 
@@ -102,7 +101,7 @@ def figure4_data(num_kappa: int = 21) -> dict:
   return out
 
 
-def figure4(path: Optional[str] = None, data: Optional[dict] = None) -> dict:
+def figure4(path: str | None = None, data: dict | None = None) -> dict:
   from matplotlib.figure import Figure
 
   data = data or figure4_data()
@@ -114,8 +113,9 @@ def figure4(path: Optional[str] = None, data: Optional[dict] = None) -> dict:
     for beta in data["momentum"]:
       color = palette[beta]
       ax.loglog(data["kappa"], 1 - data[f"cm_{spectrum}_{beta}"], color=color, lw=1.8, label=f"CM, β={beta}")
-      ax.loglog(data["kappa"], 1 - data[f"la_{spectrum}_{beta}"], color=color, lw=1.8, ls="--",
-                label=f"LA(CM), β={beta}")
+      ax.loglog(
+        data["kappa"], 1 - data[f"la_{spectrum}_{beta}"], color=color, lw=1.8, ls="--", label=f"LA(CM), β={beta}"
+      )
     ax.set_title(titles[spectrum], fontsize=10)
     ax.set_xlabel(r"condition number $\kappa$")
     ax.grid(True, which="major", alpha=0.3)
@@ -141,13 +141,13 @@ def figure2_data(steps: int = 500, lrs=(1e-3, 3e-3), k: int = 5, alpha: float = 
   out = {"steps": steps, "k": k, "alpha": alpha, "lrs": list(lrs), "runs": {}}
   for lr in lrs:
     optimizers = {
-        "Adam": optax.adam(lr),
-        f"Lookahead fixed α={alpha}": lookahead(optax.adam(lr), k, alpha),
-        f"Lookahead adaptive α∈[{alpha}, 1]": lookahead(optax.adam(lr), k, adaptive_alpha(alpha, b2=0.999)),
+      "Adam": optax.adam(lr),
+      f"Lookahead fixed α={alpha}": lookahead(optax.adam(lr), k, alpha),
+      f"Lookahead adaptive α∈[{alpha}, 1]": lookahead(optax.adam(lr), k, adaptive_alpha(alpha, b2=0.999)),
     }
     for name, tx in optimizers.items():
       apply, params = train.functional(models.MLP((64, 64, 10), rngs=nnx.Rngs(seed)))
-      loss_fn = lambda p, b: train.cross_entropy(apply(p, b.x), b.y)
+      loss_fn = lambda p, b, apply=apply: train.cross_entropy(apply(p, b.x), b.y)
       batches = data.batches(ds.train, 64, np.random.default_rng(seed))
       _, state, hist = train.train(loss_fn, params, tx, batches, steps, progress=False)
       run = {"loss": hist.losses}
@@ -157,7 +157,7 @@ def figure2_data(steps: int = 500, lrs=(1e-3, 3e-3), k: int = 5, alpha: float = 
   return out
 
 
-def figure2(path: Optional[str] = None, data: Optional[dict] = None) -> dict:
+def figure2(path: str | None = None, data: dict | None = None) -> dict:
   from matplotlib.figure import Figure
 
   data = data or figure2_data()
@@ -186,9 +186,9 @@ def figure2(path: Optional[str] = None, data: Optional[dict] = None) -> dict:
 
 
 PATHS = {
-    "2": "theory/theory_fig2_adaptive_alpha.png",
-    "3": "theory/theory_fig3_nqm.png",
-    "4": "theory/theory_fig4_rates.png",
+  "2": "theory/theory_fig2_adaptive_alpha.png",
+  "3": "theory/theory_fig3_nqm.png",
+  "4": "theory/theory_fig4_rates.png",
 }
 """Figure number -> its file under ``benchmarks/results``."""
 
@@ -212,19 +212,25 @@ def summary(fig2=None, fig3=None, fig4=None) -> dict:
     order = np.argsort(fig3["sgd_final"])
     ratios = []
     for final, at_t in zip(fig3["la_final"], fig3["la_at_T"]):
-      sgd_at = np.interp(np.log(final), np.log(fig3["sgd_final"][order]), np.log(fig3["sgd_at_T"][order]),
-                         left=np.nan, right=np.nan)
+      sgd_at = np.interp(
+        np.log(final), np.log(fig3["sgd_final"][order]), np.log(fig3["sgd_at_T"][order]), left=np.nan, right=np.nan
+      )
       ok = np.isfinite(sgd_at)
       ratios.append(np.exp(np.log(at_t[ok]) - sgd_at[ok]))
-    out["fig3_ratio_to_sgd"] = {f"{a:.2f}": [float(r.min()), float(r.max())] for a, r in zip(fig3["alpha"], ratios)
-                                if a in fig3["alpha"][[0, 4, 9, 24, 49, 74, 98]]}
+    out["fig3_ratio_to_sgd"] = {
+      f"{a:.2f}": [float(r.min()), float(r.max())]
+      for a, r in zip(fig3["alpha"], ratios)
+      if a in fig3["alpha"][[0, 4, 9, 24, 49, 74, 98]]
+    }
   if fig4 is not None:
     out["fig4"] = {key: np.asarray(v).tolist() for key, v in fig4.items()}
   if fig2 is not None:
-    out["fig2_final_loss_last50"] = {f"{lr:g} {name}": float(np.mean(run["loss"][-50:]))
-                                     for (lr, name), run in fig2["runs"].items()}
-    out["fig2_last_adaptive_alpha"] = {f"{lr:g}": run["last_alpha"] for (lr, name), run in fig2["runs"].items()
-                                       if "last_alpha" in run}
+    out["fig2_final_loss_last50"] = {
+      f"{lr:g} {name}": float(np.mean(run["loss"][-50:])) for (lr, name), run in fig2["runs"].items()
+    }
+    out["fig2_last_adaptive_alpha"] = {
+      f"{lr:g}": run["last_alpha"] for (lr, name), run in fig2["runs"].items() if "last_alpha" in run
+    }
   return out
 
 

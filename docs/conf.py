@@ -29,13 +29,13 @@ copyright = "lookahead-optax authors"
 release = version = lookahead_optax.__version__
 
 extensions = [
-    "myst_nb",
-    "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
-    "sphinx.ext.mathjax",
-    "sphinx.ext.napoleon",
-    "sphinx.ext.viewcode",
-    "sphinx_copybutton",
+  "myst_nb",
+  "sphinx.ext.autodoc",
+  "sphinx.ext.autosummary",
+  "sphinx.ext.mathjax",
+  "sphinx.ext.napoleon",
+  "sphinx.ext.viewcode",
+  "sphinx_copybutton",
 ]
 exclude_patterns = ["_build", "**/.ipynb_checkpoints", "_*.md"]
 templates_path = ["_templates"]
@@ -62,8 +62,11 @@ API_MODULES = ("lookahead_optax", "lookahead_optax.theory")  # the modules docs/
 def _public_data(module_name: str) -> list[str]:
   """Names in a module's ``__all__`` that are neither functions, classes nor modules (constants)."""
   module = importlib.import_module(module_name)
-  return [name for name in getattr(module, "__all__", ())
-          if not callable(getattr(module, name)) and not inspect.ismodule(getattr(module, name))]
+  return [
+    name
+    for name in getattr(module, "__all__", ())
+    if not callable(getattr(module, name)) and not inspect.ismodule(getattr(module, name))
+  ]
 
 
 autosummary_context = {"public_data": {name: _public_data(name) for name in API_MODULES}}
@@ -74,18 +77,18 @@ napoleon_use_rtype = False
 # Every cross-reference must resolve, except into packages whose inventories we do not download.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(jax|jnp|jaxlib|optax|chex|numpy|np|flax|orbax)(\..*)?"),
-    (r"py:.*", r"(typing|collections|builtins|types|enum|numbers)(\..*)?"),
-    (r"py:.*", r"(Any|Callable|Optional|Union|Sequence|Mapping|NamedTuple|ArrayLike|DTypeLike|PyTree|Array)"),
-    (r"py:.*", r"(int|float|bool|str|tuple|list|dict|None|object|type)"),
+  (r"py:.*", r"(jax|jnp|jaxlib|optax|chex|numpy|np|flax|orbax)(\..*)?"),
+  (r"py:.*", r"(typing|collections|builtins|types|enum|numbers)(\..*)?"),
+  (r"py:.*", r"(Any|Callable|Optional|Union|Sequence|Mapping|NamedTuple|ArrayLike|DTypeLike|PyTree|Array)"),
+  (r"py:.*", r"(int|float|bool|str|tuple|list|dict|None|object|type)"),
 ]
 
 html_theme = "sphinx_book_theme"
 html_title = f"lookahead-optax {release}"
 html_theme_options = {
-    "show_toc_level": 2,
-    "home_page_in_toc": True,
-    "use_download_button": True,
+  "show_toc_level": 2,
+  "home_page_in_toc": True,
+  "use_download_button": True,
 }
 html_static_path: list[str] = []
 
@@ -120,15 +123,18 @@ def _find_result(name: str) -> list[str]:
 def _resolve_results_links(app, docname, source):
   text = source[0]
   if docname == "results" and RESULTS_MARKER in text:
-    block = "```{include} ../benchmarks/results/README.md\n:relative-images:\n:relative-docs: ../\n:heading-offset: 1\n```"
+    block = (
+      "```{include} ../benchmarks/results/README.md\n:relative-images:\n:relative-docs: ../\n:heading-offset: 1\n```"
+    )
     text = text.replace(RESULTS_MARKER, block)
   here = os.path.dirname(app.env.doc2path(docname))
 
   def resolve(match):
     found = _find_result(match.group(1))
     if len(found) != 1:
-      logger.warning("results:%s matches %d files under benchmarks/results/", match.group(1), len(found),
-                     location=docname)
+      logger.warning(
+        "results:%s matches %d files under benchmarks/results/", match.group(1), len(found), location=docname
+      )
       return match.group(0)
     return "](" + os.path.relpath(found[0], here).replace(os.sep, "/") + ")"
 
@@ -140,9 +146,10 @@ def _check_api_pages(app, exception):
   if exception is not None or app.builder.name != "html":
     return
   out = app.outdir
-  names = [f"{module}.{name}" for module in API_MODULES for name in getattr(importlib.import_module(module), "__all__", ())]
-  missing = [name for name in names + list(API_MODULES)
-             if not os.path.exists(os.path.join(out, "api", f"{name}.html"))]
+  names = [
+    f"{module}.{name}" for module in API_MODULES for name in getattr(importlib.import_module(module), "__all__", ())
+  ]
+  missing = [name for name in names + list(API_MODULES) if not os.path.exists(os.path.join(out, "api", f"{name}.html"))]
   if missing:
     raise RuntimeError(f"docs: no API page for {missing}; add new modules to API_MODULES and docs/api.md")
   for notebook in os.listdir(os.path.join(REPO, "notebooks")):

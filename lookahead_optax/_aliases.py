@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Optional
+from collections.abc import Hashable
+from typing import Any
 
 import optax
 from jax.typing import DTypeLike
@@ -12,18 +13,18 @@ from lookahead_optax._lookahead import build
 
 
 def ranger(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.95,
-    b2: float = 0.999,
-    eps: float = 1e-5,
-    weight_decay: float = 0.0,
-    k: int = 6,
-    alpha: float = 0.5,
-    *,
-    inner_state_policy: str = "maintain",
-    slow_dtype: Optional[DTypeLike] = None,
-    axis_name: Optional[Hashable] = None,
-    placement_check: Optional[str] = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.95,
+  b2: float = 0.999,
+  eps: float = 1e-5,
+  weight_decay: float = 0.0,
+  k: int = 6,
+  alpha: float = 0.5,
+  *,
+  inner_state_policy: str = "maintain",
+  slow_dtype: DTypeLike | None = None,
+  axis_name: Hashable | None = None,
+  placement_check: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Ranger: RAdam inside Lookahead, with the popular PyTorch "Ranger" defaults.
 
@@ -48,31 +49,29 @@ def ranger(
   check_number("ranger", "eps", eps, 0.0, float("inf"), low_open=True)
   check_number("ranger", "weight_decay", weight_decay, 0.0, float("inf"))
   inner = optax.chain(
-      optax.scale_by_radam(b1=b1, b2=b2, eps=eps),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
+    optax.scale_by_radam(b1=b1, b2=b2, eps=eps),
+    optax.add_decayed_weights(weight_decay),
+    optax.scale_by_learning_rate(learning_rate),
   )
-  return build(make_config("ranger", inner, k, alpha, inner_state_policy, None, slow_dtype, axis_name,
-                           placement_check))
+  return build(make_config("ranger", inner, k, alpha, inner_state_policy, None, slow_dtype, axis_name, placement_check))
 
 
 def _nesterov(caller: str, outer_learning_rate, outer_momentum) -> optax.GradientTransformation:
-  check_number(caller, "outer_learning_rate", outer_learning_rate, 0.0, float("inf"), low_open=True,
-               schedule=True)
+  check_number(caller, "outer_learning_rate", outer_learning_rate, 0.0, float("inf"), low_open=True, schedule=True)
   check_number(caller, "outer_momentum", outer_momentum, 0.0, 1.0, high_open=True)
   return optax.sgd(outer_learning_rate, momentum=outer_momentum, nesterov=True)
 
 
 def snoo(
-    inner: optax.GradientTransformation,
-    k: int = 20,
-    outer_learning_rate: optax.ScalarOrSchedule = 0.7,
-    outer_momentum: float = 0.9,
-    *,
-    inner_state_policy: str = "maintain",
-    slow_dtype: Optional[DTypeLike] = None,
-    axis_name: Optional[Hashable] = None,
-    placement_check: Optional[str] = None,
+  inner: optax.GradientTransformation,
+  k: int = 20,
+  outer_learning_rate: optax.ScalarOrSchedule = 0.7,
+  outer_momentum: float = 0.9,
+  *,
+  inner_state_policy: str = "maintain",
+  slow_dtype: DTypeLike | None = None,
+  axis_name: Hashable | None = None,
+  placement_check: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SNOO: Lookahead whose slow step is Nesterov SGD on the pseudo-gradient.
 
@@ -113,25 +112,24 @@ def snoo(
     <https://arxiv.org/abs/2510.15830>`_, 2025.
   """
   outer = _nesterov("snoo", outer_learning_rate, outer_momentum)
-  return build(make_config("snoo", inner, k, None, inner_state_policy, outer, slow_dtype, axis_name,
-                           placement_check))
+  return build(make_config("snoo", inner, k, None, inner_state_policy, outer, slow_dtype, axis_name, placement_check))
 
 
 def diloco(
-    inner: optax.GradientTransformation,
-    k: int = 500,
-    outer_learning_rate: optax.ScalarOrSchedule = 0.7,
-    outer_momentum: float = 0.9,
-    axis_name: Hashable = "replica",
-    *,
-    fragments: Any = None,
-    communication_dtype: Optional[DTypeLike] = None,
-    error_feedback: bool = False,
-    delay: Optional[int] = None,
-    mixing: Optional[float] = None,
-    inner_state_policy: str = "maintain",
-    slow_dtype: Optional[DTypeLike] = None,
-    placement_check: Optional[str] = None,
+  inner: optax.GradientTransformation,
+  k: int = 500,
+  outer_learning_rate: optax.ScalarOrSchedule = 0.7,
+  outer_momentum: float = 0.9,
+  axis_name: Hashable = "replica",
+  *,
+  fragments: Any = None,
+  communication_dtype: DTypeLike | None = None,
+  error_feedback: bool = False,
+  delay: int | None = None,
+  mixing: float | None = None,
+  inner_state_policy: str = "maintain",
+  slow_dtype: DTypeLike | None = None,
+  placement_check: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DiLoCo: replicas train independently for k steps, then take one shared Nesterov outer step.
 
@@ -178,9 +176,26 @@ def diloco(
     <https://arxiv.org/abs/2501.18512>`_, 2025.
   """
   if axis_name is None:
-    raise ValueError("diloco: axis_name must name the mapped replica axis, got None. For a single replica "
-                     "use snoo(...), the same slow step without the average.")
+    raise ValueError(
+      "diloco: axis_name must name the mapped replica axis, got None. For a single replica "
+      "use snoo(...), the same slow step without the average."
+    )
   outer = _nesterov("diloco", outer_learning_rate, outer_momentum)
-  return build(make_config("diloco", inner, k, None, inner_state_policy, outer, slow_dtype, axis_name,
-                           placement_check, fragments=fragments, communication_dtype=communication_dtype,
-                           error_feedback=error_feedback, delay=delay, mixing=mixing))
+  return build(
+    make_config(
+      "diloco",
+      inner,
+      k,
+      None,
+      inner_state_policy,
+      outer,
+      slow_dtype,
+      axis_name,
+      placement_check,
+      fragments=fragments,
+      communication_dtype=communication_dtype,
+      error_feedback=error_feedback,
+      delay=delay,
+      mixing=mixing,
+    )
+  )

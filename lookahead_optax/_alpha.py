@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +41,11 @@ class AdaptiveAlphaState(NamedTuple):
 
 
 def adaptive_alpha(
-    alpha_low: float = 0.1,
-    *,
-    fisher: str = "auto",
-    b2: float = 0.999,
-    eps: float = 1e-8,
+  alpha_low: float = 0.1,
+  *,
+  fisher: str = "auto",
+  b2: float = 0.999,
+  eps: float = 1e-8,
 ) -> AdaptiveAlpha:
   r"""The adaptive slow step size of the paper's section 2.1.
 
@@ -130,7 +130,7 @@ def _tree_sum(tree) -> jax.Array:
   return sum((jnp.sum(x, dtype=jnp.float32) for x in leaves), jnp.zeros((), jnp.float32))
 
 
-def inner_second_moment(inner_state) -> Optional[tuple[Any, jax.Array]]:
+def inner_second_moment(inner_state) -> tuple[Any, jax.Array] | None:
   """The ``(nu, count)`` of an Adam-like inner state, or None if it has none."""
   nus = optax.tree_utils.tree_get_all_with_path(inner_state, "nu")
   counts = optax.tree_utils.tree_get_all_with_path(inner_state, "count")
@@ -145,8 +145,8 @@ def init_alpha_state(rule, slow, inner_state):
     return optax.EmptyState()
   if rule.fisher == "inner":
     raise ValueError(
-        "adaptive_alpha(fisher='inner') needs an inner optimizer state with a second"
-        " moment 'nu' (Adam-like); this inner state has none. Use fisher='ema'."
+      "adaptive_alpha(fisher='inner') needs an inner optimizer state with a second"
+      " moment 'nu' (Adam-like); this inner state has none. Use fisher='ema'."
     )
   zeros = jax.tree.map(lambda s: jnp.zeros_like(s, dtype=jnp.real(s).dtype), slow)
   return AdaptiveAlphaState(fisher=zeros, count=jnp.zeros((), jnp.int32))
@@ -161,9 +161,9 @@ def observe_gradient(rule, alpha_state, grads):
   if not isinstance(alpha_state, AdaptiveAlphaState):
     return alpha_state
   fisher = jax.tree.map(
-      lambda f, g: rule.b2 * f + (1.0 - rule.b2) * jnp.abs(g).astype(f.dtype) ** 2,
-      alpha_state.fisher,
-      grads,
+    lambda f, g: rule.b2 * f + (1.0 - rule.b2) * jnp.abs(g).astype(f.dtype) ** 2,
+    alpha_state.fisher,
+    grads,
   )
   return AdaptiveAlphaState(fisher=fisher, count=optax.safe_increment(alpha_state.count))
 
@@ -212,7 +212,7 @@ def check_alpha(caller: str, alpha) -> None:
     value = float(jnp.asarray(alpha)) if not is_real_number(alpha) else float(alpha)
   except (TypeError, ValueError) as e:
     raise ValueError(
-        f"{caller}: alpha must be a number in [0, 1], a schedule or adaptive_alpha(), got {alpha!r}."
+      f"{caller}: alpha must be a number in [0, 1], a schedule or adaptive_alpha(), got {alpha!r}."
     ) from e
   if not math.isfinite(value) or not 0.0 <= value <= 1.0:
     raise ValueError(f"{caller}: alpha must be a finite number in [0, 1], got {alpha!r}.")

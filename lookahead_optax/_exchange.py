@@ -52,8 +52,9 @@ def check_communication_dtype(caller: str, dtype: Any):
   try:
     name = jnp.dtype(dtype).name
   except TypeError as e:
-    raise ValueError(f"{caller}: communication_dtype must be one of {COMMUNICATION_DTYPES} or None, "
-                     f"got {dtype!r}.") from e
+    raise ValueError(
+      f"{caller}: communication_dtype must be one of {COMMUNICATION_DTYPES} or None, got {dtype!r}."
+    ) from e
   if name not in COMMUNICATION_DTYPES:
     raise ValueError(f"{caller}: communication_dtype must be one of {COMMUNICATION_DTYPES} or None, got {dtype!r}.")
   return None if name == "float32" else jnp.dtype(name)

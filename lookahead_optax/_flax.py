@@ -10,7 +10,7 @@ training-mode forward passes on the slow model before evaluating.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 
@@ -36,7 +36,7 @@ def slow_train_state(state: Any) -> Any:
   return state.replace(params=slow_params(state.opt_state, state.params))
 
 
-def sync_train_state(state: Any, *, grads: Optional[Any] = None) -> Any:
+def sync_train_state(state: Any, *, grads: Any | None = None) -> Any:
   """:func:`force_sync` on a linen ``TrainState``: a copy whose params are the synced slow weights.
 
   ``grads`` is for adaptive alpha only (see :func:`force_sync`).
@@ -74,7 +74,7 @@ def slow_model(model: Any, optimizer: Any) -> Any:
   return copy
 
 
-def sync_nnx(model: Any, optimizer: Any, *, grads: Optional[Any] = None) -> None:
+def sync_nnx(model: Any, optimizer: Any, *, grads: Any | None = None) -> None:
   """:func:`force_sync` on an nnx model and its ``nnx.Optimizer``, in place, as nnx objects are.
 
   Afterwards the model holds the synced slow weights and the optimizer the

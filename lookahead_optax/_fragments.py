@@ -32,14 +32,16 @@ def check_fragments(caller: str, fragments: Any, k: Any) -> None:
       raise ValueError(f"{caller}: fragments must be an int >= 1 or a pytree of fragment ids, got {fragments!r}.")
     if isinstance(k, numbers.Integral) and fragments > k:
       raise ValueError(
-          f"{caller}: fragments={fragments} is more than k={k}: with one fragment syncing per step, at most k "
-          "fragments fit in a cycle.")
+        f"{caller}: fragments={fragments} is more than k={k}: with one fragment syncing per step, at most k "
+        "fragments fit in a cycle."
+      )
     return
   leaves = jax.tree.leaves(fragments)
   if not leaves or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and int(x) >= 0 for x in leaves):
     raise ValueError(
-        f"{caller}: fragments must be an int >= 1 or a pytree of non-negative int fragment ids shaped like the "
-        f"params, got {fragments!r}.")
+      f"{caller}: fragments must be an int >= 1 or a pytree of non-negative int fragment ids shaped like the "
+      f"params, got {fragments!r}."
+    )
 
 
 def count(fragments: Any) -> int:
@@ -59,14 +61,18 @@ def assign(caller: str, fragments: Any, params) -> list:
       raise ValueError(f"{caller}: fragments must be shaped like the params: {e}") from e
     missing = sorted(set(range(count(fragments))) - set(ids))
     if missing:
-      raise ValueError(f"{caller}: fragment ids must cover 0..F-1 on floating-point params; ids {missing} have no leaf.")
+      raise ValueError(
+        f"{caller}: fragment ids must cover 0..F-1 on floating-point params; ids {missing} have no leaf."
+      )
     return ids
   n = int(fragments)
   if n == 1:
     return [0] * len(leaves)
   if n > len(leaves):
-    raise ValueError(f"{caller}: fragments={n} is more than the {len(leaves)} floating-point leaves of the params "
-                     "(fragments are made of whole leaves).")
+    raise ValueError(
+      f"{caller}: fragments={n} is more than the {len(leaves)} floating-point leaves of the params "
+      "(fragments are made of whole leaves)."
+    )
   sizes = np.array([int(np.prod(p.shape)) for p in leaves], dtype=np.float64)
   # Each leaf goes to the fragment holding the middle of its span in the running parameter count ...
   middle = np.cumsum(sizes) - sizes / 2

@@ -20,7 +20,8 @@ Where the slow step runs is decided by one rule, :func:`is_fused`.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Hashable, NamedTuple, Optional, Union
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ class LookaheadState(NamedTuple):
   """Inner steps taken since the last sync, in ``[0, k)`` (int32)."""
   syncs: jax.Array
   """Number of completed syncs (int32); the argument of an alpha schedule."""
-  alpha: Union[jax.Array, optax.EmptyState]
+  alpha: jax.Array | optax.EmptyState
   """The slow step size used at the last sync (float32; 0 before the first sync); ``EmptyState()`` with ``outer``."""
   slow: optax.Params
   """Slow weights, shaped like params; ``optax.MaskedNode()`` where params are not floating point."""
@@ -56,20 +57,20 @@ class LookaheadState(NamedTuple):
 
 
 def lookahead(
-    inner: optax.GradientTransformation,
-    k: int = 5,
-    alpha: Optional[AlphaLike] = None,
-    *,
-    inner_state_policy: str = "maintain",
-    outer: Optional[optax.GradientTransformation] = None,
-    slow_dtype: Optional[DTypeLike] = None,
-    axis_name: Optional[Hashable] = None,
-    fragments: Any = None,
-    communication_dtype: Optional[DTypeLike] = None,
-    error_feedback: bool = False,
-    delay: Optional[int] = None,
-    mixing: Optional[float] = None,
-    placement_check: Optional[str] = None,
+  inner: optax.GradientTransformation,
+  k: int = 5,
+  alpha: AlphaLike | None = None,
+  *,
+  inner_state_policy: str = "maintain",
+  outer: optax.GradientTransformation | None = None,
+  slow_dtype: DTypeLike | None = None,
+  axis_name: Hashable | None = None,
+  fragments: Any = None,
+  communication_dtype: DTypeLike | None = None,
+  error_feedback: bool = False,
+  delay: int | None = None,
+  mixing: float | None = None,
+  placement_check: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Lookahead: ``k`` steps of ``inner`` forward, one slow step back.
 
@@ -166,13 +167,29 @@ def lookahead(
     Zhang, Lucas, Hinton, Ba, `Lookahead Optimizer: k steps forward, 1 step back
     <https://arxiv.org/abs/1907.08610>`_, NeurIPS 2019.
   """
-  return build(make_config("lookahead", inner, k, alpha, inner_state_policy, outer, slow_dtype, axis_name,
-                           placement_check, fragments=fragments, communication_dtype=communication_dtype,
-                           error_feedback=error_feedback, delay=delay, mixing=mixing))
+  return build(
+    make_config(
+      "lookahead",
+      inner,
+      k,
+      alpha,
+      inner_state_policy,
+      outer,
+      slow_dtype,
+      axis_name,
+      placement_check,
+      fragments=fragments,
+      communication_dtype=communication_dtype,
+      error_feedback=error_feedback,
+      delay=delay,
+      mixing=mixing,
+    )
+  )
 
 
 def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
   """The transformation for a checked configuration (shared by :func:`lookahead` and its aliases)."""
+  called_eagerly = False  # update_fn has run outside jit once: from the next such call on, it runs compiled
 
   def init_fn(params):
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
@@ -182,16 +199,17 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
     _placement.check_inner_state(cfg, inner_state)
     ids = _fragments.assign(cfg.caller, cfg.fragments, params)
     return LookaheadState(
-        count=jnp.zeros((), jnp.int32),
-        syncs=jnp.zeros((), jnp.int32),
-        alpha=_alpha.initial_alpha() if cfg.outer is None else optax.EmptyState(),
-        slow=slow,
-        inner_state=inner_state,
-        slow_inner_state=_policy.snapshot_init(cfg.policy, inner_state),
-        outer_state=init_outer_state(cfg, slow, ids),
-        alpha_state=_alpha.init_alpha_state(cfg.alpha, slow, inner_state),
-        residual=jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), slow) if cfg.error_feedback
-        else optax.EmptyState(),
+      count=jnp.zeros((), jnp.int32),
+      syncs=jnp.zeros((), jnp.int32),
+      alpha=_alpha.initial_alpha() if cfg.outer is None else optax.EmptyState(),
+      slow=slow,
+      inner_state=inner_state,
+      slow_inner_state=_policy.snapshot_init(cfg.policy, inner_state),
+      outer_state=init_outer_state(cfg, slow, ids),
+      alpha_state=_alpha.init_alpha_state(cfg.alpha, slow, inner_state),
+      residual=jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), slow)
+      if cfg.error_feedback
+      else optax.EmptyState(),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -216,34 +234,38 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
     if fused:
       inner_updates, inner_state = cfg.inner.update(updates, state.inner_state, params, **extra_args)
       delta = pseudo_gradient(params, state.slow, fast_weights(params, inner_updates))
-      step, outer_state, alpha = slow_step(cfg, state.syncs, delta, grads, inner_state, alpha_state,
-                                           state.outer_state, state.slow, params)
+      step, outer_state, alpha = slow_step(
+        cfg, state.syncs, delta, grads, inner_state, alpha_state, state.outer_state, state.slow, params
+      )
       target = fused_landing(cfg, params, inner_updates, delta, step)
-      slow, syncs, residual = state.slow, jnp.where(sync, optax.safe_increment(state.syncs), state.syncs), \
-          state.residual
+      slow, syncs, residual = (
+        state.slow,
+        jnp.where(sync, optax.safe_increment(state.syncs), state.syncs),
+        state.residual,
+      )
     else:
       slow, outer_state, alpha, syncs, residual = staged_sync(
-          cfg, index, ids, state, params, updates, grads, alpha_state, extra_args)
-      inner_updates, inner_state = cfg.inner.update(
-          updates, after(state.inner_state, syncs), params, **extra_args)
+        cfg, index, ids, state, params, updates, grads, alpha_state, extra_args
+      )
+      inner_updates, inner_state = cfg.inner.update(updates, after(state.inner_state, syncs), params, **extra_args)
       target = map_inexact(lambda p, u, s: staged_landing(cfg, p, u, s), params, inner_updates, slow)
     new_updates = landing_updates(leaf_flags(index, ids, params), params, inner_updates, target)
     slow, inner_state, slow_inner_state = commit(
-        cfg, index, ids, params, new_updates, exact, slow, inner_state, state.slow_inner_state, alpha)
+      cfg, index, ids, params, new_updates, exact, slow, inner_state, state.slow_inner_state, alpha
+    )
     new_state = LookaheadState(
-        count=jnp.where(state.count >= cfg.k - 1, 0, state.count + 1).astype(jnp.int32),
-        syncs=syncs,
-        alpha=jax.tree.map(lambda a, last: jnp.where(sync, a, last), alpha, state.alpha),
-        slow=slow,
-        inner_state=inner_state,
-        slow_inner_state=slow_inner_state,
-        outer_state=outer_state,
-        alpha_state=alpha_state,
-        residual=residual,
+      count=jnp.where(state.count >= cfg.k - 1, 0, state.count + 1).astype(jnp.int32),
+      syncs=syncs,
+      alpha=jax.tree.map(lambda a, last: jnp.where(sync, a, last), alpha, state.alpha),
+      slow=slow,
+      inner_state=inner_state,
+      slow_inner_state=slow_inner_state,
+      outer_state=outer_state,
+      alpha_state=alpha_state,
+      residual=residual,
     )
     return new_updates, new_state
 
-  called_eagerly = False
   compiled_update = jax.jit(lambda updates, state, params, extra_args: update_fn(updates, state, params, **extra_args))
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -284,8 +306,13 @@ def is_fused(cfg: Config, exact) -> bool:
   slow copy of another dtype are read and written; a non-sync step does exactly
   what a fused one does.
   """
-  return (cfg.outer is None and cfg.axis_name is None and not cfg.adaptive and cfg.n_fragments == 1
-          and all(jax.tree.leaves(exact)))
+  return (
+    cfg.outer is None
+    and cfg.axis_name is None
+    and not cfg.adaptive
+    and cfg.n_fragments == 1
+    and all(jax.tree.leaves(exact))
+  )
 
 
 def leaf_flags(index, ids, params):
@@ -301,12 +328,14 @@ def fast_weights(params, inner_updates):
   bfloat16 or float16 sum in float32 (excess precision), and the slow step
   would not see the fast weights the caller holds.
   """
+
   def leaf(p, u):
     x = p + u
     if jnp.issubdtype(p.dtype, jnp.floating) and p.dtype.itemsize < 4:
       info = jnp.finfo(p.dtype)
       x = jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
     return x.astype(p.dtype)
+
   return map_inexact(leaf, params, inner_updates)
 
 
@@ -332,8 +361,9 @@ def slow_step(cfg: Config, syncs, delta, grads, inner_state, alpha_state, outer_
   if cfg.outer is not None:
     step, outer_state = cfg.outer.update(delta, outer_state, slow)
     return step, outer_state, optax.EmptyState()
-  alpha = _alpha.alpha_at_sync(cfg.alpha, syncs, alpha_state, inner_state, delta, grads,
-                               lambda tree: mask_like(params, tree), cfg.axis_name)
+  alpha = _alpha.alpha_at_sync(
+    cfg.alpha, syncs, alpha_state, inner_state, delta, grads, lambda tree: mask_like(params, tree), cfg.axis_name
+  )
   step = jax.tree.map(lambda d: (-alpha * d).astype(d.dtype), delta)
   return step, outer_state, alpha
 
@@ -352,8 +382,9 @@ def fused_landing(cfg: Config, params, inner_updates, delta, step):
   """
   if isinstance(cfg.alpha, (int, float)) and not isinstance(cfg.alpha, bool) and cfg.alpha == 1.0:
     return inner_updates
-  return map_inexact(lambda p, u, d, s: (u + (d + s).astype(u.dtype)).astype(u.dtype),
-                     params, inner_updates, delta, step)
+  return map_inexact(
+    lambda p, u, d, s: (u + (d + s).astype(u.dtype)).astype(u.dtype), params, inner_updates, delta, step
+  )
 
 
 def staged_landing(cfg: Config, p, u, new_slow):
@@ -390,13 +421,15 @@ def fragment_sync(cfg: Config, j: int, ids, state: LookaheadState, params, fast,
   delta, residual = exchange(cfg, delta, residual)
   per_fragment = cfg.outer is not None and not one  # one outer state per fragment
   outer_state = state.outer_state[j] if per_fragment else state.outer_state
-  step, outer_state, alpha = slow_step(cfg, state.syncs, delta, grads, inner_state, alpha_state, outer_state,
-                                       part(state.slow), params)
+  step, outer_state, alpha = slow_step(
+    cfg, state.syncs, delta, grads, inner_state, alpha_state, outer_state, part(state.slow), params
+  )
   slow = new_slow_weights(part(state.slow), step)
   if one:
     return slow, outer_state, alpha, state.residual if residual is None else residual
-  outer_states = tuple(outer_state if i == j else s for i, s in enumerate(state.outer_state)) if per_fragment \
-      else outer_state
+  outer_states = (
+    tuple(outer_state if i == j else s for i, s in enumerate(state.outer_state)) if per_fragment else outer_state
+  )
   residual = state.residual if residual is None else _fragments.merge(state.residual, {j: residual}, ids)
   return _fragments.merge(state.slow, {j: slow}, ids), outer_states, alpha, residual
 
@@ -420,17 +453,20 @@ def staged_sync(cfg: Config, index, ids, state: LookaheadState, params, updates,
     else:
       inner_updates, inner_state = cfg.inner.update(updates, state.inner_state, params, **extra_args)
       fast = fast_weights(params, inner_updates)
-    slow, outer_state, alpha, residual = fragment_sync(cfg, j, ids, current, params, fast, grads, inner_state,
-                                                       alpha_state)
+    slow, outer_state, alpha, residual = fragment_sync(
+      cfg, j, ids, current, params, fast, grads, inner_state, alpha_state
+    )
     return slow, outer_state, alpha, optax.safe_increment(syncs), residual
 
   stored = (state.slow, state.outer_state, state.alpha, state.syncs, state.residual)
   if cfg.communication_dtype is not None:  # an all-gathered mean is typed varying over the replicas
-    slow, outer_state, alpha, residual = vary((state.slow, state.outer_state, state.alpha, state.residual),
-                                              cfg.axis_name)
+    slow, outer_state, alpha, residual = vary(
+      (state.slow, state.outer_state, state.alpha, state.residual), cfg.axis_name
+    )
     stored = (slow, outer_state, alpha, state.syncs, residual)
   branches: list[Callable[..., Any]] = [
-      lambda *x, j=j: cast_like(at_sync(j, *x), stored) for j in range(cfg.n_fragments)]
+    lambda *x, j=j: cast_like(at_sync(j, *x), stored) for j in range(cfg.n_fragments)
+  ]
   return at_most_one(index, branches, *stored)
 
 
@@ -459,8 +495,7 @@ def after(tree, syncs):
 
 def landing_updates(sync, params, inner_updates, target):
   """``where(sync, target, inner updates)`` element-wise, ``sync`` per leaf; non-floating leaves keep the inner updates."""
-  return fill(map_inexact(lambda p, s, u, t: jnp.where(s, t, u), params, sync, inner_updates, target),
-              inner_updates)
+  return fill(map_inexact(lambda p, s, u, t: jnp.where(s, t, u), params, sync, inner_updates, target), inner_updates)
 
 
 def commit(cfg: Config, index, ids, params, updates, exact, slow, inner_state, slow_inner_state, alpha):
@@ -481,8 +516,9 @@ def commit(cfg: Config, index, ids, params, updates, exact, slow, inner_state, s
 
   def at_sync(j, slow, inner_state, slow_inner_state):
     new_slow = landed if n == 1 else _fragments.merge(slow, {j: _fragments.mask(landed, ids, j)}, ids)
-    policy = _policy.at_sync(cfg.policy, inner_state, slow_inner_state, alpha, params,
-                             fresh=lambda: cfg.inner.init(params))
+    policy = _policy.at_sync(
+      cfg.policy, inner_state, slow_inner_state, alpha, params, fresh=lambda: cfg.inner.init(params)
+    )
     return cast_like((new_slow, *policy), stored)
 
   return at_most_one(index, [functools.partial(at_sync, j) for j in range(n)], *stored)
@@ -500,21 +536,43 @@ def sync_now(cfg: Config, state: LookaheadState, params, grads=None):
   zeros = map_inexact(jnp.zeros_like, params)
   alpha = state.alpha
   for j in range(cfg.n_fragments):
-    slow, outer_state, alpha, residual = fragment_sync(cfg, j, ids, state, params, fast, grads, state.inner_state,
-                                                       state.alpha_state)
-    state = state._replace(slow=slow, outer_state=outer_state, residual=residual,
-                           syncs=optax.safe_increment(state.syncs))
+    slow, outer_state, alpha, residual = fragment_sync(
+      cfg, j, ids, state, params, fast, grads, state.inner_state, state.alpha_state
+    )
+    state = state._replace(
+      slow=slow, outer_state=outer_state, residual=residual, syncs=optax.safe_increment(state.syncs)
+    )
   delta = pseudo_gradient(params, state.slow, fast)  # exact leaves: new slow - params, computed as a sync would
-  target = map_inexact(lambda p, z, s, e, d: d.astype(p.dtype) if e else staged_landing(
-      cfg._replace(delay=0), p, z, s), params, zeros, state.slow, exact, delta)
+  target = map_inexact(
+    lambda p, z, s, e, d: d.astype(p.dtype) if e else staged_landing(cfg._replace(delay=0), p, z, s),
+    params,
+    zeros,
+    state.slow,
+    exact,
+    delta,
+  )
   updates = landing_updates(map_inexact(lambda p: True, params), params, zeros, target)
   slow, inner_state, slow_inner_state = commit(
-      cfg._replace(fragments=1), jnp.int32(0), [0] * len(ids), params, updates, exact, state.slow,
-      state.inner_state, state.slow_inner_state, alpha)
+    cfg._replace(fragments=1),
+    jnp.int32(0),
+    [0] * len(ids),
+    params,
+    updates,
+    exact,
+    state.slow,
+    state.inner_state,
+    state.slow_inner_state,
+    alpha,
+  )
   new_state = state._replace(
-      count=jnp.zeros_like(state.count), alpha=alpha if cfg.outer is None else state.alpha, slow=slow,
-      inner_state=inner_state, slow_inner_state=slow_inner_state)
+    count=jnp.zeros_like(state.count),
+    alpha=alpha if cfg.outer is None else state.alpha,
+    slow=slow,
+    inner_state=inner_state,
+    slow_inner_state=slow_inner_state,
+  )
   # Unlike an update, force_sync returns the params themselves: exactly the slow weights, rounded.
-  landed = map_inexact(lambda p, u, s, e: (p + u).astype(p.dtype) if e else s.astype(p.dtype),
-                       params, updates, slow, exact)
+  landed = map_inexact(
+    lambda p, u, s, e: (p + u).astype(p.dtype) if e else s.astype(p.dtype), params, updates, slow, exact
+  )
   return new_state, fill(landed, params)

@@ -48,9 +48,10 @@ def check_inner_state(cfg, inner_state) -> None:
   nodes = jax.tree.leaves(inner_state, is_leaf=lambda x: isinstance(x, optax.MultiStepsState))
   if any(isinstance(x, optax.MultiStepsState) for x in nodes):
     raise ValueError(
-        f"{cfg.caller}: the inner optimizer contains an optax.MultiSteps (gradient accumulation): lookahead "
-        f"would count micro-steps and sync in the middle of an accumulation. Put the accumulation outside: "
-        f"optax.MultiSteps({cfg.caller}(...), every_k_schedule=...).")
+      f"{cfg.caller}: the inner optimizer contains an optax.MultiSteps (gradient accumulation): lookahead "
+      f"would count micro-steps and sync in the middle of an accumulation. Put the accumulation outside: "
+      f"optax.MultiSteps({cfg.caller}(...), every_k_schedule=...)."
+    )
 
 
 # ---------------------------------------------------------------- the update
@@ -61,15 +62,28 @@ def check_update(cfg, state, params) -> None:
   name = cfg.caller
   if params is None:
     raise ValueError(
-        f"{name}: update needs params (the fast weights) to place the slow step; got params=None. "
-        "Call opt.update(grads, state, params).")
-  fields = ("count", "syncs", "alpha", "slow", "inner_state", "slow_inner_state", "outer_state", "alpha_state",
-            "residual")
+      f"{name}: update needs params (the fast weights) to place the slow step; got params=None. "
+      "Call opt.update(grads, state, params)."
+    )
+  fields = (
+    "count",
+    "syncs",
+    "alpha",
+    "slow",
+    "inner_state",
+    "slow_inner_state",
+    "outer_state",
+    "alpha_state",
+    "residual",
+  )
   if getattr(state, "_fields", None) != fields:
-    raise ValueError(f"{name}: state must be the LookaheadState made by this optimizer's init, got "
-                     f"{type(state).__name__}.")
-  made_with = lambda what: (f"{name}: this state was made by a lookahead with {what}. Restore or init it with "
-                            "an optimizer of the same configuration.")
+    raise ValueError(
+      f"{name}: state must be the LookaheadState made by this optimizer's init, got {type(state).__name__}."
+    )
+  made_with = lambda what: (
+    f"{name}: this state was made by a lookahead with {what}. Restore or init it with "
+    "an optimizer of the same configuration."
+  )
   interpolate = not isinstance(state.slow_inner_state, optax.EmptyState)
   if interpolate != (cfg.policy == "interpolate"):
     was = "inner_state_policy='interpolate'" if interpolate else "inner_state_policy 'maintain' or 'reset'"
@@ -78,33 +92,42 @@ def check_update(cfg, state, params) -> None:
   if has_outer != (cfg.outer is not None):
     was = "an outer optimizer (it has no alpha)" if has_outer else "alpha and no outer optimizer"
     raise ValueError(made_with(was) + f" This one has outer={cfg.outer!r}.")
-  if str(jax.tree.structure(map_inexact(lambda p: 0, params))) != str(jax.tree.structure(
-      jax.tree.map(lambda s: 0, state.slow))):
+  if str(jax.tree.structure(map_inexact(lambda p: 0, params))) != str(
+    jax.tree.structure(jax.tree.map(lambda s: 0, state.slow))
+  ):
     raise ValueError(
-        f"{name}: the params passed to update are not shaped like the slow weights in the state: params "
-        f"{jax.tree.structure(params)} vs slow weights {jax.tree.structure(state.slow)}.")
-  wrong = [(p.dtype, s.dtype) for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(
-      jax.tree.map(lambda s: s, state.slow))) if is_inexact(p) and s.dtype != (cfg.slow_dtype or p.dtype)]
+      f"{name}: the params passed to update are not shaped like the slow weights in the state: params "
+      f"{jax.tree.structure(params)} vs slow weights {jax.tree.structure(state.slow)}."
+    )
+  wrong = [
+    (p.dtype, s.dtype)
+    for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(jax.tree.map(lambda s: s, state.slow)))
+    if is_inexact(p) and s.dtype != (cfg.slow_dtype or p.dtype)
+  ]
   if wrong:
     raise ValueError(
-        made_with(f"slow weights of dtype {wrong[0][1]}") + f" This one has slow_dtype={cfg.slow_dtype!r} "
-        f"and params of dtype {wrong[0][0]}.")
+      made_with(f"slow weights of dtype {wrong[0][1]}") + f" This one has slow_dtype={cfg.slow_dtype!r} "
+      f"and params of dtype {wrong[0][0]}."
+    )
   if cfg.axis_name is not None:
     try:
       jax.lax.axis_size(cfg.axis_name)
     except NameError as e:
       raise ValueError(
-          f"{name}: axis_name={cfg.axis_name!r} is not a mapped axis here. Call update inside jax.shard_map "
-          f"or jax.pmap over the axis {cfg.axis_name!r} (each replica with its own gradients); the slow step "
-          "averages over it.") from e
+        f"{name}: axis_name={cfg.axis_name!r} is not a mapped axis here. Call update inside jax.shard_map "
+        f"or jax.pmap over the axis {cfg.axis_name!r} (each replica with its own gradients); the slow step "
+        "averages over it."
+      ) from e
   count, k = state.count, cfg.k
   if not isinstance(count, jax.core.Tracer) and not isinstance(k, jax.core.Tracer) and int(count) >= int(k):
     raise ValueError(_count_message(name, int(count), int(k)))
 
 
 def _count_message(name, count, k) -> str:
-  return (f"{name}: the state's count is {count}, but k={k} allows 0..{k - 1}: this state was made by a "
-          "lookahead with a larger k. Restore it into an optimizer with the same k.")
+  return (
+    f"{name}: the state's count is {count}, but k={k} allows 0..{k - 1}: this state was made by a "
+    "lookahead with a larger k. Restore it into an optimizer with the same k."
+  )
 
 
 def _can_report() -> bool:
@@ -165,8 +188,8 @@ def host_call(fn, *args) -> None:
 
   @call.def_vmap
   def _(axis_size, in_batched, *args):
-    args = [a if b else jnp.broadcast_to(a, (axis_size, *jnp.shape(a))) for a, b in zip(args, in_batched)]
-    return call(*args), False
+    batched = [a if b else jnp.broadcast_to(a, (axis_size, *jnp.shape(a))) for a, b in zip(args, in_batched)]
+    return call(*batched), False
 
   call(*args)
 
@@ -186,8 +209,7 @@ def _differs(p, s, exact):
 
 
 def _leaf_names(params) -> tuple:
-  return tuple(jax.tree_util.keystr(path) for path, p in jax.tree_util.tree_leaves_with_path(params)
-               if is_inexact(p))
+  return tuple(jax.tree_util.keystr(path) for path, p in jax.tree_util.tree_leaves_with_path(params) if is_inexact(p))
 
 
 def _report_placement(name, mode, leaves, wrong) -> None:
@@ -199,12 +221,13 @@ def _report_placement(name, mode, leaves, wrong) -> None:
   names = ", ".join(f"params{leaves[i]}" for i in np.flatnonzero(wrong)[:3])
   more = "" if wrong.sum() <= 3 else f" and {int(wrong.sum()) - 3} more"
   message = (
-      f"{name}: at the start of a cycle the params passed to update differ from the slow weights "
-      f"({names}{more}). Right after a sync the params must be the slow weights: either a "
-      f"transformation placed after {name} changed its updates, or the params were changed outside the "
-      f"optimizer. Put {name} last, with every other transformation inside it or before it: "
-      f"optax.chain(optax.clip_by_global_norm(1.0), {name}(optax.adam(...))), or "
-      f"{name}(optax.chain(optax.adam(...), <transformation>)). To silence this check: placement_check='off'.")
+    f"{name}: at the start of a cycle the params passed to update differ from the slow weights "
+    f"({names}{more}). Right after a sync the params must be the slow weights: either a "
+    f"transformation placed after {name} changed its updates, or the params were changed outside the "
+    f"optimizer. Put {name} last, with every other transformation inside it or before it: "
+    f"optax.chain(optax.clip_by_global_norm(1.0), {name}(optax.adam(...))), or "
+    f"{name}(optax.chain(optax.adam(...), <transformation>)). To silence this check: placement_check='off'."
+  )
   if mode == "raise":
     raise LookaheadPlacementError(message)
   warnings.warn(message, LookaheadPlacementWarning, stacklevel=2)
@@ -215,6 +238,7 @@ def _report_count(cfg, k, decide):
     # The callback gets the values, not the branch: under vmap a cond runs both branches.
     host_call(functools.partial(_raise_count, cfg.caller), count, jnp.asarray(k))
     return decide(count)
+
   return branch
 
 

@@ -22,7 +22,8 @@ restarts Adam's moments every sync while the learning-rate schedule runs on.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +67,9 @@ def _map_moment_nodes(fn: Callable, params_structure, state, *others):
   if isinstance(state, (tuple, list)):
     return type(state)(_map_moment_nodes(fn, params_structure, *xs) for xs in zip(state, *others))
   if isinstance(state, dict):
-    return type(state)((key, _map_moment_nodes(fn, params_structure, state[key], *(o[key] for o in others)))
-                       for key in state)
+    return type(state)(
+      (key, _map_moment_nodes(fn, params_structure, state[key], *(o[key] for o in others))) for key in state
+    )
   return state
 
 
@@ -81,7 +83,8 @@ def interpolate_moments(state, snapshot, alpha, params):
 
   def node(current, previous):
     return jax.tree.map(
-        lambda x, x0: (x0 + alpha * (x - x0)).astype(x.dtype) if is_inexact(x) else x, current, previous)
+      lambda x, x0: (x0 + alpha * (x - x0)).astype(x.dtype) if is_inexact(x) else x, current, previous
+    )
 
   return _map_moment_nodes(node, jax.tree.structure(params), state, snapshot)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -42,14 +40,14 @@ def find_lookahead_state(opt_state: optax.OptState) -> LookaheadState:
   if len(found) != 1:
     what = "no LookaheadState" if not found else f"{len(found)} LookaheadStates"
     raise ValueError(
-        f"opt_state: expected exactly one lookahead state, found {what} in an optimizer state of "
-        f"type {type(opt_state).__name__}. Pass the state returned by an optimizer built with "
-        "lookahead_optax.lookahead (with one lookahead in it)."
+      f"opt_state: expected exactly one lookahead state, found {what} in an optimizer state of "
+      f"type {type(opt_state).__name__}. Pass the state returned by an optimizer built with "
+      "lookahead_optax.lookahead (with one lookahead in it)."
     )
   return _plain(found[0])
 
 
-def slow_params(opt_state: optax.OptState, params: Optional[optax.Params] = None) -> optax.Params:
+def slow_params(opt_state: optax.OptState, params: optax.Params | None = None) -> optax.Params:
   """The slow weights held in ``opt_state``, shaped like params.
 
   Leaves that lookahead does not track (integer or boolean params, or params
@@ -69,8 +67,8 @@ def slow_params(opt_state: optax.OptState, params: Optional[optax.Params] = None
   if params is None:
     if any(is_masked(x) for x in jax.tree.leaves(slow, is_leaf=is_masked)):
       raise ValueError(
-          "slow_params: the slow weights do not cover every param (integer, boolean or masked-out "
-          "leaves are not tracked); pass params=... to fill them in, got params=None."
+        "slow_params: the slow weights do not cover every param (integer, boolean or masked-out "
+        "leaves are not tracked); pass params=... to fill them in, got params=None."
       )
     return slow
   params = _plain(params)
@@ -79,11 +77,11 @@ def slow_params(opt_state: optax.OptState, params: Optional[optax.Params] = None
 
 
 def force_sync(
-    opt_state: optax.OptState,
-    params: optax.Params,
-    tx: optax.GradientTransformation,
-    *,
-    grads: Optional[optax.Updates] = None,
+  opt_state: optax.OptState,
+  params: optax.Params,
+  tx: optax.GradientTransformation,
+  *,
+  grads: optax.Updates | None = None,
 ) -> tuple[optax.OptState, optax.Params]:
   r"""Take a regular sync now, mid-cycle: returns ``(opt_state, params)``, synced.
 
@@ -128,7 +126,7 @@ def force_sync(
   old = find_lookahead_state(opt_state)
   params = _plain(params)
   probe_grads = jax.tree.map(jnp.zeros_like, params) if grads is None else grads
-  problem: Optional[Union[Exception, str]] = None
+  problem: Exception | str | None = None
   try:
     with _placement.probing():
       tx.update(probe_grads, _plain(opt_state), params)
@@ -140,16 +138,19 @@ def force_sync(
     problem = "its update finished without reaching one"
   if problem is not None:
     raise ValueError(
-        f"force_sync: tx does not reach a lookahead update ({problem}); pass the optimizer that made "
-        f"opt_state (got {tx!r}).") from (problem if isinstance(problem, Exception) else None)
+      f"force_sync: tx does not reach a lookahead update ({problem}); pass the optimizer that made "
+      f"opt_state (got {tx!r})."
+    ) from (problem if isinstance(problem, Exception) else None)
   if cfg.adaptive and grads is None:
     raise ValueError(
-        f"force_sync: this {cfg.caller} uses adaptive_alpha, whose slow step needs the gradient of the last "
-        "update: pass grads=...")
+      f"force_sync: this {cfg.caller} uses adaptive_alpha, whose slow step needs the gradient of the last "
+      "update: pass grads=..."
+    )
   if not cfg.adaptive and grads is not None:
     raise ValueError(
-        f"force_sync: grads is only used by adaptive_alpha; this {cfg.caller} has alpha={cfg.alpha!r} and "
-        f"outer={cfg.outer!r}. Leave grads out.")
+      f"force_sync: grads is only used by adaptive_alpha; this {cfg.caller} has alpha={cfg.alpha!r} and "
+      f"outer={cfg.outer!r}. Leave grads out."
+    )
   # What the lookahead itself sees: MaskedNode where it keeps no slow weight (non-float or masked out).
   tracked = jax.tree.map(lambda s, p: s if is_masked(s) else p, old.slow, params, is_leaf=is_masked)
   new, synced = sync_now(cfg, old, tracked, received if cfg.adaptive else None)

@@ -24,8 +24,10 @@ def map_inexact(f, params, *rest):
 
 def is_concrete(tree) -> bool:
   """True when every leaf is a concrete array or number: a call made outside ``jit``, ``vmap`` and ``grad``."""
-  return all(isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, bool, complex))
-             and not isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+  return all(
+    isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, bool, complex)) and not isinstance(x, jax.core.Tracer)
+    for x in jax.tree.leaves(tree)
+  )
 
 
 def mask_like(params, tree):
@@ -45,6 +47,7 @@ def cast_like(tree, ref):
   per-replica in the other under ``shard_map``, and a fresh ``init`` has no
   sharding under an explicit-sharding mesh.
   """
+
   def leaf(x, r):
     x = jnp.asarray(x).astype(jnp.asarray(r).dtype)
     xt, rt = jax.typeof(x), jax.typeof(r)
@@ -54,6 +57,7 @@ def cast_like(tree, ref):
     if not rt.sharding.mesh.empty and xt.sharding.spec != rt.sharding.spec:
       x = jax.sharding.reshard(x, rt.sharding.spec)
     return x
+
   return jax.tree.map(leaf, tree, ref)
 
 
@@ -76,4 +80,5 @@ def vary(tree, axis_name):
     if axis_name in _varying_axes(jax.typeof(x)):
       return x
     return jax.lax.pcast(x, (axis_name,), to="varying")
+
   return jax.tree.map(leaf, tree)

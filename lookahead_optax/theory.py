@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -64,9 +64,18 @@ from numpy.typing import ArrayLike
 from lookahead_optax._alpha import adaptive_alpha_value
 
 __all__ = [
-    "Moments", "OptimalRate", "adaptive_alpha_value", "cm_rate", "lookahead_cm_rate", "nqm_expected_loss",
-    "nqm_lookahead_moments", "nqm_lookahead_variance", "nqm_sgd_moments", "nqm_sgd_variance",
-    "optimal_alpha_quadratic", "optimal_rate",
+  "Moments",
+  "OptimalRate",
+  "adaptive_alpha_value",
+  "cm_rate",
+  "lookahead_cm_rate",
+  "nqm_expected_loss",
+  "nqm_lookahead_moments",
+  "nqm_lookahead_variance",
+  "nqm_sgd_moments",
+  "nqm_sgd_variance",
+  "optimal_alpha_quadratic",
+  "optimal_rate",
 ]
 
 _INNER_STATES = ("maintain", "reset")
@@ -133,8 +142,8 @@ def _stable_nqm(a, lr, fn: str) -> np.ndarray:
   r = 1.0 - lr * a
   if not np.all(np.abs(r) < 1):
     raise ValueError(
-        f"{fn}: lr must satisfy 0 < lr < 2 / max(a) (Proposition 2), got lr={_show(lr)} "
-        f"with max(a)={float(np.max(a)):.6g}."
+      f"{fn}: lr must satisfy 0 < lr < 2 / max(a) (Proposition 2), got lr={_show(lr)} "
+      f"with max(a)={float(np.max(a)):.6g}."
     )
   return r
 
@@ -230,8 +239,9 @@ class Moments(NamedTuple):
   """:math:`\\mathbb{V}[x_i]`."""
 
 
-def nqm_sgd_moments(a: ArrayLike, sigma2: ArrayLike, lr: ArrayLike, steps: int, mean0: ArrayLike,
-                    var0: ArrayLike = 0.0) -> Moments:
+def nqm_sgd_moments(
+  a: ArrayLike, sigma2: ArrayLike, lr: ArrayLike, steps: int, mean0: ArrayLike, var0: ArrayLike = 0.0
+) -> Moments:
   r"""Mean and variance of SGD's iterate after ``steps`` updates on the noisy quadratic model.
 
   Solves the recursions :math:`m' = r m`, :math:`V' = r^2 V + \gamma^2 a^2\sigma^2`
@@ -263,8 +273,16 @@ def nqm_sgd_moments(a: ArrayLike, sigma2: ArrayLike, lr: ArrayLike, steps: int, 
   return Moments(*np.broadcast_arrays(mean, var))
 
 
-def nqm_lookahead_moments(a: ArrayLike, sigma2: ArrayLike, lr: ArrayLike, k: int, alpha: ArrayLike, steps: int,
-                          mean0: ArrayLike, var0: ArrayLike = 0.0) -> Moments:
+def nqm_lookahead_moments(
+  a: ArrayLike,
+  sigma2: ArrayLike,
+  lr: ArrayLike,
+  k: int,
+  alpha: ArrayLike,
+  steps: int,
+  mean0: ArrayLike,
+  var0: ArrayLike = 0.0,
+) -> Moments:
   r"""Mean and variance of Lookahead(SGD)'s params after ``steps`` inner updates on the NQM.
 
   With :math:`n = \lfloor T/k \rfloor` syncs done and :math:`i = T - nk` inner
@@ -361,7 +379,7 @@ def _matmul_2x2(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def _power_2x2(m: np.ndarray, k: int) -> np.ndarray:
   """m**k by repeated squaring (k >= 1)."""
-  result: Optional[np.ndarray] = None
+  result: np.ndarray | None = None
   while k:
     if k & 1:
       result = m if result is None else _matmul_2x2(result, m)
@@ -407,8 +425,9 @@ def cm_rate(a: ArrayLike, lr: ArrayLike, momentum: ArrayLike) -> np.ndarray:
   return _spectral_radius_2x2(_cm_matrix(a, lr, momentum))
 
 
-def lookahead_cm_rate(a: ArrayLike, lr: ArrayLike, momentum: ArrayLike, k: int, alpha: ArrayLike,
-                      inner_state_policy: str = "maintain") -> np.ndarray:
+def lookahead_cm_rate(
+  a: ArrayLike, lr: ArrayLike, momentum: ArrayLike, k: int, alpha: ArrayLike, inner_state_policy: str = "maintain"
+) -> np.ndarray:
   r"""Exact convergence rate per inner step of Lookahead wrapping classical momentum on :math:`\tfrac12 a x^2`.
 
   With :math:`M^k = \begin{pmatrix} p & q \\ s & u\end{pmatrix}` (see
@@ -466,14 +485,14 @@ class OptimalRate(NamedTuple):
 
 
 def optimal_rate(
-    condition_number: ArrayLike,
-    momentum: float,
-    *,
-    k: Optional[int] = None,
-    alpha: float = 0.5,
-    inner_state_policy: str = "maintain",
-    num_curvatures: int = 1000,
-    num_lr: int = 200,
+  condition_number: ArrayLike,
+  momentum: float,
+  *,
+  k: int | None = None,
+  alpha: float = 0.5,
+  inner_state_policy: str = "maintain",
+  num_curvatures: int = 1000,
+  num_lr: int = 200,
 ) -> OptimalRate:
   r"""Fig. 4: the rate of CM (``k=None``) or Lookahead(CM) at the optimal learning rate.
 
@@ -549,8 +568,12 @@ def optimal_rate(
     lo, hi = np.where(left, lo, x1), np.where(left, x2, hi)
     new_x = np.where(left, hi - golden * (hi - lo), lo + golden * (hi - lo))
     new_f = worst(new_x[:, None])[:, 0]
-    x1, f1, x2, f2 = (np.where(left, new_x, x2), np.where(left, new_f, f2),
-                      np.where(left, x1, new_x), np.where(left, f1, new_f))
+    x1, f1, x2, f2 = (
+      np.where(left, new_x, x2),
+      np.where(left, new_f, f2),
+      np.where(left, x1, new_x),
+      np.where(left, f1, new_f),
+    )
   for x, f in ((x1, f1), (x2, f2)):
     better = f < best_value
     best_log, best_value = np.where(better, x, best_log), np.where(better, f, best_value)
@@ -594,7 +617,7 @@ def optimal_alpha_quadratic(A: ArrayLike, b: ArrayLike, slow: ArrayLike, fast: A
   b, slow, fast = _array("b", b, fn), _array("slow", slow, fn), _array("fast", fast, fn)
   if b.ndim != 1 or slow.shape != b.shape or fast.shape != b.shape:
     raise ValueError(
-        f"{fn}: b, slow and fast must be 1-D of the same shape, got {b.shape}, {slow.shape}, {fast.shape}."
+      f"{fn}: b, slow and fast must be 1-D of the same shape, got {b.shape}, {slow.shape}, {fast.shape}."
     )
   n = b.shape[0]
   if A.shape == (n,):

@@ -26,10 +26,10 @@ import numpy as np
 import optax
 
 INNERS = {
-    "sgd": lambda: optax.sgd(0.05),
-    "momentum": lambda: optax.sgd(0.05, momentum=0.9),
-    "adam": lambda: optax.adam(0.05),
-    "chain_wd": lambda: optax.chain(optax.add_decayed_weights(1e-2), optax.scale_by_adam(), optax.scale(-0.05)),
+  "sgd": lambda: optax.sgd(0.05),
+  "momentum": lambda: optax.sgd(0.05, momentum=0.9),
+  "adam": lambda: optax.adam(0.05),
+  "chain_wd": lambda: optax.chain(optax.add_decayed_weights(1e-2), optax.scale_by_adam(), optax.scale(-0.05)),
 }
 TOL = dict(rtol=2e-5, atol=2e-6)
 
@@ -38,9 +38,9 @@ def make_params(seed: int = 0, dtype=jnp.float32):
   """Nested-dict params of mixed shapes."""
   rng = np.random.default_rng(seed)
   return {
-      "dense": {"w": jnp.asarray(rng.normal(size=(4, 3)), dtype), "b": jnp.asarray(rng.normal(size=(3,)), dtype)},
-      "scale": jnp.asarray(rng.normal(size=()), dtype),
-      "emb": [jnp.asarray(rng.normal(size=(2, 2, 2)), dtype)],
+    "dense": {"w": jnp.asarray(rng.normal(size=(4, 3)), dtype), "b": jnp.asarray(rng.normal(size=(3,)), dtype)},
+    "scale": jnp.asarray(rng.normal(size=()), dtype),
+    "emb": [jnp.asarray(rng.normal(size=(2, 2, 2)), dtype)],
   }
 
 
@@ -68,8 +68,13 @@ def replica_grad(params, t, m):
 
 
 # The optax states that hold moment buffers, by type: what "reset" re-initialises in the references.
-MOMENT_STATES = (optax.ScaleByAdamState, optax.TraceState, optax.ScaleByRmsState, optax.ScaleByRStdDevState,
-                 optax.ScaleByBeliefState)
+MOMENT_STATES = (
+  optax.ScaleByAdamState,
+  optax.TraceState,
+  optax.ScaleByRmsState,
+  optax.ScaleByRStdDevState,
+  optax.ScaleByBeliefState,
+)
 
 
 def reset_moments(state, fresh):
@@ -107,8 +112,8 @@ def reference_lookahead(inner, k, alpha, params, grad_fn, steps, policy="maintai
           state = reset_moments(state, inner.init(fast))
         elif policy == "interpolate":
           state = jax.tree.map(
-              lambda s0, s1: s0 + a * (s1 - s0) if jnp.issubdtype(s1.dtype, jnp.inexact) else s1,
-              slow_state, state)
+            lambda s0, s1: s0 + a * (s1 - s0) if jnp.issubdtype(s1.dtype, jnp.inexact) else s1, slow_state, state
+          )
           slow_state = state
       fasts.append(fast)
       slows.append(slow)
@@ -274,9 +279,12 @@ def _taint(jaxpr, tainted_inputs, found, where):
     name = eqn.primitive.name
     if any(c in name for c in COLLECTIVES):
       found[f"{where}{n}:{name}"] = any(ins)
-    subs = [sub for value in eqn.params.values()
-            for sub in (value if isinstance(value, tuple) else (value,)) if hasattr(sub, "eqns") or
-            hasattr(getattr(sub, "jaxpr", None), "eqns")]
+    subs = [
+      sub
+      for value in eqn.params.values()
+      for sub in (value if isinstance(value, tuple) else (value,))
+      if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns")
+    ]
     outs = [any(ins)] * len(eqn.outvars)
     if subs:
       operands = ins[1:] if name == "cond" else ins  # cond's first operand is the branch index
@@ -296,8 +304,23 @@ def _taint(jaxpr, tainted_inputs, found, where):
 # Read from ``jit(...).lower(...).compile().as_text()``: what each instruction produces and reads, and
 # whether it runs on every step or inside a conditional's branch (a sync branch).
 
-HLO_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+HLO_ITEMSIZE = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+}
 HLO_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
 
@@ -328,8 +351,9 @@ class HloPlaced(NamedTuple):
 
 def hlo_arrays(type_text: str) -> tuple:
   """``"(f32[2,3]{1,0}, s8[4]{0})"`` -> ``(("f32", (2, 3)), ("s8", (4,)))``."""
-  return tuple((t, tuple(int(d) for d in dims.split(",") if d))
-               for t, dims in re.findall(r"([a-z]\w*)\[([\d,]*)\]", type_text))
+  return tuple(
+    (t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in re.findall(r"([a-z]\w*)\[([\d,]*)\]", type_text)
+  )
 
 
 def hlo_nbytes(arrays) -> int:
@@ -346,7 +370,7 @@ def _closing(text: str, start: int) -> int:
       depth -= 1
       if depth == 0:
         return i + 1
-  raise ValueError(f"unbalanced HLO text: {text[start:start + 80]!r}")
+  raise ValueError(f"unbalanced HLO text: {text[start : start + 80]!r}")
 
 
 def _instruction(line: str) -> HloInstruction | None:
@@ -361,11 +385,19 @@ def _instruction(line: str) -> HloInstruction | None:
   args_end = _closing(line, args_at)
   rest = re.sub(r"metadata=\{[^}]*\}", "", line[args_end:])
   callees = []
-  for _, value in re.findall(r"(calls|to_apply|body|condition|branch_computations|called_computations|"
-                               r"false_computation|true_computation)=(\{[^}]*\}|%?[\w.\-]+)", rest):
+  for _, value in re.findall(
+    r"(calls|to_apply|body|condition|branch_computations|called_computations|"
+    r"false_computation|true_computation)=(\{[^}]*\}|%?[\w.\-]+)",
+    rest,
+  ):
     callees += [n.strip().lstrip("%") for n in value.strip("{}").split(",") if n.strip()]
-  return HloInstruction(head.group(1), re.sub(r"-start$", "", op.group(1)), hlo_arrays(type_text),
-                        tuple(re.findall(r"%([\w.\-]+)", line[args_at:args_end])), tuple(callees))
+  return HloInstruction(
+    head.group(1),
+    re.sub(r"-start$", "", op.group(1)),
+    hlo_arrays(type_text),
+    tuple(re.findall(r"%([\w.\-]+)", line[args_at:args_end])),
+    tuple(callees),
+  )
 
 
 def hlo_computations(text: str) -> tuple:

@@ -32,8 +32,9 @@ def assert_trajectories_close(fasts, states, ref_fasts, ref_slows):
 def test_ranger_defaults_are_radam_in_lookahead_k6_alpha_half(params):
   # PyTorch Ranger's defaults: betas=(0.95, 0.999), eps=1e-5, k=6, alpha=0.5.
   steps = 3 * 6 + 2
-  ref = reference_lookahead(compiled(optax.radam(LR, b1=0.95, b2=0.999, eps=1e-5)), 6, 0.5, params, quadratic_grad,
-                            steps)
+  ref = reference_lookahead(
+    compiled(optax.radam(LR, b1=0.95, b2=0.999, eps=1e-5)), 6, 0.5, params, quadratic_grad, steps
+  )
   fasts, states = run(ranger(LR), params, quadratic_grad, steps, **EAGER)
   assert_trajectories_close(fasts, states, *ref)
   assert [int(s.count) for s in states[:7]] == [1, 2, 3, 4, 5, 0, 1]
@@ -42,17 +43,21 @@ def test_ranger_defaults_are_radam_in_lookahead_k6_alpha_half(params):
 def test_ranger_with_weight_decay_equals_lookahead_of_the_radam_chain_built_by_hand(params):
   steps, wd = 2 * 6 + 3, 0.1
   by_hand = lookahead(
-      optax.chain(optax.scale_by_radam(b1=0.95, b2=0.999, eps=1e-5), optax.add_decayed_weights(wd),
-                  optax.scale_by_learning_rate(LR)),
-      k=6, alpha=0.5)
+    optax.chain(
+      optax.scale_by_radam(b1=0.95, b2=0.999, eps=1e-5), optax.add_decayed_weights(wd), optax.scale_by_learning_rate(LR)
+    ),
+    k=6,
+    alpha=0.5,
+  )
   fasts, states = run(ranger(LR, weight_decay=wd), params, quadratic_grad, steps, **EAGER)
   hand_fasts, hand_states = run(by_hand, params, quadratic_grad, steps, **EAGER)
   chex.assert_trees_all_equal(fasts, hand_fasts)
   chex.assert_trees_all_equal([s.slow for s in states], [s.slow for s in hand_states])
   # and AdamW-style: the decay is scaled by the learning rate, as in the plain loop of Algorithm 1
   radamw = optax.chain(optax.radam(LR, b1=0.95, b2=0.999, eps=1e-5), optax.add_decayed_weights(-LR * wd))
-  assert_trajectories_close(fasts, states, *reference_lookahead(compiled(radamw), 6, 0.5, params, quadratic_grad,
-                                                               steps))
+  assert_trajectories_close(
+    fasts, states, *reference_lookahead(compiled(radamw), 6, 0.5, params, quadratic_grad, steps)
+  )
 
 
 def test_ranger_passes_its_arguments_on(params):
@@ -65,12 +70,15 @@ def test_ranger_passes_its_arguments_on(params):
   assert_trajectories_close(fasts, states, *ref)
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     ({"k": 0}, "ranger: k must be an int >= 1, got 0"),
     ({"k": 2.5}, "ranger: k must be an int >= 1, got 2.5"),
     ({"alpha": 1.5}, "ranger: alpha must be a finite number in \\[0, 1\\], got 1.5"),
     ({"inner_state_policy": "keep"}, "ranger: inner_state_policy must be one of .*got 'keep'"),
-])
+  ],
+)
 def test_ranger_argument_errors_name_the_argument_and_value(kwargs, match):
   with pytest.raises(ValueError, match=match):
     ranger(1e-3, **kwargs)

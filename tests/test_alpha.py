@@ -94,7 +94,7 @@ def test_inner_fisher_reads_adams_second_moment():
     grad = rng.normal(size=4).astype(np.float32) * 2
     nu_clipped = b2 * nu_clipped + (1 - b2) * np.clip(grad, -clip, clip).astype(np.float64) ** 2
     nu_raw = b2 * nu_raw + (1 - b2) * grad.astype(np.float64) ** 2
-    for name, opt in opts.items():
+    for name in opts:
       inner_updates, ref_inner[name] = inner_update(jnp.asarray(grad), ref_inner[name], params[name])
       fast = np.asarray(params[name], np.float64) + np.asarray(inner_updates, np.float64)
       updates, states[name] = updates_of[name](jnp.asarray(grad), states[name], params[name])
@@ -125,18 +125,18 @@ def test_inner_fisher_without_second_moment_is_an_error():
 
 
 @pytest.mark.parametrize(
-    "kwargs,name",
-    [
-        (dict(alpha_low=0.0), "alpha_low"),
-        (dict(alpha_low=1.5), "alpha_low"),
-        (dict(alpha_low=True), "alpha_low"),
-        (dict(alpha_low="0.5"), "alpha_low"),
-        (dict(fisher="diag"), "fisher"),
-        (dict(b2=1.0), "b2"),
-        (dict(b2=-0.1), "b2"),
-        (dict(eps=-1e-8), "eps"),
-        (dict(eps=float("nan")), "eps"),
-    ],
+  "kwargs,name",
+  [
+    (dict(alpha_low=0.0), "alpha_low"),
+    (dict(alpha_low=1.5), "alpha_low"),
+    (dict(alpha_low=True), "alpha_low"),
+    (dict(alpha_low="0.5"), "alpha_low"),
+    (dict(fisher="diag"), "fisher"),
+    (dict(b2=1.0), "b2"),
+    (dict(b2=-0.1), "b2"),
+    (dict(eps=-1e-8), "eps"),
+    (dict(eps=float("nan")), "eps"),
+  ],
 )
 def test_adaptive_alpha_bad_arguments(kwargs, name):
   with pytest.raises(ValueError, match=f"adaptive_alpha: {name} must") as info:
@@ -209,7 +209,8 @@ def test_adaptive_alpha_under_axis_name_matches_replicas_by_hand():
       assert float(state.alpha[0]) == pytest.approx(alpha, rel=1e-4), t
       chosen.append(alpha)
     for m in range(replicas):
-      np.testing.assert_allclose(np.asarray(jax.tree.leaves(stacked)[0][m]), np.asarray(jax.tree.leaves(fast[m])[0]),
-                                 rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(
+        np.asarray(jax.tree.leaves(stacked)[0][m]), np.asarray(jax.tree.leaves(fast[m])[0]), rtol=1e-4, atol=1e-5
+      )
   np.testing.assert_array_equal(np.asarray(state.alpha), np.asarray(state.alpha)[0])  # the same on every replica
   assert any(low < a < 1.0 for a in chosen), chosen  # not every sync clipped: the sums were exercised

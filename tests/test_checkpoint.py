@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-
 import pytest
 
 from lookahead_optax import find_lookahead_state, lookahead
@@ -103,8 +102,14 @@ def test_resume_mid_cycle_in_a_fresh_process_is_bitwise_exact(tmp_path):
 
   out = str(tmp_path / "out")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, "-m", "tests.test_checkpoint", ckpt, out], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-m", "tests.test_checkpoint", ckpt, out],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   assert int(np.load(out + ".meta.npz")["count"]) == SAVE % K
@@ -173,14 +178,17 @@ def test_nnx_optimizer_round_trip_mid_cycle_resumes_bitwise(tmp_path):
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(str(tmp_path / "nnx"), nnx.state((model, optimizer)))
     restored_model, restored_optimizer = nnx.eval_shape(make)
-    nnx.update((restored_model, restored_optimizer),
-               ckptr.restore(str(tmp_path / "nnx"), nnx.state((restored_model, restored_optimizer))))
+    nnx.update(
+      (restored_model, restored_optimizer),
+      ckptr.restore(str(tmp_path / "nnx"), nnx.state((restored_model, restored_optimizer))),
+    )
   assert int(find_lookahead_state(restored_optimizer.opt_state).count) == SAVE % K
   for t in range(SAVE, STEPS):
     nnx_step(model, optimizer, t)
     nnx_step(restored_model, restored_optimizer, t)
-  chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state((restored_model, restored_optimizer))),
-                              nnx.to_pure_dict(nnx.state((model, optimizer))))
+  chex.assert_trees_all_equal(
+    nnx.to_pure_dict(nnx.state((restored_model, restored_optimizer))), nnx.to_pure_dict(nnx.state((model, optimizer)))
+  )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lookahead_optax import adaptive_alpha, diloco, lookahead, snoo
 from benchmarks.overhead import optimizer_step, tree_bytes  # the step the overhead benchmark times
+from lookahead_optax import adaptive_alpha, diloco, lookahead, snoo
 from tests.helpers import jit_and_count_traces
 
 N = 1 << 18
@@ -29,24 +29,30 @@ ADAM = lambda: optax.adam(1e-3)
 
 # name: (optimizer, params dtype, extra temporaries allowed, in param copies)
 PATHS = {
-    "maintain": (lambda: lookahead(ADAM(), 5, 0.5), jnp.float32, 0),
-    "reset": (lambda: lookahead(ADAM(), 5, 0.5, inner_state_policy="reset"), jnp.float32, 0),
-    "interpolate": (lambda: lookahead(ADAM(), 5, 0.5, inner_state_policy="interpolate"), jnp.float32, 0),
-    "sgd inner": (lambda: lookahead(optax.sgd(0.1), 5, 0.5), jnp.float32, 0),
-    "momentum inner": (lambda: lookahead(optax.sgd(0.1, momentum=0.9), 5, 0.5), jnp.float32, 0),
-    "slow_dtype": (lambda: lookahead(ADAM(), 5, 0.5, slow_dtype=jnp.float32), jnp.bfloat16, 0),
-    # Known: with reset under slow_dtype XLA keeps one float32-sized buffer (the bf16 moments) across the branch.
-    "slow_dtype reset": (lambda: lookahead(ADAM(), 5, 0.5, slow_dtype=jnp.float32, inner_state_policy="reset"),
-                         jnp.bfloat16, 2),
-    # The pseudo-gradient feeds both the outer state and the slow weights (or adaptive alpha's sums and the
-    # slow weights, or the all-reduce): XLA materialises it inside the sync branch.
-    "outer (SNOO)": (lambda: snoo(ADAM(), 5), jnp.float32, 1),
-    "outer slow_dtype": (lambda: snoo(ADAM(), 5, slow_dtype=jnp.float32), jnp.bfloat16, 2),
-    "adaptive alpha": (lambda: lookahead(ADAM(), 5, adaptive_alpha()), jnp.float32, 3),
-    "axis_name (DiLoCo)": (lambda: diloco(ADAM(), 5, axis_name="replica"), jnp.float32, 2),  # + all-reduce result
-    "fragments": (lambda: lookahead(ADAM(), 5, 0.5, fragments=2), jnp.float32, 0),
-    "fragments, outer": (lambda: lookahead(ADAM(), 5, outer=optax.sgd(0.7, momentum=0.9, nesterov=True), fragments=2),
-                         jnp.float32, 1),
+  "maintain": (lambda: lookahead(ADAM(), 5, 0.5), jnp.float32, 0),
+  "reset": (lambda: lookahead(ADAM(), 5, 0.5, inner_state_policy="reset"), jnp.float32, 0),
+  "interpolate": (lambda: lookahead(ADAM(), 5, 0.5, inner_state_policy="interpolate"), jnp.float32, 0),
+  "sgd inner": (lambda: lookahead(optax.sgd(0.1), 5, 0.5), jnp.float32, 0),
+  "momentum inner": (lambda: lookahead(optax.sgd(0.1, momentum=0.9), 5, 0.5), jnp.float32, 0),
+  "slow_dtype": (lambda: lookahead(ADAM(), 5, 0.5, slow_dtype=jnp.float32), jnp.bfloat16, 0),
+  # Known: with reset under slow_dtype XLA keeps one float32-sized buffer (the bf16 moments) across the branch.
+  "slow_dtype reset": (
+    lambda: lookahead(ADAM(), 5, 0.5, slow_dtype=jnp.float32, inner_state_policy="reset"),
+    jnp.bfloat16,
+    2,
+  ),
+  # The pseudo-gradient feeds both the outer state and the slow weights (or adaptive alpha's sums and the
+  # slow weights, or the all-reduce): XLA materialises it inside the sync branch.
+  "outer (SNOO)": (lambda: snoo(ADAM(), 5), jnp.float32, 1),
+  "outer slow_dtype": (lambda: snoo(ADAM(), 5, slow_dtype=jnp.float32), jnp.bfloat16, 2),
+  "adaptive alpha": (lambda: lookahead(ADAM(), 5, adaptive_alpha()), jnp.float32, 3),
+  "axis_name (DiLoCo)": (lambda: diloco(ADAM(), 5, axis_name="replica"), jnp.float32, 2),  # + all-reduce result
+  "fragments": (lambda: lookahead(ADAM(), 5, 0.5, fragments=2), jnp.float32, 0),
+  "fragments, outer": (
+    lambda: lookahead(ADAM(), 5, outer=optax.sgd(0.7, momentum=0.9, nesterov=True), fragments=2),
+    jnp.float32,
+    1,
+  ),
 }
 
 
@@ -72,7 +78,7 @@ def step_for(name, tx):
   return step
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(name):
   build, dtype, _ = PATHS[name]
   tx = build()
@@ -85,7 +91,7 @@ def compiled(name):
 
 def entry(text: str) -> list[str]:
   """The instructions of the entry computation (the step outside every branch)."""
-  body = text[text.index("\nENTRY"):]
+  body = text[text.index("\nENTRY") :]
   return body[: body.index("\n}")].splitlines()[2:]
 
 
@@ -173,8 +179,9 @@ def test_non_sync_step_reads_the_slow_weights_once_and_the_outer_state_never(nam
     if op == "fusion":
       for arg in args:
         reads.setdefault(source(arg), []).append(arg)
-  slow_reads = [a for key, args in reads.items() if key.startswith("state.slow[") or key == "branch output"
-                for a in args]
+  slow_reads = [
+    a for key, args in reads.items() if key.startswith("state.slow[") or key == "branch output" for a in args
+  ]
   assert len(slow_reads) == len(set(slow_reads)) == len(jax.tree.leaves(params)), slow_reads
   assert not [k for k in reads if k.startswith("state.outer_state")], reads.keys()
 

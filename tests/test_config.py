@@ -36,7 +36,9 @@ def test_invalid_outer_names_the_argument(outer):
 
 
 def test_invalid_inner_state_policy_lists_choices():
-  with pytest.raises(ValueError, match=r"inner_state_policy must be one of 'maintain', 'reset', 'interpolate', got 'pullback'"):
+  with pytest.raises(
+    ValueError, match=r"inner_state_policy must be one of 'maintain', 'reset', 'interpolate', got 'pullback'"
+  ):
     lookahead(optax.sgd(0.1), inner_state_policy="pullback")
 
 
@@ -77,7 +79,9 @@ def test_multisteps_as_inner_raises():
 
 
 @pytest.mark.parametrize("name", ["snoo", "diloco"])
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(alpha=0.5), r"got an unexpected keyword argument 'alpha'"),
     (dict(learning_rate=1e-3), r"got an unexpected keyword argument 'learning_rate'"),
     (dict(momentum=0.9), r"got an unexpected keyword argument 'momentum'"),
@@ -88,11 +92,14 @@ def test_multisteps_as_inner_raises():
     (dict(outer_momentum=-0.1), r"outer_momentum must be a number in \[0.0, 1.0\)"),
     (dict(k=0), r"k must be an int >= 1, got 0"),
     (dict(inner_state_policy="nope"), r"inner_state_policy must be one of"),
-])
+  ],
+)
 def test_alias_errors_name_the_alias_and_the_argument(name, kwargs, match):
   alias = {"snoo": snoo, "diloco": diloco}[name]
-  with pytest.raises((TypeError, ValueError), match=rf"{name}(\(\))?[: ].*" + match if "unexpected" not in match
-                     else rf"{name}\(\) " + match):
+  with pytest.raises(
+    (TypeError, ValueError),
+    match=rf"{name}(\(\))?[: ].*" + match if "unexpected" not in match else rf"{name}\(\) " + match,
+  ):
     alias(optax.adam(0.1), **kwargs)
 
 
@@ -107,7 +114,9 @@ def test_diloco_needs_an_axis_name():
     diloco(optax.adam(0.1), axis_name=None)
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(learning_rate=-1e-3), r"ranger: learning_rate must be a number in \(0.0, inf\] or a schedule, got -0.001"),
     (dict(learning_rate=1e-3, b1=1.0), r"ranger: b1 must be a number in \[0.0, 1.0\), got 1.0"),
     (dict(learning_rate=1e-3, b2=-0.5), r"ranger: b2 must be"),
@@ -115,7 +124,8 @@ def test_diloco_needs_an_axis_name():
     (dict(learning_rate=1e-3, weight_decay=-1.0), r"ranger: weight_decay must be a number in \[0.0, inf\]"),
     (dict(learning_rate=1e-3, k=0), r"ranger: k must be an int >= 1, got 0"),
     (dict(learning_rate=1e-3, alpha=2.0), r"ranger: alpha must be a finite number in \[0, 1\], got 2.0"),
-])
+  ],
+)
 def test_ranger_errors_name_ranger(kwargs, match):
   with pytest.raises(ValueError, match=match):
     ranger(**kwargs)

@@ -20,8 +20,16 @@ import pytest
 from flax import nnx
 from flax.training import train_state
 
-from lookahead_optax import (find_lookahead_state, force_sync, lookahead, slow_model, slow_params, slow_train_state,
-                             sync_nnx, sync_train_state)
+from lookahead_optax import (
+  find_lookahead_state,
+  force_sync,
+  lookahead,
+  slow_model,
+  slow_params,
+  slow_train_state,
+  sync_nnx,
+  sync_train_state,
+)
 from tests.helpers import reference_lookahead, run
 
 K, ALPHA, LR = 3, 0.5, 0.05

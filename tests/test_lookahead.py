@@ -14,15 +14,26 @@ import optax
 import pytest
 
 from lookahead_optax import LookaheadState, adaptive_alpha, find_lookahead_state, lookahead, slow_params
-from tests.helpers import (INNERS, assert_trajectories_close, jit_and_count_traces, make_params, quadratic_grad,
-                           reference_lookahead, run)
-
+from tests.helpers import (
+  INNERS,
+  assert_trajectories_close,
+  jit_and_count_traces,
+  make_params,
+  quadratic_grad,
+  reference_lookahead,
+  run,
+)
 
 CASES = [(inner, policy) for inner in sorted(INNERS) for policy in ["maintain", "reset", "interpolate"]]
 
 
-@pytest.mark.parametrize("inner,policy,k,alpha", [
-    (inner, policy, k, alpha) for (inner, policy), (k, alpha) in zip(CASES, [(1, 0.5), (3, 0.8), (5, 0.3), (2, 0.6)] * 3)])
+@pytest.mark.parametrize(
+  "inner,policy,k,alpha",
+  [
+    (inner, policy, k, alpha)
+    for (inner, policy), (k, alpha) in zip(CASES, [(1, 0.5), (3, 0.8), (5, 0.3), (2, 0.6)] * 3)
+  ],
+)
 def test_matches_algorithm_1(inner, policy, k, alpha, params):
   steps = 4 * k + 2
   ref_fasts, ref_slows = reference_lookahead(INNERS[inner](), k, alpha, params, quadratic_grad, steps, policy)
@@ -48,7 +59,8 @@ class TestVariants(chex.TestCase):
       fasts.append(p)
       slows.append(state.slow)
     ref_f, ref_s = reference_lookahead(
-        optax.adam(0.05), 4, lambda n: 0.3 + 0.1 * min(n, 4), params, quadratic_grad, 18, "interpolate")
+      optax.adam(0.05), 4, lambda n: 0.3 + 0.1 * min(n, 4), params, quadratic_grad, 18, "interpolate"
+    )
     assert_trajectories_close(fasts, slows, ref_f, ref_s)
 
 
@@ -161,15 +173,25 @@ def test_extra_args_reach_the_inner_optimizer():
 
 
 def test_compiles_once_over_200_steps(params):
-  traces, compiled, _ = jit_and_count_traces(lookahead(optax.adam(0.01), 5, 0.5, inner_state_policy="interpolate"), params, 200)
+  traces, compiled, _ = jit_and_count_traces(
+    lookahead(optax.adam(0.01), 5, 0.5, inner_state_policy="interpolate"), params, 200
+  )
   assert (traces, compiled) == (1, 1)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(alpha=0.5), dict(inner_state_policy="reset"), dict(inner_state_policy="interpolate"),
-    dict(outer=optax.sgd(0.7, momentum=0.9, nesterov=True)), dict(slow_dtype=jnp.bfloat16),
-    dict(alpha=adaptive_alpha()), dict(fragments=2)],
-    ids=["plain", "reset", "interpolate", "outer", "slow_dtype", "adaptive alpha", "fragments"])
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    dict(alpha=0.5),
+    dict(inner_state_policy="reset"),
+    dict(inner_state_policy="interpolate"),
+    dict(outer=optax.sgd(0.7, momentum=0.9, nesterov=True)),
+    dict(slow_dtype=jnp.bfloat16),
+    dict(alpha=adaptive_alpha()),
+    dict(fragments=2),
+  ],
+  ids=["plain", "reset", "interpolate", "outer", "slow_dtype", "adaptive alpha", "fragments"],
+)
 def test_eager_steps_compile_once(kwargs):
   """Outside jit, from the third call on an update compiles nothing: the step runs as one cached program."""
   compiles = []
@@ -251,10 +273,13 @@ def test_init_copies_params_so_both_can_be_donated(params):
 
 
 def test_tree_map_params_maps_the_slow_weights(params):
-  opt = optax.chain(optax.clip_by_global_norm(1.0), lookahead(optax.adam(0.1), 3, 0.5, inner_state_policy="interpolate"))
+  opt = optax.chain(
+    optax.clip_by_global_norm(1.0), lookahead(optax.adam(0.1), 3, 0.5, inner_state_policy="interpolate")
+  )
   state = opt.init(params)
-  marked = optax.tree_utils.tree_map_params(opt, lambda p: jnp.full_like(p, 7.0), state,
-                                            transform_non_params=lambda x: x)
+  marked = optax.tree_utils.tree_map_params(
+    opt, lambda p: jnp.full_like(p, 7.0), state, transform_non_params=lambda x: x
+  )
   la = marked[1]
   chex.assert_trees_all_equal(la.slow, jax.tree.map(lambda p: jnp.full_like(p, 7.0), params))
   chex.assert_trees_all_equal(la.inner_state[0].mu, jax.tree.map(lambda p: jnp.full_like(p, 7.0), params))
@@ -433,15 +458,17 @@ def pytrees(draw):
 
 @hypothesis.settings(max_examples=12, deadline=None)
 @hypothesis.given(
-    params=pytrees(),
-    k=st.integers(1, 6),
-    alpha=st.floats(0.0, 1.0),
-    policy=st.sampled_from(["maintain", "reset", "interpolate"]),
-    inner=st.sampled_from(["sgd", "momentum", "adam"]),
+  params=pytrees(),
+  k=st.integers(1, 6),
+  alpha=st.floats(0.0, 1.0),
+  policy=st.sampled_from(["maintain", "reset", "interpolate"]),
+  inner=st.sampled_from(["sgd", "momentum", "adam"]),
 )
 def test_property_matches_reference(params, k, alpha, policy, inner):
   steps = 2 * k + 1
-  fasts, states = run(lookahead(INNERS[inner](), k, alpha, inner_state_policy=policy), params, quadratic_grad, steps, jit=False)
+  fasts, states = run(
+    lookahead(INNERS[inner](), k, alpha, inner_state_policy=policy), params, quadratic_grad, steps, jit=False
+  )
   ref_f, ref_s = reference_lookahead(INNERS[inner](), k, alpha, params, quadratic_grad, steps, policy)
   assert_trajectories_close(fasts, [s.slow for s in states], ref_f, ref_s, rtol=1e-4, atol=1e-5)
   for t in range(steps):
@@ -466,8 +493,11 @@ def reference_slow_dtype(inner, k, slow_step, params, grad_fn, steps, policy):
       if policy == "reset":
         state = inner.init(fast)
       elif policy == "interpolate":
-        state = jax.tree.map(lambda s0, s1: (s0 + a * (s1 - s0)).astype(s1.dtype)
-                             if jnp.issubdtype(s1.dtype, jnp.inexact) else s1, snapshot, state)
+        state = jax.tree.map(
+          lambda s0, s1: (s0 + a * (s1 - s0)).astype(s1.dtype) if jnp.issubdtype(s1.dtype, jnp.inexact) else s1,
+          snapshot,
+          state,
+        )
         snapshot = state
     fasts.append(fast)
     slows.append(slow)
@@ -483,17 +513,20 @@ def nesterov_step(lr, mu):
     s = jax.tree.map(lambda w, f: w - f, slow, fast)
     b = s if b is None else jax.tree.map(lambda b, s: mu * b + s, b, s)
     return jax.tree.map(lambda w, b, s: w - lr * (mu * b + s), slow, b, s), b, None
+
   return step
 
 
-@pytest.mark.parametrize("policy,outer", [("maintain", False), ("reset", False), ("interpolate", False),
-                                          ("maintain", True), ("reset", True)])
+@pytest.mark.parametrize(
+  "policy,outer", [("maintain", False), ("reset", False), ("interpolate", False), ("maintain", True), ("reset", True)]
+)
 def test_slow_dtype_float32_under_bfloat16_params(policy, outer):
   params, k, steps = make_params(3, jnp.bfloat16), 3, 10
   inner = lambda: optax.sgd(0.05, momentum=0.5)
   if outer:
-    opt = lookahead(inner(), k, inner_state_policy=policy, slow_dtype=jnp.float32,
-                    outer=optax.sgd(0.7, momentum=0.5, nesterov=True))
+    opt = lookahead(
+      inner(), k, inner_state_policy=policy, slow_dtype=jnp.float32, outer=optax.sgd(0.7, momentum=0.5, nesterov=True)
+    )
     step = nesterov_step(0.7, 0.5)
   else:
     opt, step = lookahead(inner(), k, 0.6, inner_state_policy=policy, slow_dtype=jnp.float32), plain_step(0.6)

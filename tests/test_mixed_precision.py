@@ -33,7 +33,7 @@ def test_grid_floor_is_the_best_bfloat16_vector():
     neighbour = jnp.asarray(np.nextafter(np.asarray(rounded, np.float32), direction)).astype(jnp.bfloat16)
     per_coord = lambda w: (np.asarray(w, np.float32) - np.asarray(problem.target)) ** 2
     assert (per_coord(rounded) <= per_coord(neighbour)).all()
-  assert 0 < floor < 2.0 ** -14  # half a squared bf16 spacing in [1, 2) at most
+  assert 0 < floor < 2.0**-14  # half a squared bf16 spacing in [1, 2) at most
 
 
 def test_float32_slow_weights_go_below_bfloat16_resolution(runs):

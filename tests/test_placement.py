@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from lookahead_optax import (LookaheadPlacementError, LookaheadPlacementWarning, adaptive_alpha, diloco, lookahead,
-                             snoo)
+from lookahead_optax import LookaheadPlacementError, LookaheadPlacementWarning, adaptive_alpha, diloco, lookahead, snoo
 from tests.helpers import count_primitive, make_params, quadratic_grad, replica_grad
 
 TARGET = 3.0
@@ -39,8 +38,9 @@ def train(opt, steps=12, params=None, jit=True, grads=None):
 # ------------------------------------------------------------- misplacement
 
 
-@pytest.mark.parametrize("after", [optax.scale_by_learning_rate(0.1), optax.clip_by_global_norm(0.01),
-                                   optax.scale(0.5)])
+@pytest.mark.parametrize(
+  "after", [optax.scale_by_learning_rate(0.1), optax.clip_by_global_norm(0.01), optax.scale(0.5)]
+)
 def test_a_transformation_after_lookahead_is_reported(after):
   opt = optax.chain(lookahead(optax.scale_by_adam(), k=5), after)
   _, _, caught = train(opt)
@@ -51,8 +51,9 @@ def test_a_transformation_after_lookahead_is_reported(after):
 
 
 def test_placement_check_raise_and_off():
-  bad = lambda check: optax.chain(lookahead(optax.scale_by_adam(), k=5, placement_check=check),
-                                  optax.scale_by_learning_rate(0.1))
+  bad = lambda check: optax.chain(
+    lookahead(optax.scale_by_adam(), k=5, placement_check=check), optax.scale_by_learning_rate(0.1)
+  )
   with pytest.raises(Exception, match="changed its updates") as info:
     train(bad("raise"))
   assert "LookaheadPlacementError" in str(info.value) or isinstance(info.value, LookaheadPlacementError)
@@ -94,10 +95,13 @@ def test_under_vmap_the_checks_call_the_host_once_per_step(runs):
   params = {"w": jnp.zeros((runs, 3))}
   state = jax.vmap(opt.init)(params)
   step = jax.vmap(opt.update)
-  assert count_primitive(jax.make_jaxpr(step)(params, state, params).jaxpr, "debug_callback") == 2  # the count guard, the placement
+  assert (
+    count_primitive(jax.make_jaxpr(step)(params, state, params).jaxpr, "debug_callback") == 2
+  )  # the count guard, the placement
   lowered = jax.jit(step).lower(params, state, params).as_text()
   assert lowered.count("callback") == jax.jit(opt.update).lower(
-      {"w": jnp.zeros(3)}, opt.init({"w": jnp.zeros(3)}), {"w": jnp.zeros(3)}).as_text().count("callback")
+    {"w": jnp.zeros(3)}, opt.init({"w": jnp.zeros(3)}), {"w": jnp.zeros(3)}
+  ).as_text().count("callback")
 
 
 def test_under_vmap_a_misplaced_run_and_a_wrong_count_are_reported():
@@ -123,21 +127,23 @@ def test_under_vmap_a_misplaced_run_and_a_wrong_count_are_reported():
 # ---------------------------------------------------- no false alarms
 
 PLACEMENTS = {
-    "last in a chain": lambda: optax.chain(optax.clip_by_global_norm(1.0), lookahead(optax.adam(0.05), 3)),
-    "MultiSteps(lookahead)": lambda: optax.MultiSteps(lookahead(optax.adam(0.05), 3), every_k_schedule=2),
-    "apply_if_finite": lambda: optax.apply_if_finite(lookahead(optax.adam(0.05), 3), max_consecutive_errors=3),
-    "inject_hyperparams": lambda: optax.inject_hyperparams(lookahead)(inner=optax.adam(0.05), k=3, alpha=0.5),
-    "masked": lambda: optax.masked(lookahead(optax.adam(0.05), 3), {"dense": {"w": True, "b": False},
-                                                                   "scale": True, "emb": [False]}),
-    "multi_transform": lambda: optax.multi_transform(
-        {"la": lookahead(optax.adam(0.05), 3), "sgd": optax.sgd(0.01)},
-        {"dense": {"w": "la", "b": "sgd"}, "scale": "la", "emb": ["sgd"]}),
-    "reset": lambda: lookahead(optax.adam(0.05), 3, inner_state_policy="reset"),
-    "interpolate": lambda: lookahead(optax.adam(0.05), 3, inner_state_policy="interpolate"),
-    "snoo": lambda: snoo(optax.adam(0.05), 3),
-    "adaptive alpha": lambda: lookahead(optax.adam(0.05), 3, adaptive_alpha()),
-    "slow_dtype": lambda: lookahead(optax.adam(0.05), 3, slow_dtype=jnp.float32),
-    "slow_dtype snoo": lambda: snoo(optax.adam(0.05), 3, slow_dtype=jnp.float32),
+  "last in a chain": lambda: optax.chain(optax.clip_by_global_norm(1.0), lookahead(optax.adam(0.05), 3)),
+  "MultiSteps(lookahead)": lambda: optax.MultiSteps(lookahead(optax.adam(0.05), 3), every_k_schedule=2),
+  "apply_if_finite": lambda: optax.apply_if_finite(lookahead(optax.adam(0.05), 3), max_consecutive_errors=3),
+  "inject_hyperparams": lambda: optax.inject_hyperparams(lookahead)(inner=optax.adam(0.05), k=3, alpha=0.5),
+  "masked": lambda: optax.masked(
+    lookahead(optax.adam(0.05), 3), {"dense": {"w": True, "b": False}, "scale": True, "emb": [False]}
+  ),
+  "multi_transform": lambda: optax.multi_transform(
+    {"la": lookahead(optax.adam(0.05), 3), "sgd": optax.sgd(0.01)},
+    {"dense": {"w": "la", "b": "sgd"}, "scale": "la", "emb": ["sgd"]},
+  ),
+  "reset": lambda: lookahead(optax.adam(0.05), 3, inner_state_policy="reset"),
+  "interpolate": lambda: lookahead(optax.adam(0.05), 3, inner_state_policy="interpolate"),
+  "snoo": lambda: snoo(optax.adam(0.05), 3),
+  "adaptive alpha": lambda: lookahead(optax.adam(0.05), 3, adaptive_alpha()),
+  "slow_dtype": lambda: lookahead(optax.adam(0.05), 3, slow_dtype=jnp.float32),
+  "slow_dtype snoo": lambda: snoo(optax.adam(0.05), 3, slow_dtype=jnp.float32),
 }
 
 
@@ -177,8 +183,11 @@ def test_no_false_alarm_for_diloco_replicas():
 def test_axis_name_outside_a_mapped_axis_names_axis_name():
   opt = diloco(optax.adam(0.1), k=3, axis_name="replica")
   params = {"w": jnp.ones(2)}
-  with pytest.raises(ValueError, match=r"diloco: axis_name='replica' is not a mapped axis here. Call update inside "
-                                       r"jax.shard_map or jax.pmap"):
+  with pytest.raises(
+    ValueError,
+    match=r"diloco: axis_name='replica' is not a mapped axis here. Call update inside "
+    r"jax.shard_map or jax.pmap",
+  ):
     opt.update(params, opt.init(params), params)
   plain = lookahead(optax.sgd(0.1), axis_name="data")
   with pytest.raises(ValueError, match=r"lookahead: axis_name='data' is not a mapped axis"):
@@ -195,14 +204,21 @@ def test_a_state_from_a_larger_k_is_named():
     jax.block_until_ready(jax.jit(smaller.update)(params, saved, params))  # under jit: from the device
 
 
-@pytest.mark.parametrize("saved,loaded,match", [
-    (dict(inner_state_policy="interpolate"), dict(), r"made by a lookahead with inner_state_policy='interpolate'.*"
-                                                      r"This one has inner_state_policy='maintain'"),
+@pytest.mark.parametrize(
+  "saved,loaded,match",
+  [
+    (
+      dict(inner_state_policy="interpolate"),
+      dict(),
+      r"made by a lookahead with inner_state_policy='interpolate'.*"
+      r"This one has inner_state_policy='maintain'",
+    ),
     (dict(), dict(inner_state_policy="interpolate"), r"inner_state_policy 'maintain' or 'reset'.*'interpolate'"),
     (dict(outer=optax.sgd(0.5)), dict(), r"made by a lookahead with an outer optimizer.*This one has outer=None"),
     (dict(), dict(outer=optax.sgd(0.5)), r"made by a lookahead with alpha and no outer optimizer"),
     (dict(slow_dtype=jnp.float32), dict(), r"slow weights of dtype float32.*slow_dtype=None"),
-])
+  ],
+)
 def test_a_state_of_another_configuration_is_named(saved, loaded, match):
   params = {"w": jnp.ones(2, jnp.bfloat16)}
   state = lookahead(optax.adam(0.1), k=3, **saved).init(params)

@@ -19,9 +19,9 @@ from tests.helpers import MOMENT_STATES, make_params, quadratic_grad, reference_
 K, STEPS = 4, 14
 WARMUP = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 20, 200)
 INNERS = {
-    "adamw with a warmup schedule": lambda: optax.adamw(WARMUP, weight_decay=1e-2),
-    "inject_hyperparams(adamw)": lambda: optax.inject_hyperparams(optax.adamw)(learning_rate=WARMUP, weight_decay=1e-2),
-    "clip, then adamw with a schedule": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(WARMUP)),
+  "adamw with a warmup schedule": lambda: optax.adamw(WARMUP, weight_decay=1e-2),
+  "inject_hyperparams(adamw)": lambda: optax.inject_hyperparams(optax.adamw)(learning_rate=WARMUP, weight_decay=1e-2),
+  "clip, then adamw with a schedule": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(WARMUP)),
 }
 
 
@@ -58,14 +58,17 @@ def test_interpolate_moves_the_moments_and_keeps_the_schedule():
   assert STEPS in counts(states[-1].inner_state).values()
 
 
-@pytest.mark.parametrize("state,moments", [
+@pytest.mark.parametrize(
+  "state,moments",
+  [
     (optax.adam(0.1).init(make_params()), True),
     (optax.sgd(0.1, momentum=0.9).init(make_params()), True),
     (optax.scale_by_schedule(WARMUP).init(make_params()), False),
     (optax.inject_hyperparams(optax.sgd)(learning_rate=0.1).init(make_params()), False),
     (optax.MultiSteps(optax.adam(0.1), 2).init(make_params()), False),
     (optax.add_noise(0.1, 0.5, key=jax.random.key(0)).init(make_params()), False),
-])
+  ],
+)
 def test_which_nodes_hold_moments(state, moments):
   structure = jax.tree.structure(make_params())
   nodes = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, tuple) and hasattr(x, "_fields"))

@@ -23,8 +23,18 @@ import optax
 import pytest
 
 from lookahead_optax import diloco, find_lookahead_state, lookahead, slow_params, snoo
-from tests.helpers import (TOL, jit_and_count_traces, make_params, quadratic_grad, reference_diloco,
-                           reference_lookahead, reference_snoo, replica_grad, run)
+from tests.helpers import (
+  TOL,
+  jit_and_count_traces,
+  make_params,
+  quadratic_grad,
+  reference_diloco,
+  reference_lookahead,
+  reference_snoo,
+  replica_grad,
+  run,
+)
+
 
 def assert_close(got, want, what, t):
   chex.assert_trees_all_close(got, want, **TOL, custom_message=f"{what}, step {t}")
@@ -63,7 +73,9 @@ def test_snoo_with_zero_momentum_is_lookahead(small):
   """The paper's remark: mu = 0 and learning rate alpha is Lookahead (Algorithm 1 of Zhang et al.)."""
   k, alpha, steps = 4, 0.6, 14
   ref_f, ref_s = reference_lookahead(optax.adam(0.05), k, alpha, params, quadratic_grad, steps)
-  fasts, states = run(snoo(optax.adam(0.05), k=k, outer_learning_rate=alpha, outer_momentum=0.0), params, quadratic_grad, steps)
+  fasts, states = run(
+    snoo(optax.adam(0.05), k=k, outer_learning_rate=alpha, outer_momentum=0.0), params, quadratic_grad, steps
+  )
   for t in range(steps):
     assert_close(fasts[t], ref_f[t], "fast weights", t)
     assert_close(states[t].slow, ref_s[t], "slow weights", t)
@@ -73,12 +85,17 @@ def test_snoo_with_zero_momentum_is_lookahead(small):
 def test_outer_sgd_alpha_is_plain_lookahead(policy, alpha, small):
   """outer=optax.sgd(alpha) is the slow step of plain Lookahead (staged instead of fused: to a rounding)."""
   params, k, steps = small, 3, 10
-  plain_f, plain_s = run(lookahead(optax.adam(0.05), k, alpha, inner_state_policy=policy), params, quadratic_grad, steps)
-  outer_f, outer_s = run(lookahead(optax.adam(0.05), k, inner_state_policy=policy, outer=optax.sgd(alpha)),
-                         params, quadratic_grad, steps)
+  plain_f, plain_s = run(
+    lookahead(optax.adam(0.05), k, alpha, inner_state_policy=policy), params, quadratic_grad, steps
+  )
+  outer_f, outer_s = run(
+    lookahead(optax.adam(0.05), k, inner_state_policy=policy, outer=optax.sgd(alpha)), params, quadratic_grad, steps
+  )
   for t in range(steps):
     chex.assert_trees_all_close(outer_f[t], plain_f[t], rtol=1e-6, atol=1e-7, custom_message=f"fast, step {t}")
-    chex.assert_trees_all_close(outer_s[t].slow, plain_s[t].slow, rtol=1e-6, atol=1e-7, custom_message=f"slow, step {t}")
+    chex.assert_trees_all_close(
+      outer_s[t].slow, plain_s[t].slow, rtol=1e-6, atol=1e-7, custom_message=f"slow, step {t}"
+    )
 
 
 @pytest.mark.parametrize("policy", ["maintain", "reset"])
@@ -96,8 +113,10 @@ def test_fast_equals_slow_bitwise_after_each_sync_with_an_outer_optimizer(policy
 
 def value_scaled_sgd(lr):
   """An inner optimizer that needs an extra argument: the step is -lr * value * grad."""
+
   def update(updates, state, params=None, *, value):
     return jax.tree.map(lambda g: -lr * value * g, updates), state
+
   return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
@@ -136,7 +155,9 @@ def test_snoo_compiles_once(small):
 def test_slow_params_and_outer_state_are_found_inside_a_chain(small):
   params = small
   k, lr, mu, steps = 2, 0.7, 0.9, 7
-  opt = optax.chain(optax.identity(), snoo(optax.sgd(0.05, momentum=0.9), k=k, outer_learning_rate=lr, outer_momentum=mu))
+  opt = optax.chain(
+    optax.identity(), snoo(optax.sgd(0.05, momentum=0.9), k=k, outer_learning_rate=lr, outer_momentum=mu)
+  )
   fasts, states = run(opt, params, quadratic_grad, steps)
   _, ref_s, ref_b = reference_snoo(optax.sgd(0.05, momentum=0.9), k, lr, mu, params, quadratic_grad, steps)
   chex.assert_trees_all_close(slow_params(states[-1]), ref_s[-1], **TOL)
@@ -146,8 +167,9 @@ def test_slow_params_and_outer_state_are_found_inside_a_chain(small):
 def test_tree_map_params_maps_the_outer_state(params):
   opt = optax.chain(optax.clip_by_global_norm(1.0), snoo(optax.adam(0.1), k=3, inner_state_policy="reset"))
   state = opt.init(params)
-  marked = optax.tree_utils.tree_map_params(opt, lambda p: jnp.full_like(p, 7.0), state,
-                                            transform_non_params=lambda x: x)
+  marked = optax.tree_utils.tree_map_params(
+    opt, lambda p: jnp.full_like(p, 7.0), state, transform_non_params=lambda x: x
+  )
   sevens = jax.tree.map(lambda p: jnp.full_like(p, 7.0), params)
   la = marked[1]
   chex.assert_trees_all_equal(la.slow, sevens)
@@ -189,7 +211,6 @@ def test_diloco_under_vmap_matches_m_replicas_in_a_python_loop(small):
       chex.assert_trees_all_equal(jax.tree.map(lambda x: x[m], state.slow), slow0)
     if (t + 1) % k == 0:
       # Every replica restarts from the shared slow weights (to one rounding: see the report).
-      chex.assert_trees_all_close(stacked, jax.tree.map(lambda x: x.astype(jnp.float32), state.slow),
-                                  rtol=0, atol=1e-6)
+      chex.assert_trees_all_close(stacked, jax.tree.map(lambda x: x.astype(jnp.float32), state.slow), rtol=0, atol=1e-6)
     elif t > 0:  # (Adam's first step is lr * sign(g): the replicas may agree there.)
       assert not np.array_equal(stacked["w"][0], stacked["w"][1]), "replicas should diverge between syncs"

@@ -17,18 +17,18 @@ J = 3  # force the sync after three inner steps of a k = 5 optimizer
 CLOSE = dict(rtol=1e-6, atol=1e-7)
 
 CONFIGS = {
-    "constant alpha": lambda k: lookahead(optax.adam(0.05), k, 0.4),
-    "alpha schedule": lambda k: lookahead(optax.adam(0.05), k, lambda n: 0.3 + 0.2 * n),
-    "reset": lambda k: lookahead(optax.sgd(0.05, momentum=0.9), k, 0.6, inner_state_policy="reset"),
-    "interpolate": lambda k: lookahead(optax.adam(0.05), k, 0.7, inner_state_policy="interpolate"),
-    "outer (SNOO)": lambda k: snoo(optax.adam(0.05), k, outer_learning_rate=0.7, outer_momentum=0.9),
-    "outer reset": lambda k: snoo(optax.adam(0.05), k, 0.5, 0.5, inner_state_policy="reset"),
-    "slow_dtype": lambda k: lookahead(optax.adam(0.05), k, 0.5, slow_dtype=jnp.float32),
-    "slow_dtype outer": lambda k: snoo(optax.adam(0.05), k, slow_dtype=jnp.float32),
-    "adaptive alpha": lambda k: lookahead(optax.adam(0.05), k, adaptive_alpha(0.1)),
-    "adaptive ema": lambda k: lookahead(optax.sgd(0.05, momentum=0.9), k, adaptive_alpha(0.1, fisher="ema")),
-    "chain with clipping": lambda k: optax.chain(optax.clip_by_global_norm(1.0), lookahead(optax.adam(0.05), k, 0.5)),
-    "inject_hyperparams": lambda k: optax.inject_hyperparams(lookahead)(inner=optax.adam(0.05), k=k, alpha=0.5),
+  "constant alpha": lambda k: lookahead(optax.adam(0.05), k, 0.4),
+  "alpha schedule": lambda k: lookahead(optax.adam(0.05), k, lambda n: 0.3 + 0.2 * n),
+  "reset": lambda k: lookahead(optax.sgd(0.05, momentum=0.9), k, 0.6, inner_state_policy="reset"),
+  "interpolate": lambda k: lookahead(optax.adam(0.05), k, 0.7, inner_state_policy="interpolate"),
+  "outer (SNOO)": lambda k: snoo(optax.adam(0.05), k, outer_learning_rate=0.7, outer_momentum=0.9),
+  "outer reset": lambda k: snoo(optax.adam(0.05), k, 0.5, 0.5, inner_state_policy="reset"),
+  "slow_dtype": lambda k: lookahead(optax.adam(0.05), k, 0.5, slow_dtype=jnp.float32),
+  "slow_dtype outer": lambda k: snoo(optax.adam(0.05), k, slow_dtype=jnp.float32),
+  "adaptive alpha": lambda k: lookahead(optax.adam(0.05), k, adaptive_alpha(0.1)),
+  "adaptive ema": lambda k: lookahead(optax.sgd(0.05, momentum=0.9), k, adaptive_alpha(0.1, fisher="ema")),
+  "chain with clipping": lambda k: optax.chain(optax.clip_by_global_norm(1.0), lookahead(optax.adam(0.05), k, 0.5)),
+  "inject_hyperparams": lambda k: optax.inject_hyperparams(lookahead)(inner=optax.adam(0.05), k=k, alpha=0.5),
 }
 
 

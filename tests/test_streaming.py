@@ -19,11 +19,18 @@ import numpy as np
 import optax
 import pytest
 
-from lookahead_optax import diloco, find_lookahead_state, force_sync, lookahead
-from lookahead_optax import _exchange, _fragments
+from lookahead_optax import _exchange, _fragments, diloco, find_lookahead_state, force_sync, lookahead
 from lookahead_optax._exchange import compress, decompress
-from tests.helpers import (collective_inputs_depend_on, count_primitive, make_params, quadratic_grad, reference_compress,
-                           reference_mean, replica_grad, run)
+from tests.helpers import (
+  collective_inputs_depend_on,
+  count_primitive,
+  make_params,
+  quadratic_grad,
+  reference_compress,
+  reference_mean,
+  replica_grad,
+  run,
+)
 
 LR, MU, INNER_LR = 0.7, 0.9, 0.05
 
@@ -53,11 +60,14 @@ def test_fragment_schedule_staggers_the_syncs():
   assert sorted(j for j in schedule[:k] if j < n) == list(range(n))
 
 
-@pytest.mark.parametrize("fragments,match", [
+@pytest.mark.parametrize(
+  "fragments,match",
+  [
     (0, r"fragments must be an int >= 1"),
     (9, r"fragments=9 is more than k=8"),
     ({"w": 0.5, "b": 1}, r"fragments must be an int >= 1 or a pytree of non-negative int fragment ids"),
-])
+  ],
+)
 def test_bad_fragments(fragments, match):
   with pytest.raises(ValueError, match=rf"lookahead: {match}"):
     lookahead(optax.sgd(0.1), k=8, fragments=fragments)
@@ -111,8 +121,7 @@ def test_compression_matches_numpy(dtype, shape):
   x = np.random.default_rng(0).normal(size=shape).astype(np.float32) * 1e-3
   values, scale = compress(jnp.asarray(x), jnp.dtype(dtype))
   assert values.dtype == jnp.dtype(dtype)
-  np.testing.assert_allclose(np.asarray(decompress(values, scale)), reference_compress(x, dtype), rtol=1e-6,
-                             atol=1e-12)
+  np.testing.assert_allclose(np.asarray(decompress(values, scale)), reference_compress(x, dtype), rtol=1e-6, atol=1e-12)
   if dtype == "int8" and len(shape) == 2:
     assert np.abs(np.asarray(values)).max(axis=-1).tolist() == [127] * shape[0]  # one scale per row
 
@@ -201,29 +210,48 @@ def train_replicas(opt, params, replicas, steps):
 
 
 CASES = [  # (fragments, communication_dtype, error_feedback, delay)
-    (2, None, False, 0),
-    (3, "bfloat16", False, 0),
-    (2, "int8", True, 0),
-    (2, "float8_e4m3fn", False, 0),
-    (1, "float8_e5m2", True, 1),
-    (2, None, False, 1),
-    (3, "int8", False, 1),
+  (2, None, False, 0),
+  (3, "bfloat16", False, 0),
+  (2, "int8", True, 0),
+  (2, "float8_e4m3fn", False, 0),
+  (1, "float8_e5m2", True, 1),
+  (2, None, False, 1),
+  (3, "int8", False, 1),
 ]
 
 
 @pytest.mark.parametrize("n,dtype,error_feedback,delay", CASES)
 def test_streaming_diloco_matches_the_reference(n, dtype, error_feedback, delay):
   params, replicas, k, steps, mixing = make_params(), 3, 4, 11, 0.5
-  opt = diloco(optax.adam(INNER_LR), k, LR, MU, fragments=n, communication_dtype=dtype,
-               error_feedback=error_feedback, delay=delay, **({"mixing": mixing} if delay else {}))
+  opt = diloco(
+    optax.adam(INNER_LR),
+    k,
+    LR,
+    MU,
+    fragments=n,
+    communication_dtype=dtype,
+    error_feedback=error_feedback,
+    delay=delay,
+    **({"mixing": mixing} if delay else {}),
+  )
   ours = train_replicas(opt, params, replicas, steps)
   ref = reference_streaming(n, k, dtype, error_feedback, delay, mixing, params, replicas, steps)
   for t, ((stacked, state), (ref_fast, ref_slow)) in enumerate(zip(ours, ref)):
     for m in range(replicas):
-      chex.assert_trees_all_close(jax.tree.map(lambda x: x[m], state.slow), ref_slow, rtol=1e-4, atol=1e-5,
-                                  custom_message=f"slow weights, replica {m}, step {t}")
-      chex.assert_trees_all_close(jax.tree.map(lambda x: x[m], stacked), ref_fast[m], rtol=1e-4, atol=1e-5,
-                                  custom_message=f"fast weights, replica {m}, step {t}")
+      chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x[m], state.slow),
+        ref_slow,
+        rtol=1e-4,
+        atol=1e-5,
+        custom_message=f"slow weights, replica {m}, step {t}",
+      )
+      chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x[m], stacked),
+        ref_fast[m],
+        rtol=1e-4,
+        atol=1e-5,
+        custom_message=f"fast weights, replica {m}, step {t}",
+      )
   slow = ours[-1][1].slow
   chex.assert_trees_all_equal(slow, jax.tree.map(lambda x: jnp.broadcast_to(x[:1], x.shape), slow))  # shared
   if error_feedback:
@@ -233,9 +261,10 @@ def test_streaming_diloco_matches_the_reference(n, dtype, error_feedback, delay)
 def test_one_fragment_full_precision_no_delay_is_plain_diloco_bitwise():
   params, replicas, k, steps = make_params(), 3, 4, 9
   plain = train_replicas(diloco(optax.adam(INNER_LR), k, LR, MU), params, replicas, steps)
-  for opt in (diloco(optax.adam(INNER_LR), k, LR, MU, fragments=1, communication_dtype=None, delay=0),
-              diloco(optax.adam(INNER_LR), k, LR, MU, fragments=jax.tree.map(lambda _: 0, params),
-                     communication_dtype="float32")):
+  for opt in (
+    diloco(optax.adam(INNER_LR), k, LR, MU, fragments=1, communication_dtype=None, delay=0),
+    diloco(optax.adam(INNER_LR), k, LR, MU, fragments=jax.tree.map(lambda _: 0, params), communication_dtype="float32"),
+  ):
     for (a, sa), (b, sb) in zip(plain, train_replicas(opt, params, replicas, steps)):
       chex.assert_trees_all_equal((a, sa.slow, sa.outer_state), (b, sb.slow, sb.outer_state))
 
@@ -263,8 +292,13 @@ def test_delayed_exchange_does_not_depend_on_the_gradient():
     opt = diloco(optax.adam(INNER_LR), 4, LR, MU, fragments=2, delay=delay, communication_dtype=dtype)
 
     # (check_vma=False: every output replicated; tests/distributed runs the typed version with per-replica specs)
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=jax.sharding.PartitionSpec(),
-                       out_specs=jax.sharding.PartitionSpec(), check_vma=False)
+    @functools.partial(
+      jax.shard_map,
+      mesh=mesh,
+      in_specs=jax.sharding.PartitionSpec(),
+      out_specs=jax.sharding.PartitionSpec(),
+      check_vma=False,
+    )
     def step(params, state, grads):
       updates, state = opt.update(grads, state, params)
       return optax.apply_updates(params, updates), state
@@ -289,21 +323,33 @@ def test_force_sync_syncs_every_fragment():
   chex.assert_trees_all_equal(synced, find_lookahead_state(state).slow)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(communication_dtype="int8"), r"communication_dtype=.* acts on the exchange between replicas, which "
-                                       r"needs axis_name"),
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
+    (
+      dict(communication_dtype="int8"),
+      r"communication_dtype=.* acts on the exchange between replicas, which "
+      r"needs axis_name",
+    ),
     (dict(delay=1), r"delay=1 acts on the exchange between replicas"),
-    (dict(axis_name="r", error_feedback=True), r"error_feedback=True keeps what compression loses, but "
-                                               r"communication_dtype=None"),
-    (dict(axis_name="r", mixing=0.3), r"mixing=0.3 weighs the inner step taken during a delayed exchange; it "
-                                      r"needs delay=1"),
+    (
+      dict(axis_name="r", error_feedback=True),
+      r"error_feedback=True keeps what compression loses, but "
+      r"communication_dtype=None",
+    ),
+    (
+      dict(axis_name="r", mixing=0.3),
+      r"mixing=0.3 weighs the inner step taken during a delayed exchange; it "
+      r"needs delay=1",
+    ),
     (dict(axis_name="r", delay=1, mixing=1.5), r"mixing must be a number in \[0.0, 1.0\], got 1.5"),
     (dict(axis_name="r", delay=2), r"delay must be 0 or 1, got 2"),
     (dict(axis_name="r", delay=1, placement_check="warn"), r"placement_check='warn' compares .* with delay=1"),
     (dict(axis_name="r", communication_dtype="float16"), r"communication_dtype must be one of"),
     (dict(fragments=2, inner_state_policy="reset"), r"fragments=2 syncs the params a fragment at a time"),
     (dict(fragments=2, alpha=lambda n: 0.5), r"fragments=2 needs a constant alpha or an outer optimizer"),
-])
+  ],
+)
 def test_streaming_arguments_are_checked(kwargs, match):
   with pytest.raises(ValueError, match=rf"lookahead: {match}"):
     lookahead(optax.adam(0.1), k=4, **kwargs)

@@ -184,7 +184,9 @@ def separated(matrices):
 
 def cm_matrices(a, lr, beta):
   """The test's own (x, momentum) map of optax.sgd(lr, momentum=beta) on 1/2 a x^2."""
-  return np.stack([np.stack([1 - lr * a, -lr * beta * np.ones_like(a)], -1), np.stack([a, beta * np.ones_like(a)], -1)], -2)
+  return np.stack(
+    [np.stack([1 - lr * a, -lr * beta * np.ones_like(a)], -1), np.stack([a, beta * np.ones_like(a)], -1)], -2
+  )
 
 
 @pytest.mark.parametrize("lr,beta", [(0.02, 0.5), (0.02, 0.9), (0.01, 0.99)])
@@ -199,9 +201,13 @@ def test_cm_rate_matches_measured_slope(lr, beta):
 
 
 @pytest.mark.parametrize(
-    "lr,beta,k,alpha,policy",
-    [(0.02, 0.9, 20, 0.5, "maintain"), (0.015, 0.99, 20, 0.5, "maintain"), (0.01, 0.9, 10, 0.7, "maintain"),
-     (0.03, 0.9, 5, 0.5, "reset")],
+  "lr,beta,k,alpha,policy",
+  [
+    (0.02, 0.9, 20, 0.5, "maintain"),
+    (0.015, 0.99, 20, 0.5, "maintain"),
+    (0.01, 0.9, 10, 0.7, "maintain"),
+    (0.03, 0.9, 5, 0.5, "reset"),
+  ],
 )
 def test_lookahead_cm_rate_matches_measured_slope(lr, beta, k, alpha, policy):
   a = np.geomspace(0.5, 150, 40)
@@ -265,7 +271,8 @@ def test_optimal_alpha_minimises_the_loss_along_the_line():
   # The diagonal form equals the matrix form.
   d = np.abs(rng.normal(size=5)) + 0.1
   assert theory.optimal_alpha_quadratic(d, b, slow, fast) == pytest.approx(
-      theory.optimal_alpha_quadratic(np.diag(d), b, slow, fast), rel=1e-12)
+    theory.optimal_alpha_quadratic(np.diag(d), b, slow, fast), rel=1e-12
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -273,29 +280,29 @@ def test_optimal_alpha_minimises_the_loss_along_the_line():
 
 
 @pytest.mark.parametrize(
-    "call,name",
-    [
-        (lambda: theory.nqm_sgd_variance(0.0, 1.0, 0.1), "a"),
-        (lambda: theory.nqm_sgd_variance([1.0, -1.0], 1.0, 0.1), "a"),
-        (lambda: theory.nqm_sgd_variance(1.0, -1.0, 0.1), "sigma2"),
-        (lambda: theory.nqm_sgd_variance(1.0, 1.0, 2.5), "lr"),
-        (lambda: theory.nqm_sgd_variance(1.0, 1.0, float("nan")), "lr"),
-        (lambda: theory.nqm_lookahead_variance(1.0, 1.0, 0.1, 0, 0.5), "k"),
-        (lambda: theory.nqm_lookahead_variance(1.0, 1.0, 0.1, 2.0, 0.5), "k"),
-        (lambda: theory.nqm_lookahead_variance(1.0, 1.0, 0.1, 5, 0.0), "alpha"),
-        (lambda: theory.nqm_lookahead_variance(1.0, 1.0, 0.1, 5, 1.5), "alpha"),
-        (lambda: theory.nqm_lookahead_moments(1.0, 1.0, 0.1, 5, 0.5, -1, 1.0), "steps"),
-        (lambda: theory.nqm_sgd_moments(1.0, 1.0, 0.1, 3, "x"), "mean0"),
-        (lambda: theory.nqm_sgd_moments(1.0, 1.0, 0.1, 3, 1.0, var0=-1.0), "var0"),
-        (lambda: theory.nqm_expected_loss(1.0, 1.0, (1.0, 0.0)), "moments"),
-        (lambda: theory.cm_rate(1.0, 0.1, 1.0), "momentum"),
-        (lambda: theory.lookahead_cm_rate(1.0, 0.1, 0.9, 5, 0.5, "interpolate"), "inner_state_policy"),
-        (lambda: theory.optimal_rate(0.5, 0.9), "condition_number"),
-        (lambda: theory.optimal_rate(10.0, 0.9, num_lr=2), "num_lr"),
-        (lambda: theory.optimal_alpha_quadratic([[1.0, 2.0], [0.0, 1.0]], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0]), "A"),
-        (lambda: theory.optimal_alpha_quadratic([1.0, 1.0], [1.0], [0.0, 0.0], [1.0, 1.0]), "b, slow and fast"),
-        (lambda: theory.optimal_alpha_quadratic([1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]), "fast"),
-    ],
+  "call,name",
+  [
+    (lambda: theory.nqm_sgd_variance(0.0, 1.0, 0.1), "a"),
+    (lambda: theory.nqm_sgd_variance([1.0, -1.0], 1.0, 0.1), "a"),
+    (lambda: theory.nqm_sgd_variance(1.0, -1.0, 0.1), "sigma2"),
+    (lambda: theory.nqm_sgd_variance(1.0, 1.0, 2.5), "lr"),
+    (lambda: theory.nqm_sgd_variance(1.0, 1.0, float("nan")), "lr"),
+    (lambda: theory.nqm_lookahead_variance(1.0, 1.0, 0.1, 0, 0.5), "k"),
+    (lambda: theory.nqm_lookahead_variance(1.0, 1.0, 0.1, 2.0, 0.5), "k"),
+    (lambda: theory.nqm_lookahead_variance(1.0, 1.0, 0.1, 5, 0.0), "alpha"),
+    (lambda: theory.nqm_lookahead_variance(1.0, 1.0, 0.1, 5, 1.5), "alpha"),
+    (lambda: theory.nqm_lookahead_moments(1.0, 1.0, 0.1, 5, 0.5, -1, 1.0), "steps"),
+    (lambda: theory.nqm_sgd_moments(1.0, 1.0, 0.1, 3, "x"), "mean0"),
+    (lambda: theory.nqm_sgd_moments(1.0, 1.0, 0.1, 3, 1.0, var0=-1.0), "var0"),
+    (lambda: theory.nqm_expected_loss(1.0, 1.0, (1.0, 0.0)), "moments"),
+    (lambda: theory.cm_rate(1.0, 0.1, 1.0), "momentum"),
+    (lambda: theory.lookahead_cm_rate(1.0, 0.1, 0.9, 5, 0.5, "interpolate"), "inner_state_policy"),
+    (lambda: theory.optimal_rate(0.5, 0.9), "condition_number"),
+    (lambda: theory.optimal_rate(10.0, 0.9, num_lr=2), "num_lr"),
+    (lambda: theory.optimal_alpha_quadratic([[1.0, 2.0], [0.0, 1.0]], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0]), "A"),
+    (lambda: theory.optimal_alpha_quadratic([1.0, 1.0], [1.0], [0.0, 0.0], [1.0, 1.0]), "b, slow and fast"),
+    (lambda: theory.optimal_alpha_quadratic([1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]), "fast"),
+  ],
 )
 def test_bad_arguments_name_the_argument(call, name):
   with pytest.raises(ValueError, match=name):

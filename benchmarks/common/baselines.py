@@ -38,7 +38,8 @@ def polyak_average(inner: optax.GradientTransformation, start: int) -> optax.Gra
     count = state.count + 1
     n = jnp.maximum(count - start, 1).astype(jnp.float32)  # iterates averaged so far
     average = jax.tree.map(
-        lambda a, p: jnp.where(count <= start, p, a + (p - a) / n).astype(p.dtype), state.average, new_params)
+      lambda a, p: jnp.where(count <= start, p, a + (p - a) / n).astype(p.dtype), state.average, new_params
+    )
     return updates, PolyakState(count, average, inner_state)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -19,7 +19,8 @@ chunk, so a smaller grid reproduces part of a larger one exactly.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -80,10 +81,17 @@ def settings_by_seeds(settings: Sequence[dict], seeds: Sequence[int]) -> tuple[d
   return hparams, np.asarray([int(seed) for _ in settings for seed in seeds], np.int32)
 
 
-def train_grid(problem: Problem, make_optimizer: Callable[[dict], optax.GradientTransformation], hparams: dict,
-               seeds: Sequence[int], steps: int, eval_every: int,
-               weights: Callable[[Any, Any], dict] = main_weights, segments: Sequence[tuple] | None = None,
-               chunk: int | None = None) -> Grid:
+def train_grid(
+  problem: Problem,
+  make_optimizer: Callable[[dict], optax.GradientTransformation],
+  hparams: dict,
+  seeds: Sequence[int],
+  steps: int,
+  eval_every: int,
+  weights: Callable[[Any, Any], dict] = main_weights,
+  segments: Sequence[tuple] | None = None,
+  chunk: int | None = None,
+) -> Grid:
   """Trains one run per entry of ``seeds`` (with ``hparams[name][i]``), all in one compiled program.
 
   ``make_optimizer(hp)`` builds the optimizer of one run from its
@@ -98,8 +106,10 @@ def train_grid(problem: Problem, make_optimizer: Callable[[dict], optax.Gradient
   seeds = np.asarray(seeds, np.int32)
   hparams = {k: np.asarray(v, np.float32) for k, v in hparams.items()}
   if any(v.shape != seeds.shape for v in hparams.values()):
-    raise ValueError(f"train_grid: every hparam needs one value per seed ({seeds.shape}), got "
-                     f"{ {k: v.shape for k, v in hparams.items()} }.")
+    raise ValueError(
+      f"train_grid: every hparam needs one value per seed ({seeds.shape}), got "
+      f"{ {k: v.shape for k, v in hparams.items()} }."
+    )
   if segments is None:
     if eval_every < 1 or steps % eval_every:
       raise ValueError(f"train_grid: eval_every must divide steps, got steps={steps}, eval_every={eval_every}.")
@@ -123,6 +133,7 @@ def train_grid(problem: Problem, make_optimizer: Callable[[dict], optax.Gradient
 
     carry, losses, curves, start = (params, tx.init(params)), [], [], 0
     for length, count in segments:
+
       def steps_then_evaluate(carry, i, start=start, length=length):
         carry, loss = jax.lax.scan(step, carry, start + i * length + jnp.arange(length))
         return carry, (loss, {name: problem.evaluate(w, data) for name, w in weights(*carry).items()})
@@ -140,16 +151,22 @@ def train_grid(problem: Problem, make_optimizer: Callable[[dict], optax.Gradient
     pad = -len(seeds) % chunk
     grow = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]).reshape(-1, chunk, *x.shape[1:])
     batched = jax.vmap(run, in_axes=(0, 0, 0, None))
-    program = jax.jit(lambda runs, data: jax.tree.map(
+    program = jax.jit(
+      lambda runs, data: jax.tree.map(
         lambda x: x.reshape(-1, *x.shape[2:])[: len(seeds)],
-        jax.lax.map(lambda r: batched(*r, data), jax.tree.map(grow, runs))))
+        jax.lax.map(lambda r: batched(*r, data), jax.tree.map(grow, runs)),
+      )
+    )
   else:
     program = jax.jit(lambda runs, data: jax.vmap(run, in_axes=(0, 0, 0, None))(*runs, data))
   (final, losses, curves), compile_s, run_s = timing.compile_then_run(program, runs, problem.data)
-  eval_steps = np.concatenate([s0 + length * (1 + np.arange(count)) for (length, count), s0 in
-                               zip(segments, np.cumsum([0] + [l * c for l, c in segments[:-1]]))])
-  return Grid(hparams, seeds, eval_steps, jax.tree.map(np.asarray, curves), np.asarray(losses), final,
-              compile_s, run_s)
+  eval_steps = np.concatenate(
+    [
+      s0 + length * (1 + np.arange(count))
+      for (length, count), s0 in zip(segments, np.cumsum([0] + [l * c for l, c in segments[:-1]]))
+    ]
+  )
+  return Grid(hparams, seeds, eval_steps, jax.tree.map(np.asarray, curves), np.asarray(losses), final, compile_s, run_s)
 
 
 def map_runs(fn: Callable, stacked, *args):

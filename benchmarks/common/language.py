@@ -9,24 +9,28 @@ fits: a character LSTM (the paper suite), a Transformer (SNOO, DiLoCo).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
 from flax import nnx
 
-from benchmarks.common import data, grid, models, train
-from benchmarks.common import tuning
+from benchmarks.common import data, grid, models, train, tuning
 from benchmarks.common.tuning import Metric
 
 
 def transformer(cfg: dict, seed: int) -> models.TransformerLM:
   """A character ``models.TransformerLM`` of ``cfg``'s ``dim``, ``heads``, ``layers`` over windows of ``seq_len``."""
-  return models.TransformerLM(len(data.CHAR_VOCAB), dim=cfg["dim"], heads=cfg["heads"], layers=cfg["layers"],
-                              max_len=cfg["seq_len"], rngs=nnx.Rngs(seed))
+  return models.TransformerLM(
+    len(data.CHAR_VOCAB),
+    dim=cfg["dim"],
+    heads=cfg["heads"],
+    layers=cfg["layers"],
+    max_len=cfg["seq_len"],
+    rngs=nnx.Rngs(seed),
+  )
 
 
 def chunked(split: data.Split, chunk: int) -> dict:
@@ -35,11 +39,16 @@ def chunked(split: data.Split, chunk: int) -> dict:
   pad = -n % chunk
   mask = np.arange(n + pad) < n
   grow = lambda a: np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]).reshape(-1, chunk, *a.shape[1:])
-  return {"x": jnp.asarray(grow(split.x)), "y": jnp.asarray(grow(split.y)), "mask": jnp.asarray(mask.reshape(-1, chunk))}
+  return {
+    "x": jnp.asarray(grow(split.x)),
+    "y": jnp.asarray(grow(split.y)),
+    "mask": jnp.asarray(mask.reshape(-1, chunk)),
+  }
 
 
 def mean_loss(apply, weights, chunks: dict) -> jax.Array:
   """Mean token cross-entropy over every real window of a :func:`chunked` split, one chunk at a time."""
+
   def summed(args):
     x, y, mask = args
     losses = optax.softmax_cross_entropy_with_integer_labels(apply(weights, x), y)
@@ -57,11 +66,13 @@ def arrays(cfg: dict) -> dict:
   corpus = data.char_corpus(max_chars=cfg["max_chars"])
   seq = cfg["seq_len"]
   val = data.windows(corpus.val, seq)
-  return {"train": jnp.asarray(corpus.train),
-          "curve": jax.tree.map(lambda a: jnp.asarray(a[: cfg["curve_windows"]]), val),
-          "train_eval": chunked(data.windows(corpus.train[: cfg["train_eval_chars"] + 1], seq), cfg["eval_chunk"]),
-          "val": chunked(val, cfg["eval_chunk"]),
-          "test": chunked(data.windows(corpus.test, seq), cfg["eval_chunk"])}
+  return {
+    "train": jnp.asarray(corpus.train),
+    "curve": jax.tree.map(lambda a: jnp.asarray(a[: cfg["curve_windows"]]), val),
+    "train_eval": chunked(data.windows(corpus.train[: cfg["train_eval_chars"] + 1], seq), cfg["eval_chunk"]),
+    "val": chunked(val, cfg["eval_chunk"]),
+    "test": chunked(data.windows(corpus.test, seq), cfg["eval_chunk"]),
+  }
 
 
 def problem(cfg: dict, model: Callable[[int], object]) -> grid.Problem:
@@ -69,18 +80,21 @@ def problem(cfg: dict, model: Callable[[int], object]) -> grid.Problem:
   apply = train.functional_params(model(0))[0]
   loss = lambda p, b: train.cross_entropy(apply(p, b.x), b.y)
   return grid.Problem(
-      init=lambda seed: train.functional_params(model(seed))[1],
-      loss=loss,
-      batch=lambda d, key, step: data.random_windows(d["train"], jax.random.fold_in(key, step), cfg["batch"],
-                                                     cfg["seq_len"]),
-      evaluate=lambda w, d: {"val_loss": loss(w, d["curve"])},
-      data=arrays(cfg))
+    init=lambda seed: train.functional_params(model(seed))[1],
+    loss=loss,
+    batch=lambda d, key, step: data.random_windows(
+      d["train"], jax.random.fold_in(key, step), cfg["batch"], cfg["seq_len"]
+    ),
+    evaluate=lambda w, d: {"val_loss": loss(w, d["curve"])},
+    data=arrays(cfg),
+  )
 
 
 def split_losses(apply, weights, d: dict) -> dict:
   """``{"train", "val", "test"}``: mean cross-entropy (nats per character) of whole splits (train: its first part)."""
-  return {name: mean_loss(apply, weights, d[key]) for name, key in (("train", "train_eval"), ("val", "val"),
-                                                                     ("test", "test"))}
+  return {
+    name: mean_loss(apply, weights, d[key]) for name, key in (("train", "train_eval"), ("val", "val"), ("test", "test"))
+  }
 
 
 def loss_metric(key: str, label: str) -> Metric:
@@ -88,11 +102,14 @@ def loss_metric(key: str, label: str) -> Metric:
 
 
 METRICS = dict(
-    select=loss_metric("val_loss", "val loss (nats/char)"),
-    headline=loss_metric("test_loss", "test loss (nats/char)"),
-    columns=(loss_metric("final_train_loss", "final train loss"), loss_metric("val_loss", "val loss"),
-             loss_metric("test_loss", "test loss")),
-    tolerance=(0.01, True),
+  select=loss_metric("val_loss", "val loss (nats/char)"),
+  headline=loss_metric("test_loss", "test loss (nats/char)"),
+  columns=(
+    loss_metric("final_train_loss", "final train loss"),
+    loss_metric("val_loss", "val loss"),
+    loss_metric("test_loss", "test loss"),
+  ),
+  tolerance=(0.01, True),
 )
 """How a character-LM task is tuned and judged (``tuning.Task`` fields): per-character cross-entropy."""
 
@@ -104,4 +121,6 @@ def finals(apply, g: grid.Grid, d: dict, weights=lambda w: w, replicas: int = 1)
   training loss when a run sums it over replicas.
   """
   losses = grid.map_runs(lambda w, d: split_losses(apply, weights(w), d), g.weights["main"], d)
-  return {"main": {f"{k}_loss": v for k, v in losses.items()} | {"final_train_loss": tuning.tail_mean(g.losses) / replicas}}
+  return {
+    "main": {f"{k}_loss": v for k, v in losses.items()} | {"final_train_loss": tuning.tail_mean(g.losses) / replicas}
+  }

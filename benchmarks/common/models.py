@@ -167,8 +167,17 @@ class TransformerLM(nnx.Module):
 class Seq2SeqTransformer(nnx.Module):
   """Encoder-decoder Transformer (pre-norm) for sequence-to-sequence tasks; token 0 is padding."""
 
-  def __init__(self, src_vocab: int, tgt_vocab: int, dim: int = 64, heads: int = 4, layers: int = 2,
-               max_len: int = 64, *, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    src_vocab: int,
+    tgt_vocab: int,
+    dim: int = 64,
+    heads: int = 4,
+    layers: int = 2,
+    max_len: int = 64,
+    *,
+    rngs: nnx.Rngs,
+  ):
     self.src_embed = nnx.Embed(src_vocab, dim, rngs=rngs)
     self.tgt_embed = nnx.Embed(tgt_vocab, dim, rngs=rngs)
     self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, dim)))

@@ -29,15 +29,18 @@ def seeds_count(text: str) -> int:
   return n
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, *, quick: str, seeds: int, unit: str, folder: str,
-                      reports: str) -> None:
+def add_run_arguments(
+  parser: argparse.ArgumentParser, *, quick: str, seeds: int, unit: str, folder: str, reports: str
+) -> None:
   """The options every experiment command shares: ``--quick``, ``--seeds``, ``--out``, ``--report-only``."""
   parser.add_argument("--quick", action="store_true", help=f"smoke run: {quick}")
   parser.add_argument("--seeds", type=seeds_count, default=seeds, help=f"seeds per {unit} (default {seeds})")
-  parser.add_argument("--out", default=None, help=f"output folder (default benchmarks/results/{folder}; with "
-                                                  f"--quick benchmarks/results/quick_{folder})")
-  parser.add_argument("--report-only", action="store_true",
-                      help=f"train nothing: rewrite the {reports} from the JSON")
+  parser.add_argument(
+    "--out",
+    default=None,
+    help=f"output folder (default benchmarks/results/{folder}; with --quick benchmarks/results/quick_{folder})",
+  )
+  parser.add_argument("--report-only", action="store_true", help=f"train nothing: rewrite the {reports} from the JSON")
 
 
 def environment() -> dict:
@@ -45,15 +48,15 @@ def environment() -> dict:
   import flax
 
   return {
-      "jax": jax.__version__,
-      "optax": optax.__version__,
-      "flax": flax.__version__,
-      "lookahead_optax": lookahead_optax.__version__,
-      "python": platform.python_version(),
-      "device": str(jax.devices()[0].device_kind),
-      "devices": jax.device_count(),
-      "platform": jax.default_backend(),
-      "cpus": os.cpu_count(),
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "flax": flax.__version__,
+    "lookahead_optax": lookahead_optax.__version__,
+    "python": platform.python_version(),
+    "device": str(jax.devices()[0].device_kind),
+    "devices": jax.device_count(),
+    "platform": jax.default_backend(),
+    "cpus": os.cpu_count(),
   }
 
 

@@ -9,7 +9,8 @@ two-sided t-test on the per-seed values at level 0.05, otherwise the verdict is
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -88,8 +89,9 @@ class LrRange(NamedTuple):
   """``high / low``: how many-fold the learning rate may change and still be within tolerance."""
 
 
-def lr_range(lrs: Sequence[float], scores: Sequence[float], tolerance: float, higher_is_better: bool,
-             relative: bool = False) -> LrRange:
+def lr_range(
+  lrs: Sequence[float], scores: Sequence[float], tolerance: float, higher_is_better: bool, relative: bool = False
+) -> LrRange:
   """The good range of a learning-rate sweep (paper Fig. 8 and its NMT paragraph).
 
   ``scores[i]`` is the mean over seeds at ``lrs[i]``. A rate is good when its

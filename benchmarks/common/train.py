@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator, NamedTuple, Optional
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,17 +101,17 @@ class History(NamedTuple):
 
 
 def train(
-    loss_fn: Callable,
-    params: Any,
-    tx: optax.GradientTransformation,
-    batches: Iterator,
-    steps: int,
-    *,
-    eval_fn: Optional[Callable[[Any], dict]] = None,
-    eval_every: int = 0,
-    eval_on: str | Callable = "slow",
-    desc: str = "",
-    progress: bool = True,
+  loss_fn: Callable,
+  params: Any,
+  tx: optax.GradientTransformation,
+  batches: Iterator,
+  steps: int,
+  *,
+  eval_fn: Callable[[Any], dict] | None = None,
+  eval_every: int = 0,
+  eval_on: str | Callable = "slow",
+  desc: str = "",
+  progress: bool = True,
 ):
   """Train for ``steps`` steps; returns ``(params, opt_state, History)``.
 

@@ -10,7 +10,8 @@ learning-rate schedule, and data-parallel training over a device mesh.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple, Optional
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -80,18 +81,23 @@ class TranslationData(NamedTuple):
   """``split name -> the numbers`` whose words the split holds."""
 
 
-def number_words(n_train: int = 700, n_val: int = 100, n_test: int = 200, max_number: int = 1000,
-                 seed: int = 0) -> TranslationData:
+def number_words(
+  n_train: int = 700, n_val: int = 100, n_test: int = 200, max_number: int = 1000, seed: int = 0
+) -> TranslationData:
   """English number words (word tokens) to German number words (character tokens), disjoint splits.
 
   Source: the English words and EOS; target: BOS, the German characters, EOS.
   """
   if n_train + n_val + n_test > max_number:
-    raise ValueError(f"number_words: {n_train} + {n_val} + {n_test} examples need max_number >= their sum, "
-                     f"got {max_number}.")
+    raise ValueError(
+      f"number_words: {n_train} + {n_val} + {n_test} examples need max_number >= their sum, got {max_number}."
+    )
   numbers = np.random.default_rng(seed).permutation(max_number)
-  parts = {"train": numbers[:n_train], "val": numbers[n_train : n_train + n_val],
-           "test": numbers[n_train + n_val : n_train + n_val + n_test]}
+  parts = {
+    "train": numbers[:n_train],
+    "val": numbers[n_train : n_train + n_val],
+    "test": numbers[n_train + n_val : n_train + n_val + n_test],
+  }
   src_vocab = ["<pad>", "<bos>", "<eos>"] + sorted({w for n in range(max_number) for w in english_number(n).split()})
   tgt_vocab = ["<pad>", "<bos>", "<eos>"] + sorted({c for n in range(max_number) for c in german_number(n)})
   s_index = {w: i for i, w in enumerate(src_vocab)}
@@ -109,8 +115,9 @@ def number_words(n_train: int = 700, n_val: int = 100, n_test: int = 200, max_nu
       tgt[i, : len(t)] = t
     return data.Split(src, tgt)
 
-  return TranslationData(encode(parts["train"]), encode(parts["val"]), encode(parts["test"]), src_vocab, tgt_vocab,
-                         parts)
+  return TranslationData(
+    encode(parts["train"]), encode(parts["val"]), encode(parts["test"]), src_vocab, tgt_vocab, parts
+  )
 
 
 class Translation(NamedTuple):
@@ -158,23 +165,38 @@ class Translation(NamedTuple):
 
   def problem(self, batch_size: int) -> grid.Problem:
     """The task for the grid trainer: shuffled epochs of ``batch_size`` pairs, validation loss as the curve."""
-    arrays = {k: data.Split(jnp.asarray(s.x), jnp.asarray(s.y))
-              for k, s in (("train", self.data.train), ("val", self.data.val), ("test", self.data.test))}
+    arrays = {
+      k: data.Split(jnp.asarray(s.x), jnp.asarray(s.y))
+      for k, s in (("train", self.data.train), ("val", self.data.val), ("test", self.data.test))
+    }
     return grid.Problem(
-        init=self.init,
-        loss=self.loss,
-        batch=lambda d, key, step: data.epoch_batch(d["train"], key, step, batch_size),
-        evaluate=lambda w, d: {"val_loss": self.loss(w, d["val"])},
-        data=arrays)
+      init=self.init,
+      loss=self.loss,
+      batch=lambda d, key, step: data.epoch_batch(d["train"], key, step, batch_size),
+      evaluate=lambda w, d: {"val_loss": self.loss(w, d["val"])},
+      data=arrays,
+    )
 
   def test_metrics(self, weights, d: dict) -> dict:
     """``{val_loss, val_exact_match, test_loss, exact_match}`` of one run's weights (``d``: ``problem().data``)."""
-    return {"val_loss": self.loss(weights, d["val"]), "val_exact_match": self.exact(weights, d["val"]).mean(),
-            "test_loss": self.loss(weights, d["test"]), "exact_match": self.exact(weights, d["test"]).mean()}
+    return {
+      "val_loss": self.loss(weights, d["val"]),
+      "val_exact_match": self.exact(weights, d["val"]).mean(),
+      "test_loss": self.loss(weights, d["test"]),
+      "exact_match": self.exact(weights, d["test"]).mean(),
+    }
 
 
-def make_task(n_train: int = 700, n_val: int = 100, n_test: int = 200, max_number: int = 1000, dim: int = 32,
-              heads: int = 4, layers: int = 2, data_seed: int = 0) -> Translation:
+def make_task(
+  n_train: int = 700,
+  n_val: int = 100,
+  n_test: int = 200,
+  max_number: int = 1000,
+  dim: int = 32,
+  heads: int = 4,
+  layers: int = 2,
+  data_seed: int = 0,
+) -> Translation:
   """The number-word data (fixed by ``data_seed``) and a ``Seq2SeqTransformer`` of the given sizes."""
   ds = number_words(n_train, n_val, n_test, max_number, data_seed)
   sizes = dict(dim=dim, heads=heads, layers=layers)
@@ -183,8 +205,9 @@ def make_task(n_train: int = 700, n_val: int = 100, n_test: int = 200, max_numbe
 
 def from_config(cfg: dict) -> Translation:
   """:func:`make_task` from a config's ``n_train``, ``n_val``, ``n_test``, ``max_number``, ``dim``, ``heads``, ``layers``."""
-  return make_task(cfg["n_train"], cfg["n_val"], cfg["n_test"], cfg["max_number"], cfg["dim"], cfg["heads"],
-                   cfg["layers"])
+  return make_task(
+    cfg["n_train"], cfg["n_val"], cfg["n_test"], cfg["max_number"], cfg["dim"], cfg["heads"], cfg["layers"]
+  )
 
 
 def finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
@@ -194,18 +217,23 @@ def finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
 
 
 METRICS = dict(
-    select=Metric("val_loss", "val loss", False, 1.0, 4),
-    headline=Metric("exact_match", "exact match %", True, 100.0),
-    columns=(Metric("train_loss", "final train loss", False, 1.0, 4), Metric("val_loss", "val loss", False, 1.0, 4),
-             Metric("test_loss", "test loss", False, 1.0, 4), Metric("exact_match", "exact match %", True, 100.0)),
+  select=Metric("val_loss", "val loss", False, 1.0, 4),
+  headline=Metric("exact_match", "exact match %", True, 100.0),
+  columns=(
+    Metric("train_loss", "final train loss", False, 1.0, 4),
+    Metric("val_loss", "val loss", False, 1.0, 4),
+    Metric("test_loss", "test loss", False, 1.0, 4),
+    Metric("exact_match", "exact match %", True, 100.0),
+  ),
 )
 """How a translation task is tuned and judged (``tuning.Task`` fields): validation loss, test exact match."""
 
 
 def _model(ds: TranslationData, seed: int, dim: int, heads: int, layers: int) -> models.Seq2SeqTransformer:
   max_len = max(ds.train.x.shape[1], ds.train.y.shape[1])
-  return models.Seq2SeqTransformer(len(ds.src_vocab), len(ds.tgt_vocab), dim=dim, heads=heads, layers=layers,
-                                   max_len=max_len, rngs=nnx.Rngs(seed))
+  return models.Seq2SeqTransformer(
+    len(ds.src_vocab), len(ds.tgt_vocab), dim=dim, heads=heads, layers=layers, max_len=max_len, rngs=nnx.Rngs(seed)
+  )
 
 
 def exact_match(pred, target) -> float:
@@ -256,8 +284,9 @@ def data_mesh(devices=None) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.array(devices), ("data",))
 
 
-def sharded_batches(split: data.Split, batch_size: int, rng: np.random.Generator,
-                    mesh: jax.sharding.Mesh) -> Iterator[data.Split]:
+def sharded_batches(
+  split: data.Split, batch_size: int, rng: np.random.Generator, mesh: jax.sharding.Mesh
+) -> Iterator[data.Split]:
   """``data.batches`` placed on ``mesh``: each batch split over ``"data"`` along its first axis."""
   n = mesh.shape["data"]
   if batch_size % n:
@@ -267,8 +296,16 @@ def sharded_batches(split: data.Split, batch_size: int, rng: np.random.Generator
     yield data.Split(*jax.device_put((batch.x, batch.y), sharding))
 
 
-def train_data_parallel(task: Translation, tx: optax.GradientTransformation, steps: int, *, batch_size: int = 32,
-                        seed: int = 0, mesh: Optional[jax.sharding.Mesh] = None, progress: bool = False):
+def train_data_parallel(
+  task: Translation,
+  tx: optax.GradientTransformation,
+  steps: int,
+  *,
+  batch_size: int = 32,
+  seed: int = 0,
+  mesh: jax.sharding.Mesh | None = None,
+  progress: bool = False,
+):
   """Data-parallel training over ``mesh`` (default: every device): ``train.train``'s ``(params, opt_state, History)``.
 
   The params (and so the slow weights and the optimizer state, which follow

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
-
 import optax
 
 from benchmarks.common import baselines, grid, stats
@@ -110,11 +110,13 @@ def inner_of(method: str) -> str:
   return match.group(2) if match else method
 
 
-def optimizer_of(family: str, inner: Callable[[str, dict, dict], optax.GradientTransformation], cfg: dict,
-                 polyak: tuple = ()) -> Callable[[dict], optax.GradientTransformation]:
+def optimizer_of(
+  family: str, inner: Callable[[str, dict, dict], optax.GradientTransformation], cfg: dict, polyak: tuple = ()
+) -> Callable[[dict], optax.GradientTransformation]:
   """``hp -> optimizer`` of a family: ``inner(name, hp, cfg)`` bare, in Lookahead (``cfg["k"]``, ``hp["alpha"]``),
   or, for the families in ``polyak``, keeping the Polyak average of its iterates over the second half of training.
   """
+
   def make(hp):
     tx = inner(inner_of(family), hp, cfg)
     if is_lookahead(family):
@@ -144,8 +146,11 @@ def settings(family: str, cfg: dict) -> list[dict]:
   out = [{"lr": lr, "alpha": a, "eligible": True} for lr in lrs for a in ALPHAS]
   sensitivity = cfg.get("sensitivity", True)
   if sensitivity is True or family in (sensitivity or ()):
-    out += [{"lr": float(lr), "alpha": ROBUST_ALPHA, "eligible": False} for lr in cfg["grids"][inner_of(family)]
-            if not any(np.isclose(lr, s["lr"]) and s["alpha"] == ROBUST_ALPHA for s in out)]
+    out += [
+      {"lr": float(lr), "alpha": ROBUST_ALPHA, "eligible": False}
+      for lr in cfg["grids"][inner_of(family)]
+      if not any(np.isclose(lr, s["lr"]) and s["alpha"] == ROBUST_ALPHA for s in out)
+    ]
   return out
 
 
@@ -163,21 +168,31 @@ def run_task(task: Task, cfg: dict, seeds: Sequence[int], log: Callable[[str], N
   seeds = [int(s) for s in seeds]
   problem = task.problem(cfg)
   families = list(dict.fromkeys(family_of(task, m)[0] for m in cfg["methods"]))
-  result: dict[str, Any] = {"task": task.name, "config": dict(cfg), "seeds": seeds, "budget": budget,
-                            "methods": {}, "programs": []}
+  result: dict[str, Any] = {
+    "task": task.name,
+    "config": dict(cfg),
+    "seeds": seeds,
+    "budget": budget,
+    "methods": {},
+    "programs": [],
+  }
   trained = {}  # (family, variant) -> (grid, finals): methods sharing a family (SGD and Polyak) share its runs
   for family in families:
     rows = {m: [] for m in cfg["methods"] if family_of(task, m)[0] == family}
     for variant in dict.fromkeys(s.get("variant") for s in settings(family, cfg)):
       sets = [s for s in settings(family, cfg) if s.get("variant") == variant]
       if (family, variant) not in trained:
-        trained[family, variant] = _train_program(task, problem, family, dict(cfg, variant=variant), sets, seeds,
-                                                  result, log)
+        trained[family, variant] = _train_program(
+          task, problem, family, dict(cfg, variant=variant), sets, seeds, result, log
+        )
       for method, method_rows in rows.items():
         method_rows += _rows(sets, len(seeds), *trained[family, variant], family_of(task, method)[1])
     for method, method_rows in rows.items():
-      result["methods"][method] = {"family": family, "settings": method_rows,
-                                   "best": best_setting(method_rows, task.select)}
+      result["methods"][method] = {
+        "family": family,
+        "settings": method_rows,
+        "best": best_setting(method_rows, task.select),
+      }
   if task.extras is not None and cfg.get("extras", True):
     result["extras"] = task.extras(cfg, problem, result, seeds)
   return result
@@ -187,17 +202,35 @@ def _train_program(task, problem, family, cfg, sets, seeds, result, log):
   """``(Grid, finals)`` of ``sets`` x ``seeds`` trained in one program; logs and records its compile and run time."""
   hparams, seed_axis = grid.settings_by_seeds([{k: s[k] for k in ("lr", "alpha") if k in s} for s in sets], seeds)
   # One chunk per setting: a setting's runs are then the same, to the bit, in a quick run as in the full run.
-  g = grid.train_grid(problem, task.optimizer(family, cfg), hparams, seed_axis, cfg["steps"], cfg["eval_every"],
-                      weights=task.weights(family, cfg) if task.weights else grid.main_weights, chunk=len(seeds))
+  g = grid.train_grid(
+    problem,
+    task.optimizer(family, cfg),
+    hparams,
+    seed_axis,
+    cfg["steps"],
+    cfg["eval_every"],
+    weights=task.weights(family, cfg) if task.weights else grid.main_weights,
+    chunk=len(seeds),
+  )
   start = time.perf_counter()
   finals = task.finals(cfg, problem, g)
   eval_s = time.perf_counter() - start
   result["eval_steps"] = g.eval_steps.tolist()
   what = family + (f" [{cfg['variant']}]" if cfg["variant"] else "")
-  result["programs"].append({"family": what, "runs": len(seed_axis), "settings": len(sets),
-                             "compile_s": g.compile_seconds, "run_s": g.run_seconds, "final_eval_s": eval_s})
-  log(f"  {task.name} {what}: {len(sets)} settings x {len(seeds)} seeds in one program, compiled in "
-      f"{g.compile_seconds:.1f} s, trained in {g.run_seconds:.1f} s, final evaluation {eval_s:.1f} s")
+  result["programs"].append(
+    {
+      "family": what,
+      "runs": len(seed_axis),
+      "settings": len(sets),
+      "compile_s": g.compile_seconds,
+      "run_s": g.run_seconds,
+      "final_eval_s": eval_s,
+    }
+  )
+  log(
+    f"  {task.name} {what}: {len(sets)} settings x {len(seeds)} seeds in one program, compiled in "
+    f"{g.compile_seconds:.1f} s, trained in {g.run_seconds:.1f} s, final evaluation {eval_s:.1f} s"
+  )
   return g, finals
 
 
@@ -206,17 +239,26 @@ def _rows(sets, n_seeds, g, finals, weights_name) -> list[dict]:
   rows = []
   for i, s in enumerate(sets):
     runs = slice(i * n_seeds, (i + 1) * n_seeds)
-    rows.append({**s, "metrics": {k: v[runs].tolist() for k, v in finals[weights_name].items()},
-                 "curves": {k: v[runs].tolist() for k, v in g.curves[weights_name].items()},
-                 "loss_curve": binned(g.losses[runs].mean(0))})
+    rows.append(
+      {
+        **s,
+        "metrics": {k: v[runs].tolist() for k, v in finals[weights_name].items()},
+        "curves": {k: v[runs].tolist() for k, v in g.curves[weights_name].items()},
+        "loss_curve": binned(g.losses[runs].mean(0)),
+      }
+    )
   return rows
 
 
 def best_setting(rows: list[dict], metric: Metric) -> int:
   """Index of the eligible setting with the best mean ``metric`` over seeds; a diverged seed disqualifies."""
   sign = 1.0 if metric.higher_is_better else -1.0
-  scores = [sign * np.mean(r["metrics"][metric.key]) if r["eligible"] and np.isfinite(r["metrics"][metric.key]).all()
-            else -np.inf for r in rows]
+  scores = [
+    sign * np.mean(r["metrics"][metric.key])
+    if r["eligible"] and np.isfinite(r["metrics"][metric.key]).all()
+    else -np.inf
+    for r in rows
+  ]
   if not np.isfinite(scores).any():
     return int(next(i for i, r in enumerate(rows) if r["eligible"]))  # all diverged: report the first
   return int(np.argmax(scores))
@@ -253,8 +295,7 @@ def sensitivity(result: dict, method: str, metric: Metric, tolerance: tuple) -> 
   values = np.asarray([r["metrics"][metric.key] for r in rows], dtype=float)
   mean = np.where(np.isfinite(values).all(1), values.mean(1), np.nan)
   span = stats.lr_range([r["lr"] for r in rows], mean, tolerance[0], metric.higher_is_better, relative=tolerance[1])
-  return {"lrs": [r["lr"] for r in rows], "mean": mean.tolist(), "std": values.std(1).tolist(),
-          "range": span._asdict()}
+  return {"lrs": [r["lr"] for r in rows], "mean": mean.tolist(), "std": values.std(1).tolist(), "range": span._asdict()}
 
 
 def binned(x: np.ndarray, points: int = 100) -> list:
@@ -267,4 +308,4 @@ def binned(x: np.ndarray, points: int = 100) -> list:
 def tail_mean(losses: np.ndarray, fraction: float = 0.1) -> np.ndarray:
   """Mean training loss over the last ``fraction`` of steps, per run (the 'final train loss')."""
   losses = np.asarray(losses, dtype=float)
-  return losses[:, -max(1, int(fraction * losses.shape[1])):].mean(1)
+  return losses[:, -max(1, int(fraction * losses.shape[1])) :].mean(1)

@@ -12,11 +12,19 @@ from benchmarks.common import report, tuning, verdicts
 from benchmarks.outer import diloco, snoo
 
 EXPERIMENTS = {
-    "snoo": ({"lm": (snoo.LM, snoo.LM_FULL, snoo.LM_QUICK),
-              "translation": (snoo.TRANSLATION, snoo.TRANSLATION_FULL, snoo.TRANSLATION_QUICK)},
-             "SNOO and Lookahead against AdamW, tuned alike", "SNOO / Lookahead"),
-    "diloco": ({"diloco": (diloco.TASK, diloco.FULL, diloco.QUICK)},
-               "DiLoCo against synchronous data parallelism, tuned alike", "DiLoCo"),
+  "snoo": (
+    {
+      "lm": (snoo.LM, snoo.LM_FULL, snoo.LM_QUICK),
+      "translation": (snoo.TRANSLATION, snoo.TRANSLATION_FULL, snoo.TRANSLATION_QUICK),
+    },
+    "SNOO and Lookahead against AdamW, tuned alike",
+    "SNOO / Lookahead",
+  ),
+  "diloco": (
+    {"diloco": (diloco.TASK, diloco.FULL, diloco.QUICK)},
+    "DiLoCo against synchronous data parallelism, tuned alike",
+    "DiLoCo",
+  ),
 }
 """Experiment -> ({task name: (Task, full config, quick config)}, title, what is compared with the inner optimizer)."""
 EXTRAS = {"diloco": diloco.extras_section}
@@ -41,19 +49,29 @@ def run(experiment: str, *, quick: bool = False, seeds: int = 5, out: str | None
 def write_report(experiment: str, summary: dict, out: str) -> str:
   tasks, title, wrapped = EXPERIMENTS[experiment]
   command = f"python -m benchmarks.outer --experiments {experiment}" + (" --quick" if summary["quick"] else "")
-  intro = [f"Regenerate with `{command}`; every number below comes from `{experiment}.json` of that run.", "",
-           " ".join((snoo if experiment == "snoo" else diloco).__doc__.split("\n\n")[1].split())]
+  intro = [
+    f"Regenerate with `{command}`; every number below comes from `{experiment}.json` of that run.",
+    "",
+    " ".join((snoo if experiment == "snoo" else diloco).__doc__.split("\n\n")[1].split()),
+  ]
   by_name = {t.name: (t, EXTRAS.get(experiment)) for t, _, _ in tasks.values()}
   return verdicts.write_document(os.path.join(out, f"{experiment}.md"), title, intro, by_name, summary, wrapped)
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.outer", description=outer.__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS),
-                      help="experiments to run (default: all)")
-  report.add_run_arguments(parser, quick="tiny models, a few steps, 2-point grids", seeds=5, unit="setting",
-                           folder="outer", reports="reports")
+  parser = argparse.ArgumentParser(
+    prog="python -m benchmarks.outer", description=outer.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    "--experiments",
+    nargs="+",
+    default=list(EXPERIMENTS),
+    choices=list(EXPERIMENTS),
+    help="experiments to run (default: all)",
+  )
+  report.add_run_arguments(
+    parser, quick="tiny models, a few steps, 2-point grids", seeds=5, unit="setting", folder="outer", reports="reports"
+  )
   args = parser.parse_args(argv)
   out = args.out or report.results_dir("quick_outer" if args.quick else "outer")
   start = time.perf_counter()
@@ -71,8 +89,10 @@ def main(argv=None) -> dict:
     print(verdicts.verdict_table({t.name: t for t, _, _ in tasks.values()}, summary, wrapped=wrapped))
     for line in verdicts.timing_lines(summary):
       print(line)
-  print(f"Wall time {time.perf_counter() - start:.0f} s. Reports: "
-        + ", ".join(os.path.join(out, f"{e}.md") for e in summaries))
+  print(
+    f"Wall time {time.perf_counter() - start:.0f} s. Reports: "
+    + ", ".join(os.path.join(out, f"{e}.md") for e in summaries)
+  )
   return summaries
 
 

@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
-from benchmarks.common import data, grid, jaxpr, language, models, report, train, tuning
+from benchmarks.common import data, grid, jaxpr, language, report, train, tuning
 from lookahead_optax import diloco
 
 AXIS = "replica"
@@ -36,14 +35,38 @@ METHODS = ("DP-AdamW", "DiLoCo-H10(AdamW)", "DiLoCo-H30(AdamW)")
 OUTER = "outer lr 0.7, momentum 0.9"
 
 FULL = dict(
-    steps=600, replicas=4, replica_batch=4, seq_len=64, dim=32, heads=4, layers=2, weight_decay=0.01, eval_every=30,
-    curve_windows=32, train_eval_chars=16384, eval_chunk=32, max_chars=None,
-    grids={m: (2e-3, 5e-3, 1e-2, 2e-2) for m in METHODS},
-    variants={"DiLoCo-H10": (OUTER,), "DiLoCo-H30": (OUTER,)}, methods=METHODS,
-    pairs=(("DP-AdamW", "DiLoCo-H10(AdamW)"), ("DP-AdamW", "DiLoCo-H30(AdamW)")))
-QUICK = dict(FULL, steps=30, seq_len=16, dim=16, heads=2, layers=1, eval_every=10, curve_windows=4,
-             train_eval_chars=1024, eval_chunk=16, max_chars=60_000,
-             grids={m: (5e-3, 1e-2) for m in METHODS})
+  steps=600,
+  replicas=4,
+  replica_batch=4,
+  seq_len=64,
+  dim=32,
+  heads=4,
+  layers=2,
+  weight_decay=0.01,
+  eval_every=30,
+  curve_windows=32,
+  train_eval_chars=16384,
+  eval_chunk=32,
+  max_chars=None,
+  grids={m: (2e-3, 5e-3, 1e-2, 2e-2) for m in METHODS},
+  variants={"DiLoCo-H10": (OUTER,), "DiLoCo-H30": (OUTER,)},
+  methods=METHODS,
+  pairs=(("DP-AdamW", "DiLoCo-H10(AdamW)"), ("DP-AdamW", "DiLoCo-H30(AdamW)")),
+)
+QUICK = dict(
+  FULL,
+  steps=30,
+  seq_len=16,
+  dim=16,
+  heads=2,
+  layers=1,
+  eval_every=10,
+  curve_windows=4,
+  train_eval_chars=1024,
+  eval_chunk=16,
+  max_chars=60_000,
+  grids={m: (5e-3, 1e-2) for m in METHODS},
+)
 
 
 def sync_period(family: str) -> int:
@@ -65,7 +88,8 @@ def replicated(tx: optax.GradientTransformation, axis_name: str = AXIS) -> optax
   do across devices).
   """
   return optax.GradientTransformation(
-      jax.vmap(tx.init), jax.vmap(lambda u, s, p: tx.update(u, s, p), axis_name=axis_name))
+    jax.vmap(tx.init), jax.vmap(lambda u, s, p: tx.update(u, s, p), axis_name=axis_name)
+  )
 
 
 def per_replica(family: str, lr, cfg: dict) -> optax.GradientTransformation:
@@ -94,11 +118,12 @@ def problem(cfg: dict) -> grid.Problem:
   # Sum over replicas: each replica's slice of the gradient is then exactly its own gradient.
   loss = lambda p, b: jnp.sum(jax.vmap(lambda q, x, y: train.cross_entropy(apply(q, x), y))(p, b.x, b.y))
   return grid.Problem(
-      init=lambda seed: jax.tree.map(lambda x: jnp.broadcast_to(x, (m,) + x.shape), base.init(seed)),
-      loss=loss,
-      batch=batch,
-      evaluate=lambda w, d: base.evaluate(first_replica(w), d),
-      data=arrays)
+    init=lambda seed: jax.tree.map(lambda x: jnp.broadcast_to(x, (m,) + x.shape), base.init(seed)),
+    loss=loss,
+    batch=batch,
+    evaluate=lambda w, d: base.evaluate(first_replica(w), d),
+    data=arrays,
+  )
 
 
 def first_replica(weights):
@@ -121,13 +146,18 @@ def communication(cfg: dict, prob: grid.Problem) -> dict:
   out = {}
   for family in cfg["methods"]:
     tx, h = per_replica(family, 1e-3, cfg), sync_period(family)
-    counts = jaxpr.count_all_reduces(jax.make_jaxpr(tx.update, axis_env=[(AXIS, cfg["replicas"])])(
-        params, tx.init(params), params))
+    counts = jaxpr.count_all_reduces(
+      jax.make_jaxpr(tx.update, axis_env=[(AXIS, cfg["replicas"])])(params, tx.init(params), params)
+    )
     # A round: one step's all-reduces (XLA combines the per-leaf ones into one collective); those inside
     # Lookahead's conditional commit run once per sync.
     per_period = h if counts["every_step"] else int(counts["conditional"] > 0)
-    out[family] = {"period": h, "all_reduces": counts, "rounds_per_period": int(per_period),
-                   "rounds_total": cfg["steps"] * per_period / h}
+    out[family] = {
+      "period": h,
+      "all_reduces": counts,
+      "rounds_per_period": int(per_period),
+      "rounds_total": cfg["steps"] * per_period / h,
+    }
   return out
 
 
@@ -142,10 +172,21 @@ def extras_section(res: dict, figdir: str) -> str:
   comm = res["extras"]["communication"]
   cfg = res["config"]
   samples = cfg["replicas"] * cfg["replica_batch"]
-  lines = [f"### Communication ({cfg['replicas']} replicas, {samples} sequences per step in all, every method)", "",
-           "All-reduces in the per-replica program: at every step / inside the commit that runs only at a sync.", ""]
-  rows = [[m, f"{c['all_reduces']['every_step']} / {c['all_reduces']['conditional']}",
-           f"{c['rounds_per_period']} per {c['period']} step(s)", f"{c['rounds_total']:g}"] for m, c in comm.items()]
+  lines = [
+    f"### Communication ({cfg['replicas']} replicas, {samples} sequences per step in all, every method)",
+    "",
+    "All-reduces in the per-replica program: at every step / inside the commit that runs only at a sync.",
+    "",
+  ]
+  rows = [
+    [
+      m,
+      f"{c['all_reduces']['every_step']} / {c['all_reduces']['conditional']}",
+      f"{c['rounds_per_period']} per {c['period']} step(s)",
+      f"{c['rounds_total']:g}",
+    ]
+    for m, c in comm.items()
+  ]
   lines += [report.markdown_table(["method", "all-reduces in program", "rounds", "rounds in the run"], rows), ""]
   plt = report.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.9))
@@ -155,7 +196,7 @@ def extras_section(res: dict, figdir: str) -> str:
     mean, std = report.mean_curve(row["curves"]["val_loss"])
     c = comm[method]
     for ax, x in zip(axes, (steps * c["rounds_per_period"] / c["period"], steps * samples)):
-      line, = ax.plot(x, mean, marker=".", label=f"{method} ({setting_label(row)})")
+      (line,) = ax.plot(x, mean, marker=".", label=f"{method} ({setting_label(row)})")
       ax.fill_between(x, mean - std, mean + std, alpha=0.15, color=line.get_color())
   axes[0].set(xscale="log", xlabel="communication rounds (all-reduces)", ylabel="validation loss (nats/char)")
   axes[1].set(xlabel="training sequences (all replicas)", ylabel="validation loss (nats/char)")
@@ -165,9 +206,15 @@ def extras_section(res: dict, figdir: str) -> str:
 
 
 TASK = tuning.Task(
-    name="diloco",
-    title="DiLoCo against synchronous data parallelism: character Transformer, equal samples",
-    **language.METRICS,
-    paper={"DP-AdamW vs DiLoCo-H10(AdamW)": "DiLoCo paper: matches synchronous training with H x fewer rounds",
-           "DP-AdamW vs DiLoCo-H30(AdamW)": "DiLoCo paper: matches synchronous training with H x fewer rounds"},
-    problem=problem, optimizer=optimizer, finals=finals, extras=extras)
+  name="diloco",
+  title="DiLoCo against synchronous data parallelism: character Transformer, equal samples",
+  **language.METRICS,
+  paper={
+    "DP-AdamW vs DiLoCo-H10(AdamW)": "DiLoCo paper: matches synchronous training with H x fewer rounds",
+    "DP-AdamW vs DiLoCo-H30(AdamW)": "DiLoCo paper: matches synchronous training with H x fewer rounds",
+  },
+  problem=problem,
+  optimizer=optimizer,
+  finals=finals,
+  extras=extras,
+)

@@ -17,11 +17,9 @@ outer rate 0.7 and momentum 0.9, the SNOO/DiLoCo default; k=5 with 0.5 and 0.5).
 from __future__ import annotations
 
 import optax
-from flax import nnx
 
-from benchmarks.common import data, grid, language, models, train, tuning
+from benchmarks.common import grid, language, train, tuning
 from benchmarks.common import translation as tr
-from benchmarks.common.tuning import Metric
 from lookahead_optax import lookahead, snoo
 
 VARIANTS = {"k=20, outer lr 0.7, momentum 0.9": (20, 0.7, 0.9), "k=5, outer lr 0.5, momentum 0.5": (5, 0.5, 0.5)}
@@ -30,20 +28,60 @@ METHODS = ("AdamW", "LA(AdamW)", "SNOO(AdamW)")
 PAIRS = (("AdamW", "LA(AdamW)"), ("AdamW", "SNOO(AdamW)"))
 
 LM_FULL = dict(
-    steps=600, batch=16, seq_len=64, dim=32, heads=4, layers=2, k=5, weight_decay=0.01, eval_every=50,
-    curve_windows=32, train_eval_chars=16384, eval_chunk=32, max_chars=None,
-    grids={"AdamW": (2e-3, 5e-3, 1e-2, 2e-2), "LA(AdamW)": (1e-2, 2e-2), "SNOO(AdamW)": (5e-3, 1e-2)},
-    variants={"SNOO": tuple(VARIANTS)}, methods=METHODS, pairs=PAIRS)
+  steps=600,
+  batch=16,
+  seq_len=64,
+  dim=32,
+  heads=4,
+  layers=2,
+  k=5,
+  weight_decay=0.01,
+  eval_every=50,
+  curve_windows=32,
+  train_eval_chars=16384,
+  eval_chunk=32,
+  max_chars=None,
+  grids={"AdamW": (2e-3, 5e-3, 1e-2, 2e-2), "LA(AdamW)": (1e-2, 2e-2), "SNOO(AdamW)": (5e-3, 1e-2)},
+  variants={"SNOO": tuple(VARIANTS)},
+  methods=METHODS,
+  pairs=PAIRS,
+)
 TRANSLATION_FULL = dict(
-    steps=400, batch=32, dim=32, heads=4, layers=1, n_train=700, n_val=100, n_test=200, max_number=1000,
-    warmup=0.1, k=5, weight_decay=0.01, eval_every=40,
-    grids={"AdamW": (5e-3, 1e-2, 2e-2, 3e-2), "LA(AdamW)": (2e-2, 3e-2), "SNOO(AdamW)": (1e-2, 2e-2)},
-    variants={"SNOO": tuple(VARIANTS)}, methods=METHODS, pairs=PAIRS)
+  steps=400,
+  batch=32,
+  dim=32,
+  heads=4,
+  layers=1,
+  n_train=700,
+  n_val=100,
+  n_test=200,
+  max_number=1000,
+  warmup=0.1,
+  k=5,
+  weight_decay=0.01,
+  eval_every=40,
+  grids={"AdamW": (5e-3, 1e-2, 2e-2, 3e-2), "LA(AdamW)": (2e-2, 3e-2), "SNOO(AdamW)": (1e-2, 2e-2)},
+  variants={"SNOO": tuple(VARIANTS)},
+  methods=METHODS,
+  pairs=PAIRS,
+)
 # Smoke runs: every code path, tiny models, a few steps.
-LM_QUICK = dict(LM_FULL, steps=20, seq_len=16, dim=16, heads=2, layers=1, eval_every=10, curve_windows=4,
-                train_eval_chars=1024, eval_chunk=16, max_chars=60_000)
-TRANSLATION_QUICK = dict(TRANSLATION_FULL, steps=20, dim=16, heads=2, n_train=200, n_val=50, n_test=50,
-                         max_number=400, eval_every=10)
+LM_QUICK = dict(
+  LM_FULL,
+  steps=20,
+  seq_len=16,
+  dim=16,
+  heads=2,
+  layers=1,
+  eval_every=10,
+  curve_windows=4,
+  train_eval_chars=1024,
+  eval_chunk=16,
+  max_chars=60_000,
+)
+TRANSLATION_QUICK = dict(
+  TRANSLATION_FULL, steps=20, dim=16, heads=2, n_train=200, n_val=50, n_test=50, max_number=400, eval_every=10
+)
 
 
 def wrap(family: str, inner: optax.GradientTransformation, hp: dict, cfg: dict) -> optax.GradientTransformation:
@@ -58,8 +96,9 @@ def wrap(family: str, inner: optax.GradientTransformation, hp: dict, cfg: dict) 
 
 
 def lm_optimizer(family: str, cfg: dict):
-  return lambda hp: wrap(family, optax.inject_hyperparams(optax.adamw)(
-      learning_rate=hp["lr"], weight_decay=cfg["weight_decay"]), hp, cfg)
+  return lambda hp: wrap(
+    family, optax.inject_hyperparams(optax.adamw)(learning_rate=hp["lr"], weight_decay=cfg["weight_decay"]), hp, cfg
+  )
 
 
 def lm_finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
@@ -68,29 +107,42 @@ def lm_finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
 
 def translation_optimizer(family: str, cfg: dict):
   warmup = max(1, int(cfg["warmup"] * cfg["steps"]))
-  return lambda hp: wrap(family, optax.inject_hyperparams(optax.adamw)(
-      learning_rate=tr.warmup_rsqrt(hp["lr"], warmup), b1=0.9, b2=0.98, eps=1e-9,
-      weight_decay=cfg["weight_decay"]), hp, cfg)
+  return lambda hp: wrap(
+    family,
+    optax.inject_hyperparams(optax.adamw)(
+      learning_rate=tr.warmup_rsqrt(hp["lr"], warmup), b1=0.9, b2=0.98, eps=1e-9, weight_decay=cfg["weight_decay"]
+    ),
+    hp,
+    cfg,
+  )
 
 
 LM = tuning.Task(
-    name="snoo-lm",
-    title="Character Transformer on pydoc text: AdamW, Lookahead(AdamW), SNOO(AdamW) at equal steps",
-    **language.METRICS,
-    paper={"AdamW vs SNOO(AdamW)": "SNOO paper: SNOO ahead of AdamW on LLM pre-training at equal steps",
-           "AdamW vs LA(AdamW)": "Lookahead paper (5.3): LA(Adam) ahead of Adam on language modelling"},
-    problem=lambda cfg: language.problem(cfg, lambda seed: language.transformer(cfg, seed)),
-    optimizer=lm_optimizer, finals=lm_finals)
+  name="snoo-lm",
+  title="Character Transformer on pydoc text: AdamW, Lookahead(AdamW), SNOO(AdamW) at equal steps",
+  **language.METRICS,
+  paper={
+    "AdamW vs SNOO(AdamW)": "SNOO paper: SNOO ahead of AdamW on LLM pre-training at equal steps",
+    "AdamW vs LA(AdamW)": "Lookahead paper (5.3): LA(Adam) ahead of Adam on language modelling",
+  },
+  problem=lambda cfg: language.problem(cfg, lambda seed: language.transformer(cfg, seed)),
+  optimizer=lm_optimizer,
+  finals=lm_finals,
+)
 
 TRANSLATION = tuning.Task(
-    name="snoo-translation",
-    title="Number-word translation: AdamW, Lookahead(AdamW), SNOO(AdamW) at equal steps",
-    **tr.METRICS,
-    tolerance=(0.1, True),
-    paper={"AdamW vs SNOO(AdamW)": "SNOO paper: SNOO ahead of AdamW at equal steps",
-           "AdamW vs LA(AdamW)": "Lookahead paper (Table 4): LA(Adam) level with Adam in BLEU"},
-    problem=lambda cfg: tr.from_config(cfg).problem(cfg["batch"]),
-    optimizer=translation_optimizer, finals=tr.finals)
+  name="snoo-translation",
+  title="Number-word translation: AdamW, Lookahead(AdamW), SNOO(AdamW) at equal steps",
+  **tr.METRICS,
+  tolerance=(0.1, True),
+  paper={
+    "AdamW vs SNOO(AdamW)": "SNOO paper: SNOO ahead of AdamW at equal steps",
+    "AdamW vs LA(AdamW)": "Lookahead paper (Table 4): LA(Adam) level with Adam in BLEU",
+  },
+  problem=lambda cfg: tr.from_config(cfg).problem(cfg["batch"]),
+  optimizer=translation_optimizer,
+  finals=tr.finals,
+)
 
 TASKS = {"lm": (LM, LM_FULL, LM_QUICK), "translation": (TRANSLATION, TRANSLATION_FULL, TRANSLATION_QUICK)}
 """Task name -> (task, full config, quick config)."""

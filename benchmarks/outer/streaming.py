@@ -82,9 +82,17 @@ def per_replica(method: Method, lr, cfg: dict) -> optax.GradientTransformation:
   if method.fragments == 0:
     return optax.chain(dl.all_reduce_gradients(dl.AXIS), adamw)
   dtype, _, ef = method.exchange.partition("+")
-  return diloco(adamw, cfg["k"], 0.7, 0.9, axis_name=dl.AXIS, fragments=method.fragments,
-                communication_dtype=None if dtype == "float32" else dtype, error_feedback=bool(ef),
-                delay=method.delay or None)
+  return diloco(
+    adamw,
+    cfg["k"],
+    0.7,
+    0.9,
+    axis_name=dl.AXIS,
+    fragments=method.fragments,
+    communication_dtype=None if dtype == "float32" else dtype,
+    error_feedback=bool(ef),
+    delay=method.delay or None,
+  )
 
 
 def sync_steps(fragments: int, k: int, steps: int) -> list[list[int]]:
@@ -112,13 +120,13 @@ def communication(method: Method, params, cfg: dict) -> dict:
   counts = [len(s) for s in sync_steps(method.fragments, cfg["k"], steps)]
   group_sent = per_group(sent)
   return {
-      "collectives": len(found),
-      "every_step_operand_bytes": every(operand),
-      "sync_operand_bytes": per_group(operand),
-      "sync_sent_bytes": group_sent,
-      "syncs": counts,
-      "total_sent_bytes": every(sent) * steps + sum(c * b for c, b in zip(counts, group_sent)),
-      "peak_sent_bytes": every(sent) + max(group_sent, default=0.0),
+    "collectives": len(found),
+    "every_step_operand_bytes": every(operand),
+    "sync_operand_bytes": per_group(operand),
+    "sync_sent_bytes": group_sent,
+    "syncs": counts,
+    "total_sent_bytes": every(sent) * steps + sum(c * b for c, b in zip(counts, group_sent)),
+    "peak_sent_bytes": every(sent) + max(group_sent, default=0.0),
   }
 
 
@@ -127,22 +135,41 @@ def run(cfg: dict, seeds, log=print) -> dict:
   prob = dl.problem(cfg)
   params = jax.tree.map(lambda x: x[0], prob.init(0))
   config = {k: v for k, v in cfg.items() if k not in ("grids", "variants", "methods", "pairs")}
-  results = {"config": config, "seeds": list(seeds),
-             "params": int(sum(x.size for x in jax.tree.leaves(params))), "methods": {}}
+  results = {
+    "config": config,
+    "seeds": list(seeds),
+    "params": int(sum(x.size for x in jax.tree.leaves(params))),
+    "methods": {},
+  }
   for method in methods(cfg):
     lr = LR["DP" if method.fragments == 0 else "DiLoCo"]
     hparams, run_seeds = grid.settings_by_seeds([{"lr": lr}], seeds)
-    g = grid.train_grid(prob, lambda hp, method=method: dl.replicated(per_replica(method, hp["lr"], cfg)),
-                        hparams, run_seeds, cfg["steps"], cfg["eval_every"])
+    g = grid.train_grid(
+      prob,
+      lambda hp, method=method: dl.replicated(per_replica(method, hp["lr"], cfg)),
+      hparams,
+      run_seeds,
+      cfg["steps"],
+      cfg["eval_every"],
+    )
     finals = dl.finals(cfg, prob, g)["main"]
     results["methods"][method.name] = dict(
-        method._asdict(), lr=lr, **communication(method, params, cfg),
-        val_loss=finals["val_loss"], test_loss=finals["test_loss"], eval_steps=g.eval_steps,
-        curve=g.curves["main"]["val_loss"], compile_seconds=g.compile_seconds, run_seconds=g.run_seconds)
+      method._asdict(),
+      lr=lr,
+      **communication(method, params, cfg),
+      val_loss=finals["val_loss"],
+      test_loss=finals["test_loss"],
+      eval_steps=g.eval_steps,
+      curve=g.curves["main"]["val_loss"],
+      compile_seconds=g.compile_seconds,
+      run_seconds=g.run_seconds,
+    )
     row = results["methods"][method.name]
-    log(f"  {method.name}: val loss {report.mean_std(row['val_loss'])}, sent {row['total_sent_bytes'] / 1e6:.2f} MB "
-        f"in all, peak {row['peak_sent_bytes'] / 1e3:.1f} kB/step ({g.compile_seconds:.0f} s compile, "
-        f"{g.run_seconds:.0f} s train)")
+    log(
+      f"  {method.name}: val loss {report.mean_std(row['val_loss'])}, sent {row['total_sent_bytes'] / 1e6:.2f} MB "
+      f"in all, peak {row['peak_sent_bytes'] / 1e3:.1f} kB/step ({g.compile_seconds:.0f} s compile, "
+      f"{g.run_seconds:.0f} s train)"
+    )
   results["environment"] = report.environment()
   return results
 
@@ -172,15 +199,31 @@ def table_rows(res: dict) -> list[list]:
       verdict = f"{c.verdict} {ref} ({c.diff:+.4f}, p = {c.p:.3f})"
     else:
       verdict = ""
-    rows.append([name, report.mean_std(row["val_loss"], digits=4), report.mean_std(row["test_loss"], digits=4),
-                 f"{row['total_sent_bytes'] / 1e6:.2f}", f"{row['total_sent_bytes'] / dp['total_sent_bytes']:.4f}",
-                 f"{row['peak_sent_bytes'] / 1e3:.1f}", f"{row['peak_sent_bytes'] / dp['peak_sent_bytes']:.3f}",
-                 verdict])
+    rows.append(
+      [
+        name,
+        report.mean_std(row["val_loss"], digits=4),
+        report.mean_std(row["test_loss"], digits=4),
+        f"{row['total_sent_bytes'] / 1e6:.2f}",
+        f"{row['total_sent_bytes'] / dp['total_sent_bytes']:.4f}",
+        f"{row['peak_sent_bytes'] / 1e3:.1f}",
+        f"{row['peak_sent_bytes'] / dp['peak_sent_bytes']:.3f}",
+        verdict,
+      ]
+    )
   return rows
 
 
-HEADERS = ["method", "val loss", "test loss", "sent in all (MB)", "vs DP", "peak per step (kB)", "vs DP",
-           "val loss against"]
+HEADERS = [
+  "method",
+  "val loss",
+  "test loss",
+  "sent in all (MB)",
+  "vs DP",
+  "peak per step (kB)",
+  "vs DP",
+  "val loss against",
+]
 
 
 def figure(res: dict, path: str) -> str:
@@ -193,10 +236,18 @@ def figure(res: dict, path: str) -> str:
     filled = "+EF" in row["exchange"] or row["fragments"] == 0
     spread = 1.0 + 0.05 * (EXCHANGES.index(row["exchange"]) - 3) if row["fragments"] else 1.0
     for ax, key in zip(axes, ("total_sent_bytes", "peak_sent_bytes")):
-      ax.errorbar(row[key] * spread, loss.mean(), yerr=loss.std(), marker=markers.get(row["fragments"], "x"),
-                  color="black" if row["fragments"] == 0 else colors.get(row["exchange"], "gray"),
-                  mfc=None if filled else "white", ms=7 if row["delay"] == 0 else 11, ls="none", capsize=2,
-                  label=name)
+      ax.errorbar(
+        row[key] * spread,
+        loss.mean(),
+        yerr=loss.std(),
+        marker=markers.get(row["fragments"], "x"),
+        color="black" if row["fragments"] == 0 else colors.get(row["exchange"], "gray"),
+        mfc=None if filled else "white",
+        ms=7 if row["delay"] == 0 else 11,
+        ls="none",
+        capsize=2,
+        label=name,
+      )
   axes[0].set(xscale="log", xlabel="bytes sent per replica, whole run", ylabel="validation loss (nats/char)")
   axes[1].set(xscale="log", xlabel="peak bytes sent per replica in one step", ylabel="validation loss (nats/char)")
   for ax in axes:
@@ -209,25 +260,38 @@ def write_report(res: dict, out: str, command: str) -> str:
   cfg = res["config"]
   intro = " ".join(__doc__.split("\n\n")[1].split())
   lines = [
-      "# Streaming DiLoCo: validation loss against bytes exchanged", "",
-      f"Regenerate with `{command}`; every number below comes from `streaming.json` of that run.", "",
-      intro, "", " ".join(__doc__.split("\n\n")[2].split()), "", " ".join(__doc__.split("\n\n")[3].split()), "",
-      f"Setting: {res['params']:,} params, {cfg['replicas']} replicas x {cfg['replica_batch']} windows of "
-      f"{cfg['seq_len']} characters per step, {cfg['steps']} steps, H = {cfg['k']}, outer Nesterov (0.7, 0.9); "
-      f"learning rates {LR}; seeds {res['seeds']}. Losses: mean ± std over seeds on the whole validation and "
-      "test splits.", "",
-      report.markdown_table(HEADERS, table_rows(res)), "",
-      "![loss against bytes](streaming_bytes.png)", "",
-      "Figure: mean ± std over seeds; exchanges with equal bytes are spread by a few percent along the byte "
-      "axis so that they do not hide each other.", "",
-      f"Environment: {', '.join(f'{k} {v}' for k, v in res['environment'].items())}."]
+    "# Streaming DiLoCo: validation loss against bytes exchanged",
+    "",
+    f"Regenerate with `{command}`; every number below comes from `streaming.json` of that run.",
+    "",
+    intro,
+    "",
+    " ".join(__doc__.split("\n\n")[2].split()),
+    "",
+    " ".join(__doc__.split("\n\n")[3].split()),
+    "",
+    f"Setting: {res['params']:,} params, {cfg['replicas']} replicas x {cfg['replica_batch']} windows of "
+    f"{cfg['seq_len']} characters per step, {cfg['steps']} steps, H = {cfg['k']}, outer Nesterov (0.7, 0.9); "
+    f"learning rates {LR}; seeds {res['seeds']}. Losses: mean ± std over seeds on the whole validation and "
+    "test splits.",
+    "",
+    report.markdown_table(HEADERS, table_rows(res)),
+    "",
+    "![loss against bytes](streaming_bytes.png)",
+    "",
+    "Figure: mean ± std over seeds; exchanges with equal bytes are spread by a few percent along the byte "
+    "axis so that they do not hide each other.",
+    "",
+    f"Environment: {', '.join(f'{k} {v}' for k, v in res['environment'].items())}.",
+  ]
   return report.write_text(os.path.join(out, "streaming.md"), "\n".join(lines))
 
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.outer.streaming", description=__doc__.split("\n\n")[0])
-  report.add_run_arguments(parser, quick="tiny model, a few steps, 5 methods", seeds=3, unit="method",
-                           folder="outer", reports="report")
+  report.add_run_arguments(
+    parser, quick="tiny model, a few steps, 5 methods", seeds=3, unit="method", folder="outer", reports="report"
+  )
   args = parser.parse_args(argv)
   out = args.out or report.results_dir("quick_outer" if args.quick else "outer")
   command = "python -m benchmarks.outer.streaming" + (" --quick" if args.quick else "")
@@ -241,8 +305,10 @@ def main(argv=None) -> dict:
     report.write_json(os.path.join(out, "streaming.json"), res)
   figure(res, os.path.join(out, "streaming_bytes.png"))
   path = write_report(res, out, command)
-  print("\nStreaming DiLoCo: validation loss (mean ± std over seeds) against bytes one replica sends; "
-        "verdicts: Welch's t-test at level 0.05.")
+  print(
+    "\nStreaming DiLoCo: validation loss (mean ± std over seeds) against bytes one replica sends; "
+    "verdicts: Welch's t-test at level 0.05."
+  )
   print(report.text_table(HEADERS, table_rows(res)))
   print(f"Wall time {time.perf_counter() - start:.0f} s. Report: {path}")
   return res

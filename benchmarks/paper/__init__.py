@@ -28,13 +28,25 @@ def configs(quick: bool = False, dataset: str = "digits", data_dir: str | None =
   out["image"].update(dataset=dataset, data_dir=data_dir)
   if dataset == "cifar10":
     # 32x32 colour images: the ResNet, larger shifts, more steps (one epoch of 50k images is ~780 steps of 64).
-    out["image"].update(model="resnet", widths=(32, 64), max_shift=4, steps=out["image"]["steps"] * 10,
-                        eval_every=out["image"]["eval_every"] * 10)
+    out["image"].update(
+      model="resnet",
+      widths=(32, 64),
+      max_shift=4,
+      steps=out["image"]["steps"] * 10,
+      eval_every=out["image"]["eval_every"] * 10,
+    )
   return out
 
 
-def run(tasks=tuple(TASKS), *, quick: bool = False, seeds: int = SEEDS, out: str | None = None,
-        cfgs: dict | None = None, log=print) -> dict:
+def run(
+  tasks=tuple(TASKS),
+  *,
+  quick: bool = False,
+  seeds: int = SEEDS,
+  out: str | None = None,
+  cfgs: dict | None = None,
+  log=print,
+) -> dict:
   """Runs ``tasks``, writing ``summary.json``, ``paper.md`` and the figures into ``out`` after each; returns the summary."""
   unknown = [t for t in tasks if t not in TASKS]
   if unknown:
@@ -73,10 +85,12 @@ def write_report(summary: dict, out: str) -> str:
   """``paper.md`` and the figures, from a summary."""
   command = "python -m benchmarks.paper" + (" --quick" if summary["quick"] else "")
   intro = [
-      "Zhang et al., *Lookahead Optimizer: k steps forward, 1 step back* (NeurIPS 2019), sections 3.1 and 5, rerun "
-      "on data that ships with Python or scikit-learn, on CPU. Regenerate with `" + command + "`. Every number "
-      "below comes from `summary.json` of that run. The paper's numbers are quoted from its text; our tasks are "
-      "far smaller, so compare directions and gaps, not values."]
+    "Zhang et al., *Lookahead Optimizer: k steps forward, 1 step back* (NeurIPS 2019), sections 3.1 and 5, rerun "
+    "on data that ships with Python or scikit-learn, on CPU. Regenerate with `" + command + "`. Every number "
+    "below comes from `summary.json` of that run. The paper's numbers are quoted from its text; our tasks are "
+    "far smaller, so compare directions and gaps, not values."
+  ]
   tasks = {name: (TASKS[name].TASK, getattr(TASKS[name], "extras_section", None)) for name in summary["tasks"]}
-  return verdicts.write_document(os.path.join(out, "paper.md"), "The paper's experiments at laptop scale", intro,
-                                 tasks, summary)
+  return verdicts.write_document(
+    os.path.join(out, "paper.md"), "The paper's experiments at laptop scale", intro, tasks, summary
+  )

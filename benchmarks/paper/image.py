@@ -27,20 +27,47 @@ from benchmarks.common import data, grid, models, train, tuning
 from benchmarks.common.tuning import Metric
 
 FULL = dict(
-    dataset="digits", data_dir=None, model="mlp", widths=(256, 256), blocks=1, steps=1000, batch=64, max_shift=1,
-    n_val=200, eval_every=100, momentum=0.9, k=5,
-    grids={"SGD": (0.03, 0.05, 0.1, 0.2, 0.3, 0.5), "Adam": (2e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2),
-           "LA(SGD)": (0.3, 0.5, 0.8), "LA(Adam)": (2e-2, 3e-2, 5e-2)},
-    methods=("SGD", "Polyak", "Adam", "LA(SGD)", "LA(Adam)"), pairs=(("SGD", "LA(SGD)"), ("Adam", "LA(Adam)")),
-    k_alpha_ks=(5, 10), trace_start=0.25, trace_updates=40,
+  dataset="digits",
+  data_dir=None,
+  model="mlp",
+  widths=(256, 256),
+  blocks=1,
+  steps=1000,
+  batch=64,
+  max_shift=1,
+  n_val=200,
+  eval_every=100,
+  momentum=0.9,
+  k=5,
+  grids={
+    "SGD": (0.03, 0.05, 0.1, 0.2, 0.3, 0.5),
+    "Adam": (2e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2),
+    "LA(SGD)": (0.3, 0.5, 0.8),
+    "LA(Adam)": (2e-2, 3e-2, 5e-2),
+  },
+  methods=("SGD", "Polyak", "Adam", "LA(SGD)", "LA(Adam)"),
+  pairs=(("SGD", "LA(SGD)"), ("Adam", "LA(Adam)")),
+  k_alpha_ks=(5, 10),
+  trace_start=0.25,
+  trace_updates=40,
 )
-QUICK = dict(FULL, grids={"SGD": (0.2, 0.3), "LA(SGD)": (0.5,)}, methods=("SGD", "LA(SGD)"),
-             pairs=(("SGD", "LA(SGD)"),), sensitivity=False, extras=False)
+QUICK = dict(
+  FULL,
+  grids={"SGD": (0.2, 0.3), "LA(SGD)": (0.5,)},
+  methods=("SGD", "LA(SGD)"),
+  pairs=(("SGD", "LA(SGD)"),),
+  sensitivity=False,
+  extras=False,
+)
 
 # Table 1 of the paper: CIFAR final validation accuracy (%), ResNet-18, 200 epochs, 3 seeds.
-PAPER_TABLE1 = {"SGD": ("95.23 ± .19", "78.24 ± .18"), "Polyak": ("95.26 ± .04", "77.99 ± .42"),
-                "Adam": ("94.84 ± .16", "76.88 ± .39"), "LA(SGD)": ("95.27 ± .06", "78.34 ± .05"),
-                "LA(Adam)": ("-", "-")}
+PAPER_TABLE1 = {
+  "SGD": ("95.23 ± .19", "78.24 ± .18"),
+  "Polyak": ("95.26 ± .04", "77.99 ± .42"),
+  "Adam": ("94.84 ± .16", "76.88 ± .39"),
+  "LA(SGD)": ("95.27 ± .06", "78.34 ± .05"),
+  "LA(Adam)": ("-", "-"),
+}
 # Table 5 of the paper: CIFAR-100 validation accuracy (%) of LA(SGD), rows k, columns alpha; SGD: 77.72.
 PAPER_TABLE5 = {(5, 0.5): "78.24 ± .02", (5, 0.8): "78.27 ± .04", (10, 0.5): "78.19 ± .22", (10, 0.8): "77.94 ± .22"}
 
@@ -82,11 +109,12 @@ def problem(cfg: dict) -> grid.Problem:
     return data.Split(data.shift_images(jax.random.fold_in(shift, step), b.x, cfg["max_shift"]), b.y)
 
   return grid.Problem(
-      init=lambda seed: train.functional(model(cfg, channels, seed))[1],
-      loss=lambda p, b: train.cross_entropy(apply(p, b.x), b.y),
-      batch=batch,
-      evaluate=lambda w, d: classification_metrics(apply, w, d["val"], "val"),
-      data=arrays)
+    init=lambda seed: train.functional(model(cfg, channels, seed))[1],
+    loss=lambda p, b: train.cross_entropy(apply(p, b.x), b.y),
+    batch=batch,
+    evaluate=lambda w, d: classification_metrics(apply, w, d["val"], "val"),
+    data=arrays,
+  )
 
 
 def inner(name: str, hp: dict, cfg: dict) -> optax.GradientTransformation:
@@ -108,8 +136,10 @@ def optimizer(family: str, cfg: dict):
 
 def finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
   apply = _apply(cfg, prob)
-  evaluate = lambda w, d: {**classification_metrics(apply, w, d["val"], "val"),
-                           **classification_metrics(apply, w, d["test"], "test")}
+  evaluate = lambda w, d: {
+    **classification_metrics(apply, w, d["val"], "val"),
+    **classification_metrics(apply, w, d["test"], "test"),
+  }
   train_loss = tuning.tail_mean(g.losses)
   return {name: {**grid.map_runs(evaluate, w, prob.data), "train_loss": train_loss} for name, w in g.weights.items()}
 
@@ -130,13 +160,15 @@ def extras(cfg: dict, prob: grid.Problem, result: dict, seeds) -> dict:
   for k in cfg["k_alpha_ks"]:
     if k == cfg["k"]:  # the tuning runs already hold both alphas at this rate
       rows = [r for r in result["methods"]["LA(SGD)"]["settings"] if np.isclose(r["lr"], lr) and r["eligible"]]
-      out["k_alpha"]["rows"] += [{"k": k, "alpha": r["alpha"], "metrics": {"test_acc": r["metrics"]["test_acc"]}}
-                                 for r in rows]
+      out["k_alpha"]["rows"] += [
+        {"k": k, "alpha": r["alpha"], "metrics": {"test_acc": r["metrics"]["test_acc"]}} for r in rows
+      ]
       continue
     sub = dict(cfg, k=k)
     hparams, seed_axis = grid.settings_by_seeds([{"lr": lr, "alpha": a} for a in tuning.ALPHAS], seeds)
-    g = grid.train_grid(prob, optimizer("LA(SGD)", sub), hparams, seed_axis, cfg["steps"], cfg["eval_every"],
-                        chunk=len(seeds))
+    g = grid.train_grid(
+      prob, optimizer("LA(SGD)", sub), hparams, seed_axis, cfg["steps"], cfg["eval_every"], chunk=len(seeds)
+    )
     acc = finals(sub, prob, g)["main"]["test_acc"]
     for i, a in enumerate(tuning.ALPHAS):
       runs = slice(i * len(seeds), (i + 1) * len(seeds))
@@ -155,27 +187,57 @@ def trace(cfg: dict, prob: grid.Problem, setting: dict, seeds) -> dict:
   both = lambda params, opt_state: {"fast": params, "slow": train.slow_or_params(params, opt_state)}
   hparams, seed_axis = grid.settings_by_seeds([{"lr": setting["lr"], "alpha": setting["alpha"]}], seeds)
   # The schedule is the full run's, so the window sits at the same point of training.
-  g = grid.train_grid(traced, optimizer("LA(SGD)", cfg), hparams, seed_axis, start + window, 0, weights=both,
-                      segments=[(start, 1), (1, window)], chunk=len(seeds))
-  return {"lr": setting["lr"], "alpha": setting["alpha"], "k": cfg["k"], "steps": g.eval_steps[1:].tolist(),
-          "fast_acc": g.curves["fast"]["test_acc"][:, 1:].tolist(), "slow_acc": g.curves["slow"]["test_acc"][:, 1:].tolist()}
+  g = grid.train_grid(
+    traced,
+    optimizer("LA(SGD)", cfg),
+    hparams,
+    seed_axis,
+    start + window,
+    0,
+    weights=both,
+    segments=[(start, 1), (1, window)],
+    chunk=len(seeds),
+  )
+  return {
+    "lr": setting["lr"],
+    "alpha": setting["alpha"],
+    "k": cfg["k"],
+    "steps": g.eval_steps[1:].tolist(),
+    "fast_acc": g.curves["fast"]["test_acc"][:, 1:].tolist(),
+    "slow_acc": g.curves["slow"]["test_acc"][:, 1:].tolist(),
+  }
 
 
 TASK = tuning.Task(
-    name="image",
-    title="Image classification: MLP on shift-augmented digits (paper 5.1, Table 1, Fig. 5)",
-    methods={"SGD": ("SGD", "main"), "Polyak": ("SGD", "polyak"), "Adam": ("Adam", "main"),
-             "LA(SGD)": ("LA(SGD)", "main"), "LA(Adam)": ("LA(Adam)", "main")},
-    select=Metric("val_acc", "val acc %", True, 100.0),
-    headline=Metric("test_acc", "test acc %", True, 100.0),
-    columns=(Metric("train_loss", "final train loss", False, 1.0, 4), Metric("val_acc", "val acc %", True, 100.0),
-             Metric("test_acc", "test acc %", True, 100.0), Metric("test_loss", "test loss", False, 1.0, 4)),
-    tolerance=(0.01, False),
-    paper={"SGD vs LA(SGD)": "Table 1: LA(SGD) 95.27 vs SGD 95.23 % (CIFAR-10), 78.34 vs 78.24 % (CIFAR-100)",
-           "Adam vs LA(Adam)": "Fig. 5: LA(Adam) above Adam in training loss and accuracy (CIFAR)"},
-    paper_table=(["paper CIFAR-10 %", "paper CIFAR-100 %"], PAPER_TABLE1),
-    problem=problem, optimizer=optimizer,
-    weights=lambda family, cfg: tuning.weights_of(family, polyak=("SGD",)), finals=finals, extras=extras)
+  name="image",
+  title="Image classification: MLP on shift-augmented digits (paper 5.1, Table 1, Fig. 5)",
+  methods={
+    "SGD": ("SGD", "main"),
+    "Polyak": ("SGD", "polyak"),
+    "Adam": ("Adam", "main"),
+    "LA(SGD)": ("LA(SGD)", "main"),
+    "LA(Adam)": ("LA(Adam)", "main"),
+  },
+  select=Metric("val_acc", "val acc %", True, 100.0),
+  headline=Metric("test_acc", "test acc %", True, 100.0),
+  columns=(
+    Metric("train_loss", "final train loss", False, 1.0, 4),
+    Metric("val_acc", "val acc %", True, 100.0),
+    Metric("test_acc", "test acc %", True, 100.0),
+    Metric("test_loss", "test loss", False, 1.0, 4),
+  ),
+  tolerance=(0.01, False),
+  paper={
+    "SGD vs LA(SGD)": "Table 1: LA(SGD) 95.27 vs SGD 95.23 % (CIFAR-10), 78.34 vs 78.24 % (CIFAR-100)",
+    "Adam vs LA(Adam)": "Fig. 5: LA(Adam) above Adam in training loss and accuracy (CIFAR)",
+  },
+  paper_table=(["paper CIFAR-10 %", "paper CIFAR-100 %"], PAPER_TABLE1),
+  problem=problem,
+  optimizer=optimizer,
+  weights=lambda family, cfg: tuning.weights_of(family, polyak=("SGD",)),
+  finals=finals,
+  extras=extras,
+)
 
 
 def extras_section(res: dict, figdir: str) -> str:
@@ -186,25 +248,40 @@ def extras_section(res: dict, figdir: str) -> str:
   ex = res["extras"]
   acc = Metric("test_acc", "test acc %", True, 100.0)
   sgd = tuning.tuned(res, "SGD")
-  lines = [f"### k and alpha (paper Fig. 9, Table 5): LA(SGD) test accuracy % at its tuned lr {ex['k_alpha']['lr']:g}",
-           ""]
+  lines = [
+    f"### k and alpha (paper Fig. 9, Table 5): LA(SGD) test accuracy % at its tuned lr {ex['k_alpha']['lr']:g}",
+    "",
+  ]
   rows = []
   for r in ex["k_alpha"]["rows"]:
     c = tuning.comparison(r, sgd, acc)
-    rows.append([f"k={r['k']}, alpha={r['alpha']:g}", acc.cell(r["metrics"]["test_acc"]),
-                 PAPER_TABLE5.get((r["k"], r["alpha"]), "-"),
-                 f"LA(SGD) {c['verdict']} SGD (p = {c['p']:.3f})"])
-  lines += [report.markdown_table(["setting", "test acc % (ours)", "paper CIFAR-100 %", "against tuned SGD"], rows),
-            "", f"Tuned SGD ({setting_label(sgd)}): {acc.cell(sgd['metrics']['test_acc'])} % (paper: 77.72 %).", ""]
+    rows.append(
+      [
+        f"k={r['k']}, alpha={r['alpha']:g}",
+        acc.cell(r["metrics"]["test_acc"]),
+        PAPER_TABLE5.get((r["k"], r["alpha"]), "-"),
+        f"LA(SGD) {c['verdict']} SGD (p = {c['p']:.3f})",
+      ]
+    )
+  lines += [
+    report.markdown_table(["setting", "test acc % (ours)", "paper CIFAR-100 %", "against tuned SGD"], rows),
+    "",
+    f"Tuned SGD ({setting_label(sgd)}): {acc.cell(sgd['metrics']['test_acc'])} % (paper: 77.72 %).",
+    "",
+  ]
   if "trace" not in ex:
     return "\n".join(lines)
   tr = ex["trace"]
   fast, slow = 100 * np.asarray(tr["fast_acc"]), 100 * np.asarray(tr["slow_acc"])
-  lines += ["### Inner loop against outer loop (paper Fig. 10)", "",
-            f"LA(SGD) at lr {tr['lr']:g}, alpha {tr['alpha']:g}, k={tr['k']}: test accuracy after each of "
-            f"{fast.shape[1]} updates from step {tr['steps'][0]}, mean over {fast.shape[0]} seeds: fast weights "
-            f"{fast.mean():.2f} % on average (lowest {fast.mean(0).min():.2f} %), slow weights {slow.mean():.2f} %. "
-            "The paper sees the fast weights' accuracy fall within each inner loop and the slow step restore it.", ""]
+  lines += [
+    "### Inner loop against outer loop (paper Fig. 10)",
+    "",
+    f"LA(SGD) at lr {tr['lr']:g}, alpha {tr['alpha']:g}, k={tr['k']}: test accuracy after each of "
+    f"{fast.shape[1]} updates from step {tr['steps'][0]}, mean over {fast.shape[0]} seeds: fast weights "
+    f"{fast.mean():.2f} % on average (lowest {fast.mean(0).min():.2f} %), slow weights {slow.mean():.2f} %. "
+    "The paper sees the fast weights' accuracy fall within each inner loop and the slow step restore it.",
+    "",
+  ]
   plt = report.pyplot()
   fig, ax = plt.subplots(figsize=(6.4, 3.6))
   ax.plot(tr["steps"], fast.mean(0), marker=".", label="fast weights (after each update)")

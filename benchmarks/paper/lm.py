@@ -20,19 +20,43 @@ from benchmarks.common import data, grid, language, models, train, tuning
 from benchmarks.common.tuning import Metric
 
 FULL = dict(
-    steps=500, batch=16, seq_len=48, embed=32, hidden=64, clip=1.0, k=5, eval_every=50, curve_windows=64,
-    train_eval_chars=32768, eval_chunk=64, max_chars=None,
-    grids={"SGD": (1.0, 2.0, 3.0, 5.0, 10.0, 20.0), "Adam": (3e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2),
-           "LA(SGD)": (5.0, 10.0, 20.0), "LA(Adam)": (3e-2, 5e-2, 0.1)},
-    methods=("SGD", "LA(SGD)", "Adam", "LA(Adam)", "Polyak"), pairs=(("SGD", "LA(SGD)"), ("Adam", "LA(Adam)")),
+  steps=500,
+  batch=16,
+  seq_len=48,
+  embed=32,
+  hidden=64,
+  clip=1.0,
+  k=5,
+  eval_every=50,
+  curve_windows=64,
+  train_eval_chars=32768,
+  eval_chunk=64,
+  max_chars=None,
+  grids={
+    "SGD": (1.0, 2.0, 3.0, 5.0, 10.0, 20.0),
+    "Adam": (3e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2),
+    "LA(SGD)": (5.0, 10.0, 20.0),
+    "LA(Adam)": (3e-2, 5e-2, 0.1),
+  },
+  methods=("SGD", "LA(SGD)", "Adam", "LA(Adam)", "Polyak"),
+  pairs=(("SGD", "LA(SGD)"), ("Adam", "LA(Adam)")),
 )
-QUICK = dict(FULL, grids={"Adam": (2e-2, 3e-2), "LA(Adam)": (5e-2,)}, methods=("Adam", "LA(Adam)"),
-             pairs=(("Adam", "LA(Adam)"),), sensitivity=False)
+QUICK = dict(
+  FULL,
+  grids={"Adam": (2e-2, 3e-2), "LA(Adam)": (5e-2,)},
+  methods=("Adam", "LA(Adam)"),
+  pairs=(("Adam", "LA(Adam)"),),
+  sensitivity=False,
+)
 
 # Table 3 of the paper: Penn Treebank word-level perplexity (train, val, test), AWD-LSTM, 750 epochs.
-PAPER_TABLE3 = {"SGD": ("43.62", "66.0", "63.90"), "LA(SGD)": ("35.02", "65.10", "63.04"),
-                "Adam": ("33.54", "61.64", "59.33"), "LA(Adam)": ("31.92", "60.28", "57.72"),
-                "Polyak": ("-", "61.18", "58.79")}
+PAPER_TABLE3 = {
+  "SGD": ("43.62", "66.0", "63.90"),
+  "LA(SGD)": ("35.02", "65.10", "63.04"),
+  "Adam": ("33.54", "61.64", "59.33"),
+  "LA(Adam)": ("31.92", "60.28", "57.72"),
+  "Polyak": ("-", "61.18", "58.79"),
+}
 
 
 def model(cfg: dict, seed: int) -> models.CharLSTM:
@@ -62,17 +86,30 @@ def finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
 
 
 TASK = tuning.Task(
-    name="lm",
-    title="Language modelling: character LSTM on pydoc text (paper 5.3, Table 3, Fig. 7a)",
-    methods={"SGD": ("SGD", "main"), "Polyak": ("SGD", "polyak"), "Adam": ("Adam", "main"),
-             "LA(SGD)": ("LA(SGD)", "main"), "LA(Adam)": ("LA(Adam)", "main")},
-    select=Metric("val_ppl", "val ppl", False),
-    headline=Metric("test_ppl", "test ppl", False),
-    columns=(Metric("train_ppl", "train ppl", False), Metric("val_ppl", "val ppl", False),
-             Metric("test_ppl", "test ppl", False)),
-    tolerance=(0.02, True),
-    paper={"SGD vs LA(SGD)": "Table 3: LA(SGD) 63.04 vs SGD 63.90 test ppl (PTB)",
-           "Adam vs LA(Adam)": "Table 3: LA(Adam) 57.72 vs Adam 59.33 test ppl (PTB)"},
-    paper_table=(["paper train", "paper val", "paper test"], PAPER_TABLE3),
-    problem=problem, optimizer=lambda family, cfg: tuning.optimizer_of(family, inner, cfg, polyak=("SGD",)),
-    weights=lambda family, cfg: tuning.weights_of(family, polyak=("SGD",)), finals=finals)
+  name="lm",
+  title="Language modelling: character LSTM on pydoc text (paper 5.3, Table 3, Fig. 7a)",
+  methods={
+    "SGD": ("SGD", "main"),
+    "Polyak": ("SGD", "polyak"),
+    "Adam": ("Adam", "main"),
+    "LA(SGD)": ("LA(SGD)", "main"),
+    "LA(Adam)": ("LA(Adam)", "main"),
+  },
+  select=Metric("val_ppl", "val ppl", False),
+  headline=Metric("test_ppl", "test ppl", False),
+  columns=(
+    Metric("train_ppl", "train ppl", False),
+    Metric("val_ppl", "val ppl", False),
+    Metric("test_ppl", "test ppl", False),
+  ),
+  tolerance=(0.02, True),
+  paper={
+    "SGD vs LA(SGD)": "Table 3: LA(SGD) 63.04 vs SGD 63.90 test ppl (PTB)",
+    "Adam vs LA(Adam)": "Table 3: LA(Adam) 57.72 vs Adam 59.33 test ppl (PTB)",
+  },
+  paper_table=(["paper train", "paper val", "paper test"], PAPER_TABLE3),
+  problem=problem,
+  optimizer=lambda family, cfg: tuning.optimizer_of(family, inner, cfg, polyak=("SGD",)),
+  weights=lambda family, cfg: tuning.weights_of(family, polyak=("SGD",)),
+  finals=finals,
+)

@@ -15,7 +15,6 @@ accuracy on the clean test set.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
@@ -24,9 +23,16 @@ from benchmarks.common import data, grid, models, train, tuning
 from benchmarks.common.tuning import Metric
 
 FULL = dict(
-    steps=3000, batch=8, hidden=(), flip=0.3, n_val=200, k=5, eval_every=100,
-    grids={"SGD": (0.03, 0.05, 0.1, 0.2, 0.5, 1.0), "LA(SGD)": (0.2, 0.5, 1.0)},
-    methods=("SGD", "LA(SGD)"), pairs=(("SGD", "LA(SGD)"),),
+  steps=3000,
+  batch=8,
+  hidden=(),
+  flip=0.3,
+  n_val=200,
+  k=5,
+  eval_every=100,
+  grids={"SGD": (0.03, 0.05, 0.1, 0.2, 0.5, 1.0), "LA(SGD)": (0.2, 0.5, 1.0)},
+  methods=("SGD", "LA(SGD)"),
+  pairs=(("SGD", "LA(SGD)"),),
 )
 QUICK = dict(FULL, grids={"SGD": (0.1, 0.2), "LA(SGD)": (1.0,)}, sensitivity=False)
 
@@ -48,11 +54,12 @@ def problem(cfg: dict) -> grid.Problem:
   apply = train.functional(model(cfg, 0))[0]
   loss = lambda p, b: train.cross_entropy(apply(p, b.x), b.y)
   return grid.Problem(
-      init=lambda seed: train.functional(model(cfg, seed))[1],
-      loss=loss,
-      batch=lambda d, key, step: data.epoch_batch(d["train"], key, step, cfg["batch"]),
-      evaluate=lambda w, d: {"train_objective": loss(w, d["train"]), "val_loss": loss(w, d["val"])},
-      data=arrays)
+    init=lambda seed: train.functional(model(cfg, seed))[1],
+    loss=loss,
+    batch=lambda d, key, step: data.epoch_batch(d["train"], key, step, cfg["batch"]),
+    evaluate=lambda w, d: {"train_objective": loss(w, d["train"]), "val_loss": loss(w, d["val"])},
+    data=arrays,
+  )
 
 
 def optimizer(family: str, cfg: dict):
@@ -67,8 +74,14 @@ def equal_rates(res: dict) -> list[dict]:
   out = []
   for r in res["methods"]["LA(SGD)"]["settings"]:
     if r["alpha"] == tuning.ROBUST_ALPHA and r["lr"] in sgd:
-      out.append({"lr": r["lr"], "sgd": sgd[r["lr"]]["metrics"][sweep.key], "la": r["metrics"][sweep.key],
-                  **tuning.comparison(r, sgd[r["lr"]], sweep)})
+      out.append(
+        {
+          "lr": r["lr"],
+          "sgd": sgd[r["lr"]]["metrics"][sweep.key],
+          "la": r["metrics"][sweep.key],
+          **tuning.comparison(r, sgd[r["lr"]], sweep),
+        }
+      )
   return sorted(out, key=lambda row: row["lr"])
 
 
@@ -80,10 +93,24 @@ def extras_section(res: dict, figdir: str) -> str:
   if not rows:  # a quick run has no rate in common
     return ""
   m = TASK.sweep
-  table = [[f"{r['lr']:g}", m.cell(r["sgd"]), m.cell(r["la"]), f"{r['diff']:+.4f}", f"{r['p']:.3f}",
-            f"LA(SGD) {r['verdict']} SGD"] for r in rows]
-  return "\n".join([f"### At the same learning rate (Proposition 2's comparison): {m.label}, alpha 0.5", "",
-                    report.markdown_table(["lr", "SGD", "LA(SGD)", "difference", "Welch p", "verdict"], table)])
+  table = [
+    [
+      f"{r['lr']:g}",
+      m.cell(r["sgd"]),
+      m.cell(r["la"]),
+      f"{r['diff']:+.4f}",
+      f"{r['p']:.3f}",
+      f"LA(SGD) {r['verdict']} SGD",
+    ]
+    for r in rows
+  ]
+  return "\n".join(
+    [
+      f"### At the same learning rate (Proposition 2's comparison): {m.label}, alpha 0.5",
+      "",
+      report.markdown_table(["lr", "SGD", "LA(SGD)", "difference", "Welch p", "verdict"], table),
+    ]
+  )
 
 
 def finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
@@ -100,20 +127,26 @@ def finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
   out = grid.map_runs(evaluate, g.weights["main"], prob.data)
   # The expected loss around which the iterates bounce: the objective averaged over the last quarter of training.
   curve = g.curves["main"]["train_objective"]
-  out["steady_objective"] = curve[:, -max(1, curve.shape[1] // 4):].mean(1)
+  out["steady_objective"] = curve[:, -max(1, curve.shape[1] // 4) :].mean(1)
   return {"main": out}
 
 
 TASK = tuning.Task(
-    name="noise",
-    title="Noise-dominated regime: digits with flipped labels, batch 8, constant-rate SGD (paper 3.1, Prop. 2)",
-    select=Metric("val_loss", "val loss", False, 1.0, 4),
-    headline=Metric("test_loss", "test loss", False, 1.0, 4),
-    columns=(Metric("steady_objective", "full-batch train loss (last quarter)", False, 1.0, 4),
-             Metric("val_loss", "val loss", False, 1.0, 4), Metric("test_loss", "test loss", False, 1.0, 4),
-             Metric("test_acc", "test acc %", True, 100.0)),
-    tolerance=(0.02, True),
-    sweep=Metric("steady_objective", "full-batch train loss (last quarter)", False, 1.0, 4),
-    paper={"SGD vs LA(SGD)": "Prop. 2: LA(SGD)'s steady-state variance below SGD's at the same rate (NQM)"},
-    problem=problem, optimizer=optimizer, finals=finals,
-    extras=lambda cfg, prob, res, seeds: {"equal_rates": equal_rates(res)})
+  name="noise",
+  title="Noise-dominated regime: digits with flipped labels, batch 8, constant-rate SGD (paper 3.1, Prop. 2)",
+  select=Metric("val_loss", "val loss", False, 1.0, 4),
+  headline=Metric("test_loss", "test loss", False, 1.0, 4),
+  columns=(
+    Metric("steady_objective", "full-batch train loss (last quarter)", False, 1.0, 4),
+    Metric("val_loss", "val loss", False, 1.0, 4),
+    Metric("test_loss", "test loss", False, 1.0, 4),
+    Metric("test_acc", "test acc %", True, 100.0),
+  ),
+  tolerance=(0.02, True),
+  sweep=Metric("steady_objective", "full-batch train loss (last quarter)", False, 1.0, 4),
+  paper={"SGD vs LA(SGD)": "Prop. 2: LA(SGD)'s steady-state variance below SGD's at the same rate (NQM)"},
+  problem=problem,
+  optimizer=optimizer,
+  finals=finals,
+  extras=lambda cfg, prob, res, seeds: {"equal_rates": equal_rates(res)},
+)

@@ -21,20 +21,45 @@ from benchmarks.common import translation as tr
 from benchmarks.common.tuning import Metric
 
 FULL = dict(
-    steps=400, batch=32, dim=32, heads=4, layers=1, n_train=700, n_val=100, n_test=200, max_number=1000,
-    warmup=0.1, k=5, eval_every=40,
-    grids={"Adam": (2e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2), "Adam-": (2e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2),
-           "Adafactor": (1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.3), "LA(Adam)": (3e-2, 5e-2, 0.1),
-           "LA(Adam-)": (2e-2, 3e-2, 5e-2)},
-    methods=("Adam", "LA(Adam)", "Adam-", "LA(Adam-)", "Adafactor"),
-    pairs=(("Adam", "LA(Adam)"), ("Adam-", "LA(Adam-)")), sensitivity=("LA(Adam)",),
+  steps=400,
+  batch=32,
+  dim=32,
+  heads=4,
+  layers=1,
+  n_train=700,
+  n_val=100,
+  n_test=200,
+  max_number=1000,
+  warmup=0.1,
+  k=5,
+  eval_every=40,
+  grids={
+    "Adam": (2e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2),
+    "Adam-": (2e-3, 5e-3, 1e-2, 2e-2, 3e-2, 5e-2),
+    "Adafactor": (1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.3),
+    "LA(Adam)": (3e-2, 5e-2, 0.1),
+    "LA(Adam-)": (2e-2, 3e-2, 5e-2),
+  },
+  methods=("Adam", "LA(Adam)", "Adam-", "LA(Adam-)", "Adafactor"),
+  pairs=(("Adam", "LA(Adam)"), ("Adam-", "LA(Adam-)")),
+  sensitivity=("LA(Adam)",),
 )
-QUICK = dict(FULL, grids={"Adam": (1e-2, 2e-2), "LA(Adam)": (3e-2,)}, methods=("Adam", "LA(Adam)"),
-             pairs=(("Adam", "LA(Adam)"),), sensitivity=False)
+QUICK = dict(
+  FULL,
+  grids={"Adam": (1e-2, 2e-2), "LA(Adam)": (3e-2,)},
+  methods=("Adam", "LA(Adam)"),
+  pairs=(("Adam", "LA(Adam)"),),
+  sensitivity=False,
+)
 
 # Table 4 of the paper: BLEU of the Transformer base model after 50k steps on WMT'14 En-De (newstest13, 14).
-PAPER_TABLE4 = {"Adam": ("24.6", "24.6"), "LA(Adam)": ("24.68", "24.70"), "Adam-": ("-", "-"),
-                "LA(Adam-)": ("24.3", "24.4"), "Adafactor": ("24.17", "24.51")}
+PAPER_TABLE4 = {
+  "Adam": ("24.6", "24.6"),
+  "LA(Adam)": ("24.68", "24.70"),
+  "Adam-": ("-", "-"),
+  "LA(Adam-)": ("24.3", "24.4"),
+  "Adafactor": ("24.17", "24.51"),
+}
 
 
 def problem(cfg: dict) -> grid.Problem:
@@ -45,7 +70,8 @@ def inner(name: str, hp: dict, cfg: dict) -> optax.GradientTransformation:
   warmup = max(1, int(cfg["warmup"] * cfg["steps"]))
   if name == "Adafactor":
     return optax.inject_hyperparams(optax.adafactor, static_args=("min_dim_size_to_factor",))(
-        learning_rate=tr.warmup_rsqrt(hp["lr"], warmup), min_dim_size_to_factor=32)
+      learning_rate=tr.warmup_rsqrt(hp["lr"], warmup), min_dim_size_to_factor=32
+    )
   if name not in ("Adam", "Adam-"):
     raise ValueError(f"translation: inner optimizer must be Adam, Adam- or Adafactor, got {name!r}.")
   schedule = tr.warmup_rsqrt(hp["lr"], warmup, use_warmup=name == "Adam")
@@ -53,12 +79,17 @@ def inner(name: str, hp: dict, cfg: dict) -> optax.GradientTransformation:
 
 
 TASK = tuning.Task(
-    name="translation",
-    title="Translation: Transformer on English -> German number words (paper 5.4, Table 4, Fig. 7b)",
-    **tr.METRICS,
-    tolerance=(0.02, False),
-    sweep=Metric("val_exact_match", "val exact match %", True, 100.0),
-    paper={"Adam vs LA(Adam)": "Table 4: LA(Adam) 24.68 vs Adam 24.6 BLEU (newstest13)",
-           "Adam- vs LA(Adam-)": "Table 4: LA(Adam-) 24.3 BLEU without warmup (Adam- not reported)"},
-    paper_table=(["paper BLEU newstest13", "paper BLEU newstest14"], PAPER_TABLE4),
-    problem=problem, optimizer=lambda family, cfg: tuning.optimizer_of(family, inner, cfg), finals=tr.finals)
+  name="translation",
+  title="Translation: Transformer on English -> German number words (paper 5.4, Table 4, Fig. 7b)",
+  **tr.METRICS,
+  tolerance=(0.02, False),
+  sweep=Metric("val_exact_match", "val exact match %", True, 100.0),
+  paper={
+    "Adam vs LA(Adam)": "Table 4: LA(Adam) 24.68 vs Adam 24.6 BLEU (newstest13)",
+    "Adam- vs LA(Adam-)": "Table 4: LA(Adam-) 24.3 BLEU without warmup (Adam- not reported)",
+  },
+  paper_table=(["paper BLEU newstest13", "paper BLEU newstest14"], PAPER_TABLE4),
+  problem=problem,
+  optimizer=lambda family, cfg: tuning.optimizer_of(family, inner, cfg),
+  finals=tr.finals,
+)

@@ -13,8 +13,9 @@ def softmax_regression() -> grid.Problem:
   apply = lambda p, x: x @ p["w"] + p["b"][None]
   loss = lambda p, b: train.cross_entropy(apply(p, b.x), b.y)
   return grid.Problem(
-      init=lambda seed: {"w": 0.1 * jax.random.normal(jax.random.key(seed), (64, 10)), "b": jnp.zeros(10)},
-      loss=loss,
-      batch=lambda d, key, step: data.epoch_batch(d["train"], key, step, 16),
-      evaluate=lambda w, d: {"val_loss": loss(w, d["val"]), "val_acc": train.accuracy(apply(w, d["val"].x), d["val"].y)},
-      data={"train": split(ds.train, 300), "val": split(ds.test, 100)})
+    init=lambda seed: {"w": 0.1 * jax.random.normal(jax.random.key(seed), (64, 10)), "b": jnp.zeros(10)},
+    loss=loss,
+    batch=lambda d, key, step: data.epoch_batch(d["train"], key, step, 16),
+    evaluate=lambda w, d: {"val_loss": loss(w, d["val"]), "val_acc": train.accuracy(apply(w, d["val"].x), d["val"].y)},
+    data={"train": split(ds.train, 300), "val": split(ds.test, 100)},
+  )

@@ -23,10 +23,18 @@ def test_char_corpus_splits_by_document():
   assert corpus.train.max() < len(corpus.vocab) and corpus.vocab == data.CHAR_VOCAB
 
 
-@pytest.mark.parametrize("n,en,de", [
-    (21, "twenty one", "einundzwanzig"), (1, "one", "eins"), (101, "one hundred one", "einhunderteins"),
-    (17, "seventeen", "siebzehn"), (1234, "one thousand two hundred thirty four", "eintausendzweihundertvierunddreißig"),
-    (90, "ninety", "neunzig"), (30, "thirty", "dreißig")])
+@pytest.mark.parametrize(
+  "n,en,de",
+  [
+    (21, "twenty one", "einundzwanzig"),
+    (1, "one", "eins"),
+    (101, "one hundred one", "einhunderteins"),
+    (17, "seventeen", "siebzehn"),
+    (1234, "one thousand two hundred thirty four", "eintausendzweihundertvierunddreißig"),
+    (90, "ninety", "neunzig"),
+    (30, "thirty", "dreißig"),
+  ],
+)
 def test_number_words(n, en, de):
   assert tr.english_number(n) == en
   assert tr.german_number(n) == de
@@ -44,8 +52,9 @@ def test_number_words_splits_are_disjoint():
 def test_epoch_batch_visits_every_example_once_per_epoch():
   split = data.Split(jnp.arange(10) * 10, jnp.arange(10))
   key = jax.random.key(0)
-  epoch = lambda e: np.concatenate([np.asarray(data.epoch_batch(split, key, jnp.asarray(s), 3).y)
-                                    for s in range(3 * e, 3 * e + 3)])
+  epoch = lambda e: np.concatenate(
+    [np.asarray(data.epoch_batch(split, key, jnp.asarray(s), 3).y) for s in range(3 * e, 3 * e + 3)]
+  )
   first, second = epoch(0), epoch(1)
   assert len(set(first)) == 9 and len(set(second)) == 9  # 3 batches of 3 from 10 examples, no repeat
   assert not np.array_equal(first, second)  # reshuffled
@@ -59,7 +68,7 @@ def test_shift_images_moves_each_image_by_at_most_one_pixel_with_zero_fill():
   seen = set()
   for img, out in zip(x, y):
     padded = np.pad(img, ((1, 1), (1, 1), (0, 0)))
-    match = [(dy, dx) for dy in range(3) for dx in range(3) if np.array_equal(padded[dy:dy + 5, dx:dx + 5], out)]
+    match = [(dy, dx) for dy in range(3) for dx in range(3) if np.array_equal(padded[dy : dy + 5, dx : dx + 5], out)]
     assert len(match) == 1
     seen.add(match[0])
   assert len(seen) == 9  # every shift occurs

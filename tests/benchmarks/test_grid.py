@@ -24,7 +24,7 @@ def test_a_vmapped_grid_equals_its_runs_one_at_a_time():
   assert g.losses.shape == (4, 12) and g.eval_steps.tolist() == [4, 8, 12]
   assert g.curves["main"]["val_loss"].shape == (4, 3) and g.compile_seconds > 0 and g.run_seconds > 0
   for i in (0, 3):
-    one = grid.train_grid(prob, lookahead_sgd, {k: v[i:i + 1] for k, v in hparams.items()}, seeds[i:i + 1], 12, 4)
+    one = grid.train_grid(prob, lookahead_sgd, {k: v[i : i + 1] for k, v in hparams.items()}, seeds[i : i + 1], 12, 4)
     np.testing.assert_allclose(g.losses[i], one.losses[0], rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(g.curves["main"]["val_loss"][i], one.curves["main"]["val_loss"][0], rtol=2e-5)
     for a, b in zip(jax.tree.leaves(grid.take_runs(g.weights, [i])), jax.tree.leaves(one.weights)):

@@ -37,8 +37,9 @@ def test_diloco_replicas_diverge_between_syncs_and_agree_after_one():
   spread = lambda w, d: {"spread": jnp.max(jnp.stack([jnp.abs(x[0] - x[1]).max() for x in jax.tree.leaves(w)]))}
   fast = lambda params, state: {"fast": params}
   hparams, seeds = grid.settings_by_seeds([{"lr": 1e-2}], [0])
-  g = grid.train_grid(prob._replace(evaluate=spread), diloco.optimizer("DiLoCo-H10(AdamW)", cfg), hparams, seeds,
-                      10, 5, weights=fast)
+  g = grid.train_grid(
+    prob._replace(evaluate=spread), diloco.optimizer("DiLoCo-H10(AdamW)", cfg), hparams, seeds, 10, 5, weights=fast
+  )
   after_5, after_sync = g.curves["fast"]["spread"][0]
   assert after_5 > 1e-4  # each replica on its own data since the start
   assert after_sync < 1e-6  # step 10 is a sync: every replica lands on the shared slow weights
@@ -50,13 +51,27 @@ def test_snoo_tunes_over_its_outer_variants_one_program_each(tmp_path):
   prob = softmax_regression()
   acc = tuning.Metric("val_acc", "val acc %", True, 100.0)
   task = snoo.TRANSLATION._replace(
-      name="toy", problem=lambda cfg: prob, select=acc, headline=acc, columns=(acc,),
-      finals=lambda cfg, p, g: {"main": {"val_acc": g.curves["main"]["val_acc"][:, -1],
-                                         "test_loss": g.curves["main"]["val_loss"][:, -1]}},
-      optimizer=lambda family, cfg: lambda hp: snoo.wrap(
-          family, optax.inject_hyperparams(optax.adamw)(learning_rate=hp["lr"]), hp, cfg))
-  cfg = dict(snoo.TRANSLATION_QUICK, steps=20, eval_every=10, k=5, grids={"AdamW": (0.01, 0.1, 0.3, 1.0),
-             "SNOO(AdamW)": (0.1, 0.3)}, methods=("AdamW", "SNOO(AdamW)"), pairs=(("AdamW", "SNOO(AdamW)"),))
+    name="toy",
+    problem=lambda cfg: prob,
+    select=acc,
+    headline=acc,
+    columns=(acc,),
+    finals=lambda cfg, p, g: {
+      "main": {"val_acc": g.curves["main"]["val_acc"][:, -1], "test_loss": g.curves["main"]["val_loss"][:, -1]}
+    },
+    optimizer=lambda family, cfg: (
+      lambda hp: snoo.wrap(family, optax.inject_hyperparams(optax.adamw)(learning_rate=hp["lr"]), hp, cfg)
+    ),
+  )
+  cfg = dict(
+    snoo.TRANSLATION_QUICK,
+    steps=20,
+    eval_every=10,
+    k=5,
+    grids={"AdamW": (0.01, 0.1, 0.3, 1.0), "SNOO(AdamW)": (0.1, 0.3)},
+    methods=("AdamW", "SNOO(AdamW)"),
+    pairs=(("AdamW", "SNOO(AdamW)"),),
+  )
   res = tuning.run_task(task, cfg, [0, 1], log=lambda _: None)
   rows = res["methods"]["SNOO(AdamW)"]["settings"]
   assert [(r["lr"], r["variant"]) for r in rows] == [(lr, v) for v in snoo.VARIANTS for lr in (0.1, 0.3)]

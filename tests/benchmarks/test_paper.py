@@ -21,12 +21,32 @@ def tiny_configs() -> dict:
   costliest to compile, is left to the quick run (its optimizers are built in ``test_every_optimizer_builds``).
   """
   cfgs = paper.configs(quick=True)
-  cfgs["image"].update(widths=(16,), steps=8, eval_every=4, grids={"SGD": (0.1, 0.3), "LA(SGD)": (0.3,)},
-                       methods=("SGD", "Polyak", "LA(SGD)"), sensitivity=True, extras=True, k_alpha_ks=(5,),
-                       trace_updates=0)  # the trace's segments: see test_grid
+  cfgs["image"].update(
+    widths=(16,),
+    steps=8,
+    eval_every=4,
+    grids={"SGD": (0.1, 0.3), "LA(SGD)": (0.3,)},
+    methods=("SGD", "Polyak", "LA(SGD)"),
+    sensitivity=True,
+    extras=True,
+    k_alpha_ks=(5,),
+    trace_updates=0,
+  )  # the trace's segments: see test_grid
   cfgs["noise"].update(steps=6, eval_every=3, sensitivity=True)
-  cfgs["lm"].update(steps=4, eval_every=2, batch=2, seq_len=8, embed=4, hidden=8, curve_windows=2,
-                    train_eval_chars=64, eval_chunk=4, max_chars=3000, methods=("LA(Adam)",), pairs=())
+  cfgs["lm"].update(
+    steps=4,
+    eval_every=2,
+    batch=2,
+    seq_len=8,
+    embed=4,
+    hidden=8,
+    curve_windows=2,
+    train_eval_chars=64,
+    eval_chunk=4,
+    max_chars=3000,
+    methods=("LA(Adam)",),
+    pairs=(),
+  )
   return cfgs
 
 
@@ -74,8 +94,15 @@ def test_image_extras_and_polyak_come_from_the_same_runs(tiny_run):
 def test_report_and_printed_verdict_table(tiny_run, capsys):
   out, _ = tiny_run
   text = open(os.path.join(out, "paper.md")).read()
-  for heading in ("## Protocol", "## Verdicts", "### Robustness", "### Learning-rate sensitivity", "### Anytime",
-                  "### k and alpha", "Welch"):
+  for heading in (
+    "## Protocol",
+    "## Verdicts",
+    "### Robustness",
+    "### Learning-rate sensitivity",
+    "### Anytime",
+    "### k and alpha",
+    "Welch",
+  ):
     assert heading in text, heading
   assert "95.27 ± .06" in text and "57.72" in text  # the paper's numbers beside ours
   cli.main(["--report-only", "--out", out])

@@ -28,8 +28,9 @@ def test_collectives_are_grouped_by_top_level_cond_and_sized_by_their_operands()
     x = jax.lax.psum(x, "r")  # every step: 3 float32 = 12 bytes
     x = jax.lax.cond(sync, lambda y: jax.lax.pmean(y, "r"), lambda y: y, x)  # group 0, branch 1 (the true branch)
     x = jax.lax.cond(sync, lambda y: y, lambda y: y * 2, x)  # no collective: not a group
-    g = jax.lax.cond(sync, lambda y: jax.lax.all_gather(y.astype(jnp.int8), "r").sum(0).astype(y.dtype),
-                     lambda y: y, x)  # group 1, branch 1: 3 int8
+    g = jax.lax.cond(
+      sync, lambda y: jax.lax.all_gather(y.astype(jnp.int8), "r").sum(0).astype(y.dtype), lambda y: y, x
+    )  # group 1, branch 1: 3 int8
     return g
 
   found = jaxpr.collectives(jax.make_jaxpr(program, axis_env=[("r", 4)])(jnp.ones(3), True))
@@ -71,8 +72,9 @@ def test_sync_steps_are_the_steps_at_which_each_fragments_slow_weights_move():
   tx = dl.replicated(streaming.per_replica(streaming.Method(2), 0.1, CFG))
   params = jax.tree.map(lambda x: jnp.broadcast_to(x, (M,) + x.shape), PARAMS)
   state = tx.init(params)
-  grads = lambda t: jax.tree.map(lambda x: jnp.ones_like(x) * (1.0 + jnp.arange(M).reshape((M,) + (1,) * (x.ndim - 1))
-                                                               + t), params)
+  grads = lambda t: jax.tree.map(
+    lambda x: jnp.ones_like(x) * (1.0 + jnp.arange(M).reshape((M,) + (1,) * (x.ndim - 1)) + t), params
+  )
   step = jax.jit(lambda p, s, t: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(grads(t), s, p)))
   moved = {name: [] for name in PARAMS}
   before = slow_params(state)

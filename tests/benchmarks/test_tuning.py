@@ -1,6 +1,5 @@
 """The tuning protocol and its report on constructed results: budgets, selection, pairs, tables."""
 
-import numpy as np
 import pytest
 
 from benchmarks.common import tuning, verdicts
@@ -28,9 +27,16 @@ def test_lookahead_settings_count_alphas_inside_the_budget_and_add_untuned_sensi
   assert [(s["lr"], s["variant"]) for s in snoo_sets] == [(1.0, "a"), (2.0, "a"), (1.0, "b"), (2.0, "b")]
 
 
-@pytest.mark.parametrize("task, cfg", [(m.TASK, c) for m in (image, lm, translation, noise) for c in (m.FULL, m.QUICK)]
-                         + [(snoo.LM, snoo.LM_FULL), (snoo.TRANSLATION, snoo.TRANSLATION_FULL),
-                            (diloco.TASK, diloco.FULL), (diloco.TASK, diloco.QUICK)])
+@pytest.mark.parametrize(
+  "task, cfg",
+  [(m.TASK, c) for m in (image, lm, translation, noise) for c in (m.FULL, m.QUICK)]
+  + [
+    (snoo.LM, snoo.LM_FULL),
+    (snoo.TRANSLATION, snoo.TRANSLATION_FULL),
+    (diloco.TASK, diloco.FULL),
+    (diloco.TASK, diloco.QUICK),
+  ],
+)
 def test_every_shipped_configuration_gives_every_method_the_same_budget(task, cfg):
   assert tuning.check_budget(task, cfg) >= 2
   for base, la in cfg["pairs"]:
@@ -50,8 +56,12 @@ def row(lr, values, alpha=None, eligible=True):
 
 def test_selection_takes_the_best_mean_among_eligible_settings_and_never_a_diverged_one():
   acc = Metric("acc", "acc", True)
-  rows = [row(0.1, [0.8, 0.8]), row(0.2, [0.99, float("nan")]), row(0.3, [0.9, 0.92]),
-          row(0.4, [0.99, 0.99], eligible=False)]
+  rows = [
+    row(0.1, [0.8, 0.8]),
+    row(0.2, [0.99, float("nan")]),
+    row(0.3, [0.9, 0.92]),
+    row(0.4, [0.99, 0.99], eligible=False),
+  ]
   assert tuning.best_setting(rows, acc) == 2
   assert tuning.best_setting(rows, acc._replace(higher_is_better=False)) == 0
 
@@ -59,13 +69,26 @@ def test_selection_takes_the_best_mean_among_eligible_settings_and_never_a_diver
 def constructed_result():
   """SGD tuned at 0.2; LA(SGD) tuned at (0.4, 0.8), clearly better; LA at SGD's rate a tie."""
   sgd = [row(0.1, [0.90, 0.91, 0.90]), row(0.2, [0.95, 0.96, 0.95])]
-  la = [row(0.4, [0.990, 0.991, 0.992], 0.5), row(0.4, [0.993, 0.994, 0.995], 0.8),
-        row(0.2, [0.95, 0.96, 0.96], 0.5, eligible=False), row(0.1, [0.80, 0.70, 0.75], 0.5, eligible=False)]
-  res = {"task": "toy", "config": {"pairs": [["SGD", "LA(SGD)"]], "methods": ["SGD", "LA(SGD)"],
-                                   "grids": {"SGD": [0.1, 0.2], "LA(SGD)": [0.4]}, "k": 5},
-         "seeds": [0, 1, 2], "budget": 2, "programs": [{"family": "SGD", "runs": 6, "settings": 2, "compile_s": 1.0,
-                                                          "run_s": 2.0, "final_eval_s": 0.5}],
-         "methods": {"SGD": {"settings": sgd}, "LA(SGD)": {"settings": la}}, "seconds": 4.0}
+  la = [
+    row(0.4, [0.990, 0.991, 0.992], 0.5),
+    row(0.4, [0.993, 0.994, 0.995], 0.8),
+    row(0.2, [0.95, 0.96, 0.96], 0.5, eligible=False),
+    row(0.1, [0.80, 0.70, 0.75], 0.5, eligible=False),
+  ]
+  res = {
+    "task": "toy",
+    "config": {
+      "pairs": [["SGD", "LA(SGD)"]],
+      "methods": ["SGD", "LA(SGD)"],
+      "grids": {"SGD": [0.1, 0.2], "LA(SGD)": [0.4]},
+      "k": 5,
+    },
+    "seeds": [0, 1, 2],
+    "budget": 2,
+    "programs": [{"family": "SGD", "runs": 6, "settings": 2, "compile_s": 1.0, "run_s": 2.0, "final_eval_s": 0.5}],
+    "methods": {"SGD": {"settings": sgd}, "LA(SGD)": {"settings": la}},
+    "seconds": 4.0,
+  }
   acc = Metric("acc", "val acc %", True, 100.0)
   for m in res["methods"].values():
     m["best"] = tuning.best_setting(m["settings"], acc)
@@ -84,8 +107,18 @@ def test_pairs_robustness_and_sensitivity_of_a_constructed_result():
 
 def test_verdict_table_and_section_say_what_the_numbers_say(tmp_path):
   res, acc = constructed_result()
-  task = tuning.Task(name="toy", title="Toy", select=acc, headline=acc, columns=(acc,), tolerance=(0.05, False),
-                     paper={"SGD vs LA(SGD)": "the paper's claim"}, problem=None, optimizer=None, finals=None)
+  task = tuning.Task(
+    name="toy",
+    title="Toy",
+    select=acc,
+    headline=acc,
+    columns=(acc,),
+    tolerance=(0.05, False),
+    paper={"SGD vs LA(SGD)": "the paper's claim"},
+    problem=None,
+    optimizer=None,
+    finals=None,
+  )
   table = verdicts.verdict_table({"toy": task}, {"tasks": {"toy": res}})
   assert "LA(SGD) beats SGD" in table and "SGD 95.33 ± 0.47" in table and "the paper's claim" in table
   res["eval_steps"] = [1, 2]

@@ -18,10 +18,10 @@ import time
 import traceback
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
-import jax.extend.core
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -37,14 +37,15 @@ NESTEROV_LR, NESTEROV_MU = 0.7, 0.9
 
 # ------------------------------------------------------------------ problem
 
+
 def make_problem(batch=64, seed=0):
   """A small tanh MLP regression: params, inputs, targets."""
   rng = np.random.default_rng(seed)
   params = {
-      "w1": jnp.asarray(rng.normal(size=(16, 8)) / 4, jnp.float32),
-      "b1": jnp.asarray(rng.normal(size=(8,)) / 4, jnp.float32),
-      "w2": jnp.asarray(rng.normal(size=(8, 4)) / 3, jnp.float32),
-      "b2": jnp.asarray(rng.normal(size=(4,)) / 4, jnp.float32),
+    "w1": jnp.asarray(rng.normal(size=(16, 8)) / 4, jnp.float32),
+    "b1": jnp.asarray(rng.normal(size=(8,)) / 4, jnp.float32),
+    "w2": jnp.asarray(rng.normal(size=(8, 4)) / 3, jnp.float32),
+    "b2": jnp.asarray(rng.normal(size=(4,)) / 4, jnp.float32),
   }
   x = jnp.asarray(rng.normal(size=(batch, 16)), jnp.float32)
   y = jnp.asarray(np.sin(rng.normal(size=(batch, 4))), jnp.float32)
@@ -100,14 +101,16 @@ def train_step(loss, reduce=lambda g: g, local=lambda p: p):
   per-device before differentiating (under ``shard_map``, so that the gradient
   is the local one and ``reduce`` is the only collective).
   """
+
   def step(ps, states, x, y):
     grads = {v: reduce(jax.grad(loss)(local(ps[v]), x, y)) for v in VARIANTS}
     updates, states = update_all(grads, states, ps)
     return {v: optax.apply_updates(ps[v], updates[v]) for v in VARIANTS}, states
+
   return step
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_run(loss_name):
   """The reference: the same training on one device, full batch, every variant (one run shared by the checks).
 
@@ -129,8 +132,10 @@ def reference_run(loss_name):
 
 def max_diff(a, b) -> float:
   """Largest absolute difference between two pytrees of arrays, wherever they live."""
-  return max(float(np.max(np.abs(np.asarray(u, np.float32) - np.asarray(v, np.float32))))
-             for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(np.max(np.abs(np.asarray(u, np.float32) - np.asarray(v, np.float32))))
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def specs(tree):
@@ -144,6 +149,7 @@ def track(hist, diffs, t, ps, slows):
 
 
 # --------------------------------------------------------------------- pmap
+
 
 def check_pmap():
   """Data parallel under jax.pmap with lax.pmean of gradients, every variant."""
@@ -166,6 +172,7 @@ def check_pmap():
 
 # ---------------------------------------------------------------- shard_map
 
+
 def check_shard_map():
   """jax.shard_map over 8 devices, explicit lax.pmean of gradients, replicated params and state."""
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
@@ -184,6 +191,7 @@ def check_shard_map():
 
 
 # ------------------------------------------------------ jit + NamedSharding
+
 
 def fsdp_mesh(axis_type):
   return jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type, axis_type))
@@ -215,11 +223,11 @@ def check_jit_fsdp():
   states = init_all(params_s)
   states_jit = jax.jit(init_all)(params_s)
   out = {
-      "init": {v: sharding_mismatches(states[v], params_s) for v in VARIANTS},
-      "jit_init_slow": {v: sharding_mismatches(states_jit[v].slow, params_s) for v in VARIANTS},
-      # zero-initialised leaves (Adam's moments, the outer momentum) under a jitted init in Auto mode
-      "jit_init_all": {v: sharding_mismatches(states_jit[v], params_s) for v in VARIANTS},
-      "steps": {v: [] for v in VARIANTS},
+    "init": {v: sharding_mismatches(states[v], params_s) for v in VARIANTS},
+    "jit_init_slow": {v: sharding_mismatches(states_jit[v].slow, params_s) for v in VARIANTS},
+    # zero-initialised leaves (Adam's moments, the outer momentum) under a jitted init in Auto mode
+    "jit_init_all": {v: sharding_mismatches(states_jit[v], params_s) for v in VARIANTS},
+    "steps": {v: [] for v in VARIANTS},
   }
   step = jax.jit(train_step(mlp_loss))
   hist = reference_run("mlp")
@@ -241,8 +249,14 @@ def check_explicit_sharding():
   mesh = fsdp_mesh(jax.sharding.AxisType.Explicit)
   params, _, _ = make_problem()
   typ = lambda tree: jax.tree.map(lambda a: str(jax.typeof(a)), tree)
-  out = {"slow_type_is_param_type": {}, "outer_type_is_param_type": None, "init_vs_jit_init": {},
-         "update_vs_init": {}, "jit_update_vs_update": {}, "eager_update_error": {}}
+  out = {
+    "slow_type_is_param_type": {},
+    "outer_type_is_param_type": None,
+    "init_vs_jit_init": {},
+    "update_vs_init": {},
+    "jit_update_vs_update": {},
+    "eager_update_error": {},
+  }
   with jax.set_mesh(mesh):
     params_s = jax.device_put(params, {n: NamedSharding(mesh, s) for n, s in FSDP_SPECS.items()})
     grads = jax.jit(jax.grad(elementwise_loss))(params_s)
@@ -278,6 +292,7 @@ def check_explicit_sharding():
 
 
 # ------------------------------------------------------------------- DiLoCo
+
 
 def reference_diloco(inner, params, xs, ys, steps, k, lr, mu):
   """DiLoCo as the paper writes it: M replica copies in a Python loop, a hand-written Nesterov outer step.
@@ -339,12 +354,12 @@ def diloco_metrics(slow_hist, fast_hist, ref_slow, ref_fast):
         ulp = np.spacing(np.maximum(np.abs(s), np.abs(before)).astype(np.float32))
         fast_vs_slow_ulps = max(fast_vs_slow_ulps, float((np.abs(f - s) / ulp).max()))
   return {
-      "max_diff_vs_reference": diff,
-      "slow_identical_across_replicas": bool(slow_identical),
-      "fast_identical_across_replicas_after_sync": bool(fast_identical_after_sync),
-      "fast_ne_slow_elements_after_sync": fast_mismatch,
-      "elements_checked_after_sync": sum(np.size(a) for a in jax.tree.leaves(fast_hist[0])) * (len(fast_hist) // K),
-      "fast_vs_slow_max_ulps_after_sync": fast_vs_slow_ulps,
+    "max_diff_vs_reference": diff,
+    "slow_identical_across_replicas": bool(slow_identical),
+    "fast_identical_across_replicas_after_sync": bool(fast_identical_after_sync),
+    "fast_ne_slow_elements_after_sync": fast_mismatch,
+    "elements_checked_after_sync": sum(np.size(a) for a in jax.tree.leaves(fast_hist[0])) * (len(fast_hist) // K),
+    "fast_vs_slow_max_ulps_after_sync": fast_vs_slow_ulps,
   }
 
 
@@ -365,8 +380,9 @@ def check_diloco_shard_map(check_vma):
 
   spec = P("replica")
   step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=check_vma))
-  init = jax.jit(jax.shard_map(lambda p: expand(opt.init(squeeze(p))), mesh=mesh, in_specs=spec, out_specs=spec,
-                               check_vma=check_vma))
+  init = jax.jit(
+    jax.shard_map(lambda p: expand(opt.init(squeeze(p))), mesh=mesh, in_specs=spec, out_specs=spec, check_vma=check_vma)
+  )
   put = lambda tree: jax.device_put(tree, NamedSharding(mesh, spec))
   p, xs_s, ys_s = put(replicated(params, n)), put(xs), put(ys)
   state = init(p)
@@ -424,8 +440,9 @@ def check_outer_state_fsdp(axis_type):
     return expand(optax.apply_updates(params, updates)), expand(state)
 
   # Manual over 'replica'; over 'fsdp' the compiler (Auto) or the types (Explicit) place the arrays.
-  smap = lambda f: jax.shard_map(f, mesh=mesh, in_specs=P("replica"), out_specs=P("replica"),
-                                 axis_names={"replica"}, check_vma=False)
+  smap = lambda f: jax.shard_map(
+    f, mesh=mesh, in_specs=P("replica"), out_specs=P("replica"), axis_names={"replica"}, check_vma=False
+  )
   with jax.set_mesh(mesh):
     p = jax.device_put(replicated(params, 2), fsdp)
     state = jax.jit(smap(lambda q: expand(opt.init(squeeze(q)))))(p)
@@ -433,13 +450,16 @@ def check_outer_state_fsdp(axis_type):
     out = {"init": sharding_mismatches(state, p), "steps": []}
     for t in range(2 * K):
       p, state = step(p, state)
-      out["steps"] += [f"step {t}: {m}" for m in sharding_mismatches((p, state), jax.device_put(replicated(params, 2), fsdp))]
+      out["steps"] += [
+        f"step {t}: {m}" for m in sharding_mismatches((p, state), jax.device_put(replicated(params, 2), fsdp))
+      ]
   out["trace_specs"] = specs(state.outer_state[0].trace)
   out["param_specs"] = specs(p)
   return out
 
 
 # ------------------------------------------------------ collective counting
+
 
 def hlo_collectives(hlo: str) -> dict:
   """Where the all-reduces of an optimized HLO module sit, relative to its conditionals.
@@ -448,26 +468,39 @@ def hlo_collectives(hlo: str) -> dict:
   (outermost), the number in each branch (branch 0 is the false/no-sync branch of a boolean ``lax.cond``).
   """
   placed = hlo_placed(hlo)
-  per_branch = {p.instruction.name: [0] * len(p.instruction.callees) for p in placed
-                if p.instruction.op == "conditional" and not p.branches}
+  per_branch = {
+    p.instruction.name: [0] * len(p.instruction.callees)
+    for p in placed
+    if p.instruction.op == "conditional" and not p.branches
+  }
   reduces = [p for p in placed if p.instruction.op == "all-reduce"]
   for p in reduces:
     if p.branches:
       cond, branch = p.branches[0]
       per_branch[cond][branch] += 1
   return {
-      "hlo_all_reduce_total": len(reduces),
-      "hlo_all_reduce_outside_conditionals": sum(not p.branches for p in reduces),
-      "hlo_all_reduce_per_branch": list(per_branch.values()),
-      "hlo_other_collectives_outside_conditionals": sum(
-          1 for p in placed if not p.branches and p.instruction.op in HLO_COLLECTIVES[1:]),
+    "hlo_all_reduce_total": len(reduces),
+    "hlo_all_reduce_outside_conditionals": sum(not p.branches for p in reduces),
+    "hlo_all_reduce_per_branch": list(per_branch.values()),
+    "hlo_other_collectives_outside_conditionals": sum(
+      1 for p in placed if not p.branches and p.instruction.op in HLO_COLLECTIVES[1:]
+    ),
   }
 
 
 def jaxpr_collectives(jaxpr) -> dict:
   """Cross-replica reductions in a jaxpr: outside any cond, and inside each cond branch."""
-  collective = {"psum", "psum_invariant", "pmean", "all_gather", "reduce_scatter", "ppermute", "all_to_all",
-                "pmax", "pmin"}
+  collective = {
+    "psum",
+    "psum_invariant",
+    "pmean",
+    "all_gather",
+    "reduce_scatter",
+    "ppermute",
+    "all_to_all",
+    "pmax",
+    "pmin",
+  }
   outside, per_branch = 0, []
 
   def walk(jaxpr, inside):
@@ -491,7 +524,7 @@ def jaxpr_collectives(jaxpr) -> dict:
 
 def _subjaxprs(eqn):
   for v in eqn.params.values():
-    for x in (v if isinstance(v, (tuple, list)) else [v]):
+    for x in v if isinstance(v, (tuple, list)) else [v]:
       if isinstance(x, jax.extend.core.ClosedJaxpr):
         yield x.jaxpr
       elif isinstance(x, jax.extend.core.Jaxpr):
@@ -499,6 +532,7 @@ def _subjaxprs(eqn):
 
 
 # --------------------------------------------------------------------- main
+
 
 def checks(group):
   if group == "lookahead":

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -34,8 +34,10 @@ def device_env(devices: int) -> dict:
   env = dict(os.environ)
   ours = ("--xla_force_host_platform_device_count", "--xla_cpu_collective_call_terminate_timeout_seconds")
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(ours)]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}",
-                                       "--xla_cpu_collective_call_terminate_timeout_seconds=300"])
+  env["XLA_FLAGS"] = " ".join(
+    flags
+    + [f"--xla_force_host_platform_device_count={devices}", "--xla_cpu_collective_call_terminate_timeout_seconds=300"]
+  )
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
   return env
@@ -44,15 +46,19 @@ def device_env(devices: int) -> dict:
 def run_script(script: str, *args: str, devices: int = 8, timeout: float = 300) -> dict:
   """Run ``tests/distributed/<script>`` with ``devices`` CPU devices; its last stdout line, parsed as JSON."""
   proc = subprocess.run(
-      [sys.executable, os.path.join(HERE, script), *args],
-      env=device_env(devices), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    [sys.executable, os.path.join(HERE, script), *args],
+    env=device_env(devices),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    cwd=ROOT,
   )
   if proc.returncode != 0:
     raise RuntimeError(f"{script} {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def session_results(script: str, *args: str, devices: int = 8) -> dict:
   """``run_script`` once per test session, shared by all xdist workers through a cache file."""
   run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
@@ -81,8 +87,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_processes(argv: Callable[[int, int], list[str]], processes: int = 2, devices: int = 1,
-                  timeout: float = 180) -> list[str]:
+def run_processes(
+  argv: Callable[[int, int], list[str]], processes: int = 2, devices: int = 1, timeout: float = 180
+) -> list[str]:
   """Start ``python *argv(process_id, port)`` ``processes`` times, each with ``devices`` CPU devices.
 
   The processes share one coordinator port; each one's stdout and stderr come
@@ -91,8 +98,12 @@ def run_processes(argv: Callable[[int, int], list[str]], processes: int = 2, dev
   """
   port = free_port()
   env = device_env(devices)
-  procs = [subprocess.Popen([sys.executable, *argv(i, port)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, *argv(i, port)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    for i in range(processes)
+  ]
   try:
     logs = [p.communicate(timeout=timeout)[0] for p in procs]
   finally:

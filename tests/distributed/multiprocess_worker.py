@@ -25,16 +25,15 @@ PROCESS_ID, PORT, OUT = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{PORT}", num_processes=2, process_id=PROCESS_ID, initialization_timeout=60)
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+import streaming_checks  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
+from multidevice_checks import make_problem, mlp_loss  # noqa: E402
 
 from lookahead_optax import diloco, lookahead  # noqa: E402
-from multidevice_checks import make_problem, mlp_loss  # noqa: E402
-import streaming_checks  # noqa: E402
 
 K, LOOKAHEAD_STEPS, DILOCO_STEPS = 3, 13, 7
 
@@ -62,7 +61,8 @@ def lookahead_run(mesh):
   for _ in range(LOOKAHEAD_STEPS):
     p, state = step(p, state, x_g, y_g)
   return {f"lookahead/fast/{k}": host(v) for k, v in p.items()} | {
-      f"lookahead/slow/{k}": host(v) for k, v in state.slow.items()}
+    f"lookahead/slow/{k}": host(v) for k, v in state.slow.items()
+  }
 
 
 def diloco_run(mesh):
@@ -84,13 +84,15 @@ def diloco_run(mesh):
   xs, ys = global_array(np.asarray(x).reshape(n, -1, 16)), global_array(np.asarray(y).reshape(n, -1, 4))
   specs = jax.tree.map(lambda a: P("data") if a.ndim else P(), jax.eval_shape(opt.init, p))  # scalars: shared
   state = jax.jit(jax.shard_map(opt.init, mesh=mesh, in_specs=P("data"), out_specs=specs))(p)
-  step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("data"), specs, P("data"), P("data")),
-                               out_specs=(P("data"), specs)))
+  step = jax.jit(
+    jax.shard_map(body, mesh=mesh, in_specs=(P("data"), specs, P("data"), P("data")), out_specs=(P("data"), specs))
+  )
   for _ in range(DILOCO_STEPS):
     p, state = step(p, state, xs, ys)
   gather = lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True))
   return {f"diloco/fast/{k}": gather(v) for k, v in p.items()} | {
-      f"diloco/slow/{k}": gather(v) for k, v in state.slow.items()}
+    f"diloco/slow/{k}": gather(v) for k, v in state.slow.items()
+  }
 
 
 def streaming_run(mesh):

@@ -32,8 +32,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lookahead_optax import diloco
-from tests.helpers import (HLO_COLLECTIVES, collective_inputs_depend_on, hlo_computations, hlo_nbytes, hlo_placed,
-                           reference_compress, reference_mean)
+from tests.helpers import (
+  HLO_COLLECTIVES,
+  collective_inputs_depend_on,
+  hlo_computations,
+  hlo_nbytes,
+  hlo_placed,
+  reference_compress,
+  reference_mean,
+)
 
 K, STEPS = 4, 10  # every fragment syncs at least twice; the run ends mid-cycle
 INNER_LR, LR, MU, MIXING = 0.02, 0.7, 0.9, 0.25  # MIXING: not the default 0.5, so that a dropped weight shows
@@ -53,18 +60,18 @@ FRAGMENT_IDS = {1: (0, 0, 0, 0), 2: (0, 1, 1, 1), 4: (0, 1, 2, 3)}
 # (mode, fragments, communication_dtype, error_feedback, delay): every F, dtype, error feedback and delay at
 # least once under shard_map, a few under pmap; None is the float32 all-reduce.
 CASES = [
-    ("shard_map", 1, None, False, 0),
-    ("shard_map", 2, None, False, 0),
-    ("shard_map", 4, None, False, 1),
-    ("shard_map", 2, "bfloat16", False, 0),
-    ("shard_map", 1, "bfloat16", True, 1),
-    ("shard_map", 4, "float8_e4m3fn", True, 0),
-    ("shard_map", 2, "float8_e5m2", False, 1),
-    ("shard_map", 2, "int8", True, 1),
-    ("shard_map", 4, "int8", False, 0),
-    ("pmap", 2, "int8", True, 1),
-    ("pmap", 4, "bfloat16", False, 0),
-    ("pmap", 1, None, False, 1),
+  ("shard_map", 1, None, False, 0),
+  ("shard_map", 2, None, False, 0),
+  ("shard_map", 4, None, False, 1),
+  ("shard_map", 2, "bfloat16", False, 0),
+  ("shard_map", 1, "bfloat16", True, 1),
+  ("shard_map", 4, "float8_e4m3fn", True, 0),
+  ("shard_map", 2, "float8_e5m2", False, 1),
+  ("shard_map", 2, "int8", True, 1),
+  ("shard_map", 4, "int8", False, 0),
+  ("pmap", 2, "int8", True, 1),
+  ("pmap", 4, "bfloat16", False, 0),
+  ("pmap", 1, None, False, 1),
 ]
 GLOO_CASE = (2, "int8", True, 1)  # the two-process run of test_multiprocess.py, here on 4 of the 8 devices
 
@@ -74,11 +81,22 @@ def case_name(mode, n, dtype, error_feedback, delay) -> str:
 
 
 def make_opt(n, dtype, error_feedback, delay, axis_name="replica"):
-  return diloco(INNER(), K, LR, MU, axis_name, fragments=n, communication_dtype=dtype,
-                error_feedback=error_feedback, delay=delay, **({"mixing": MIXING} if delay else {}))
+  return diloco(
+    INNER(),
+    K,
+    LR,
+    MU,
+    axis_name,
+    fragments=n,
+    communication_dtype=dtype,
+    error_feedback=error_feedback,
+    delay=delay,
+    **({"mixing": MIXING} if delay else {}),
+  )
 
 
 # ------------------------------------------------------------------ problem
+
 
 def make_problem(shapes, replicas, steps, seed=0):
   """Params, curvatures, and each replica's target and per-step gradient noise (numpy float32)."""
@@ -97,6 +115,7 @@ def gradient(params, curv, target, noise):
 
 
 # ---------------------------------------------------------------- reference
+
 
 @functools.cache
 def _inner_update():
@@ -158,8 +177,9 @@ def stacked(tree, replicas):
 
 def history_entry(params, state):
   """``(fast, slow, residual)`` as numpy, leading axis the replicas; residual None without error feedback."""
-  gather = lambda tree: jax.tree.map(lambda a: np.asarray(
-      a if a.is_fully_addressable else multihost_utils.process_allgather(a, tiled=True)), tree)
+  gather = lambda tree: jax.tree.map(
+    lambda a: np.asarray(a if a.is_fully_addressable else multihost_utils.process_allgather(a, tiled=True)), tree
+  )
   residual = None if isinstance(state.residual, optax.EmptyState) else gather(state.residual)
   return gather(params), gather(state.slow), residual
 
@@ -182,8 +202,7 @@ def train_shard_map(opt, mesh, problem, steps):
     return expand(optax.apply_updates(params, updates)), expand(state)
 
   sharding = NamedSharding(mesh, spec)
-  put = lambda tree: jax.tree.map(
-      lambda a: jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx]), tree)
+  put = lambda tree: jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx]), tree)
   grad_step = jax.jit(smap(lambda p, y, e: expand(gradient(squeeze(p), curv, squeeze(y), squeeze(e)))))
   p = put(stacked(params, mesh.devices.size))
   state = jax.jit(smap(lambda p: expand(opt.init(squeeze(p)))))(p)
@@ -244,10 +263,14 @@ def compare(hist, ref, error_feedback) -> dict:
         if error_feedback:
           fold("residual", residual[k][m], ref_residual[m][i])
           residual_nonzero |= bool(np.abs(residual[k][m]).max() > 0)
-  return {"max_diff": diff, "fraction_off": {k: off[k] / max(total[k], 1) for k in off},
-          "slow_identical_across_replicas": slow_identical, "replicas_differ": replicas_differ,
-          "residual_nonzero": residual_nonzero,
-          "max_abs_weight": float(max(np.abs(w).max() for w in ref[-1][1]))}
+  return {
+    "max_diff": diff,
+    "fraction_off": {k: off[k] / max(total[k], 1) for k in off},
+    "slow_identical_across_replicas": slow_identical,
+    "replicas_differ": replicas_differ,
+    "residual_nonzero": residual_nonzero,
+    "max_abs_weight": float(max(np.abs(w).max() for w in ref[-1][1])),
+  }
 
 
 # ---------------------------------------------------------- compiled program
@@ -259,8 +282,11 @@ def hlo_facts(compiled) -> dict:
   """Collectives and where they sit; what the entry computation (the step outside every branch) moves."""
   text = compiled.as_text()
   placed = hlo_placed(text)
-  collectives = [{"op": p.instruction.op, "branches": p.branches, "operands": p.operands,
-                  "wire_bytes": hlo_nbytes(p.operands)} for p in placed if p.instruction.op in HLO_COLLECTIVES]
+  collectives = [
+    {"op": p.instruction.op, "branches": p.branches, "operands": p.operands, "wire_bytes": hlo_nbytes(p.operands)}
+    for p in placed
+    if p.instruction.op in HLO_COLLECTIVES
+  ]
   holding = {cond for c in collectives for cond, _ in c["branches"]}
   entry, comps = hlo_computations(text)
   smallest = min(int(np.prod(s)) for s in SHAPES.values())
@@ -269,15 +295,18 @@ def hlo_facts(compiled) -> dict:
   work = [ins for ins in body.values() if ins.op not in TRIVIAL]
   reads = lambda ins: [a for n in ins.operands if n in body for a in big(body[n].arrays)]
   return {
-      "collectives": collectives,
-      # per conditional with a collective in one of its branches: its number of branches
-      "branch_counts": {p.instruction.name: len(p.instruction.callees) for p in placed if p.instruction.name in
-                        holding and p.instruction.op == "conditional"},
-      "entry_param_sized_copies": sum(1 for ins in work if ins.op == "copy" and big(ins.arrays)),
-      "entry_param_sized_fusions": sum(1 for ins in work if ins.op == "fusion" and big(ins.arrays)),
-      # bytes of param-sized arrays read and written by the entry computation's instructions: its memory traffic
-      "entry_param_sized_bytes": sum(hlo_nbytes(reads(ins)) + hlo_nbytes(big(ins.arrays)) for ins in work),
-      "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,  # the largest branch's temporaries included
+    "collectives": collectives,
+    # per conditional with a collective in one of its branches: its number of branches
+    "branch_counts": {
+      p.instruction.name: len(p.instruction.callees)
+      for p in placed
+      if p.instruction.name in holding and p.instruction.op == "conditional"
+    },
+    "entry_param_sized_copies": sum(1 for ins in work if ins.op == "copy" and big(ins.arrays)),
+    "entry_param_sized_fusions": sum(1 for ins in work if ins.op == "fusion" and big(ins.arrays)),
+    # bytes of param-sized arrays read and written by the entry computation's instructions: its memory traffic
+    "entry_param_sized_bytes": sum(hlo_nbytes(reads(ins)) + hlo_nbytes(big(ins.arrays)) for ins in work),
+    "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,  # the largest branch's temporaries included
   }
 
 
@@ -294,18 +323,19 @@ def check_delay_dependency(n, dtype, delay) -> dict:
 
   step = jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec)
   params = jax.device_put(stacked(make_problem(SHAPES, 1, 1)[0], jax.device_count()), NamedSharding(mesh, spec))
-  state = jax.jit(jax.shard_map(lambda p: expand(opt.init(squeeze(p))), mesh=mesh, in_specs=spec,
-                                out_specs=spec))(params)
+  state = jax.jit(jax.shard_map(lambda p: expand(opt.init(squeeze(p))), mesh=mesh, in_specs=spec, out_specs=spec))(
+    params
+  )
   return {"depends_on_gradient": collective_inputs_depend_on(step, (params, state, params), argnum=2)}
 
 
 # --------------------------------------------------------------------- checks
 
+
 def check_training():
   problem = make_problem(SHAPES, jax.device_count(), STEPS)
   mesh = jax.make_mesh((jax.device_count(),), ("replica",))
-  plain_hist, plain_compiled, _ = train_shard_map(diloco(INNER(), K, LR, MU, "replica"), mesh,
-                                                  problem, STEPS)
+  plain_hist, plain_compiled, _ = train_shard_map(diloco(INNER(), K, LR, MU, "replica"), mesh, problem, STEPS)
   yield "shard_map/plain_diloco", lambda: hlo_facts(plain_compiled)
   for mode, n, dtype, error_feedback, delay in CASES:
     name = case_name(mode, n, dtype, error_feedback, delay)
@@ -319,8 +349,9 @@ def check_training():
       out = compare(hist, ref, error_feedback) | hlo_facts(compiled)
       if (n, dtype, delay) == (1, None, 0):  # the same program as plain DiLoCo: the same bits, every step
         out["bitwise_equal_to_plain_diloco"] = all(
-            all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(x[:2]), jax.tree.leaves(y[:2])))
-            for x, y in zip(hist, plain_hist, strict=True))
+          all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(x[:2]), jax.tree.leaves(y[:2])))
+          for x, y in zip(hist, plain_hist, strict=True)
+        )
       return out
 
     yield name, run

@@ -13,8 +13,6 @@ VARIANTS = ("maintain", "reset", "interpolate", "outer")
 TOL = 1e-6  # reduction order differs between 1 and 8 devices; nothing else may
 
 
-
-
 @pytest.mark.parametrize("mode", ["pmap", "shard_map", "jit_fsdp", "explicit"])
 def test_matches_single_device_run(lookahead_results, mode):
   diffs = lookahead_results[mode]["max_diff_vs_single_device"]
@@ -41,8 +39,12 @@ def test_fsdp_slow_weights_follow_params(lookahead_results):
 
 def test_fsdp_slow_weights_are_sharded_not_gathered(lookahead_results):
   out = lookahead_results["explicit"]
-  assert out["slow_types"] == {"b1": "float32[8@model]", "b2": "float32[4@data]",
-                               "w1": "float32[16@data,8@model]", "w2": "float32[8@model,4@data]"}
+  assert out["slow_types"] == {
+    "b1": "float32[8@model]",
+    "b2": "float32[4@data]",
+    "w1": "float32[16@data,8@model]",
+    "w2": "float32[8@model,4@data]",
+  }
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

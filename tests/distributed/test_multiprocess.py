@@ -19,8 +19,8 @@ import numpy as np
 import optax
 import pytest
 
-from tests.distributed import multidevice_checks as md
 from lookahead_optax import lookahead
+from tests.distributed import multidevice_checks as md
 from tests.distributed.multidevice_utils import HERE, run_processes
 
 TIMEOUT = 180
@@ -31,8 +31,11 @@ TOL = 1e-6
 def outputs(tmp_path_factory):
   """The two processes' final weights: a list of two dicts of numpy arrays."""
   tmp = tmp_path_factory.mktemp("multiprocess")
-  run_processes(lambda i, port: [os.path.join(HERE, "multiprocess_worker.py"), str(i), str(port),
-                                 str(tmp / f"out{i}.npz")], devices=2, timeout=TIMEOUT)
+  run_processes(
+    lambda i, port: [os.path.join(HERE, "multiprocess_worker.py"), str(i), str(port), str(tmp / f"out{i}.npz")],
+    devices=2,
+    timeout=TIMEOUT,
+  )
   return [dict(np.load(tmp / f"out{i}.npz")) for i in range(2)]
 
 
@@ -48,8 +51,9 @@ def test_lookahead_equals_single_process_run(outputs):
   params, x, y = md.make_problem(batch=32)
   opt = lookahead(optax.adam(0.02, eps=1e-3), 3, 0.5)
   state = opt.init(params)
-  step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
-      *opt.update(jax.grad(md.mlp_loss)(p, x, y), s, p)))
+  step = jax.jit(
+    lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(*opt.update(jax.grad(md.mlp_loss)(p, x, y), s, p))
+  )
   for _ in range(13):  # 4 syncs, then one step into the next cycle
     params, state = step(params, state)
   for out in outputs:
@@ -60,8 +64,9 @@ def test_lookahead_equals_single_process_run(outputs):
 
 def test_diloco_equals_reference_loop(outputs):
   params, x, y = md.make_problem(batch=8 * 4, seed=1)
-  slows, fasts = md.reference_diloco(optax.adam(0.02), params, x.reshape(4, -1, 16), y.reshape(4, -1, 4),
-                                     steps=7, k=3, lr=0.7, mu=0.9)
+  slows, fasts = md.reference_diloco(
+    optax.adam(0.02), params, x.reshape(4, -1, 16), y.reshape(4, -1, 4), steps=7, k=3, lr=0.7, mu=0.9
+  )
   for out in outputs:
     for name in params:
       slow = out[f"diloco/slow/{name}"]
@@ -79,5 +84,6 @@ def test_streaming_diloco_equals_single_process_run(outputs, streaming_results):
       ours = out[f"streaming/slow/{name}"]
       assert (ours == ours[:1]).all(), f"slow {name} differs across replicas"
       np.testing.assert_allclose(ours, np.asarray(slow, np.float32), rtol=0, atol=TOL, err_msg=name)
-      np.testing.assert_allclose(out[f"streaming/fast/{name}"], np.asarray(single["fast"][name], np.float32),
-                                 rtol=0, atol=TOL, err_msg=name)
+      np.testing.assert_allclose(
+        out[f"streaming/fast/{name}"], np.asarray(single["fast"][name], np.float32), rtol=0, atol=TOL, err_msg=name
+      )

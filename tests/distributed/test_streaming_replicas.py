@@ -108,8 +108,9 @@ def test_each_fragment_exchanged_once_inside_its_own_branch(streaming_results, c
   groups = exchanges(out)
   assert None not in groups, groups[None]  # no collective on the path of every step
   assert len(groups) == n
-  carried = sorted(sorted((c["op"], math.prod(shape)) for c in g for _, shape in c["operands"])
-                   for g in groups.values())
+  carried = sorted(
+    sorted((c["op"], math.prod(shape)) for c in g for _, shape in c["operands"]) for g in groups.values()
+  )
   assert carried == sorted([(op, elements) for op, elements, _ in e] for e in expected_exchange(n, dtype))
   if dtype is None:
     assert all([c["op"] for c in g] == ["all-reduce"] for g in groups.values())  # one per fragment

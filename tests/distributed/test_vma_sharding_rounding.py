@@ -10,7 +10,6 @@
 """
 
 
-
 def test_diloco_under_shard_map_with_check_vma(diloco_results):
   out = diloco_results["diloco/shard_map_check_vma"]
   assert out["slow_identical_across_replicas"] and out["max_diff_vs_reference"] <= 1e-6
