@@ -9,7 +9,9 @@ import optax
 from jax.typing import DTypeLike
 
 from lookahead_optax._config import check_number, make_config
+from lookahead_optax._exchange import replica_mean
 from lookahead_optax._lookahead import build
+from lookahead_optax._streaming import streaming
 
 
 def ranger(
@@ -23,8 +25,6 @@ def ranger(
   *,
   inner_state_policy: str = "maintain",
   slow_dtype: DTypeLike | None = None,
-  axis_name: Hashable | None = None,
-  placement_check: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Ranger: RAdam inside Lookahead, with the popular PyTorch "Ranger" defaults.
 
@@ -53,7 +53,7 @@ def ranger(
     optax.add_decayed_weights(weight_decay),
     optax.scale_by_learning_rate(learning_rate),
   )
-  return build(make_config("ranger", inner, k, alpha, inner_state_policy, None, slow_dtype, axis_name, placement_check))
+  return build(make_config("ranger", inner, k, alpha, inner_state_policy, None, slow_dtype, None))
 
 
 def _nesterov(caller: str, outer_learning_rate, outer_momentum) -> optax.GradientTransformation:
@@ -70,8 +70,6 @@ def snoo(
   *,
   inner_state_policy: str = "maintain",
   slow_dtype: DTypeLike | None = None,
-  axis_name: Hashable | None = None,
-  placement_check: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SNOO: Lookahead whose slow step is Nesterov SGD on the pseudo-gradient.
 
@@ -95,10 +93,8 @@ def snoo(
     outer_momentum: the outer Nesterov momentum :math:`\mu` in [0, 1).
     inner_state_policy: ``"maintain"`` or ``"reset"``, as in :func:`lookahead`.
     slow_dtype: as in :func:`lookahead`.
-    axis_name: as in :func:`lookahead` (SNOO across replicas is :func:`diloco`).
-    placement_check: as in :func:`lookahead`.
 
-  Defaults (``k=20``, 0.7, 0.9) are DiLoCo's outer settings; tune ``k`` and
+  SNOO across replicas is :func:`diloco`. Defaults (``k=20``, 0.7, 0.9) are DiLoCo's outer settings; tune ``k`` and
   the outer learning rate for your problem.
 
   Example:
@@ -112,7 +108,7 @@ def snoo(
     <https://arxiv.org/abs/2510.15830>`_, 2025.
   """
   outer = _nesterov("snoo", outer_learning_rate, outer_momentum)
-  return build(make_config("snoo", inner, k, None, inner_state_policy, outer, slow_dtype, axis_name, placement_check))
+  return build(make_config("snoo", inner, k, None, inner_state_policy, outer, slow_dtype, None))
 
 
 def diloco(
@@ -129,7 +125,6 @@ def diloco(
   mixing: float | None = None,
   inner_state_policy: str = "maintain",
   slow_dtype: DTypeLike | None = None,
-  placement_check: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DiLoCo: replicas train independently for k steps, then take one shared Nesterov outer step.
 
@@ -145,7 +140,15 @@ def diloco(
   The only cross-replica communication is that one average every ``k`` steps,
   inside the sync branch. Defaults are the DiLoCo paper's: inner AdamW (pass
   it), ``k=500`` inner steps, outer Nesterov with learning rate 0.7 and
-  momentum 0.9. It is :func:`snoo` with ``axis_name``.
+  momentum 0.9. It is :func:`snoo` with :func:`replica_mean` in front of the
+  outer step:
+
+  .. code-block:: python
+
+    lookahead(inner, k, outer=optax.chain(
+        replica_mean(axis_name, dtype=communication_dtype, error_feedback=error_feedback),
+        optax.sgd(outer_learning_rate, momentum=outer_momentum, nesterov=True)),
+      schedule=streaming(fragments, delay=delay, mixing=mixing))
 
   Args:
     inner: the inner optimizer of each replica, e.g. ``optax.adamw(...)``.
@@ -154,13 +157,15 @@ def diloco(
       number of syncs).
     outer_momentum: the outer Nesterov momentum in [0, 1).
     axis_name: the mapped axis over the replicas.
-    fragments, communication_dtype, error_feedback, delay, mixing: Streaming
-      DiLoCo (Douillard et al. 2025): staggered fragment syncs, a compressed
-      exchange, and an exchange that overlaps the next step; as in
-      :func:`lookahead`.
+    fragments: Streaming DiLoCo's fragments (:func:`streaming`); default 1.
+    communication_dtype: the exchange's dtype (:func:`replica_mean`'s
+      ``dtype``); default: float32.
+    error_feedback: keep what compression lost (:func:`replica_mean`).
+    delay: 0 or 1: the exchange overlaps the next step (:func:`streaming`).
+    mixing: ``delay=1`` only: the landing's weight of this step's inner update
+      (:func:`streaming`).
     inner_state_policy: ``"maintain"`` or ``"reset"``, as in :func:`lookahead`.
     slow_dtype: as in :func:`lookahead`.
-    placement_check: as in :func:`lookahead`.
 
   Example:
     >>> import optax
@@ -180,22 +185,7 @@ def diloco(
       "diloco: axis_name must name the mapped replica axis, got None. For a single replica "
       "use snoo(...), the same slow step without the average."
     )
-  outer = _nesterov("diloco", outer_learning_rate, outer_momentum)
-  return build(
-    make_config(
-      "diloco",
-      inner,
-      k,
-      None,
-      inner_state_policy,
-      outer,
-      slow_dtype,
-      axis_name,
-      placement_check,
-      fragments=fragments,
-      communication_dtype=communication_dtype,
-      error_feedback=error_feedback,
-      delay=delay,
-      mixing=mixing,
-    )
-  )
+  exchange = replica_mean(axis_name, dtype=communication_dtype, error_feedback=error_feedback)
+  outer = optax.chain(exchange, _nesterov("diloco", outer_learning_rate, outer_momentum))
+  schedule = streaming(1 if fragments is None else fragments, delay=0 if delay is None else delay, mixing=mixing)
+  return build(make_config("diloco", inner, k, None, inner_state_policy, outer, slow_dtype, schedule))

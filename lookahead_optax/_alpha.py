@@ -114,9 +114,10 @@ def adaptive_alpha_value(slow: Any, fast: Any, grad: Any, fisher: Any, eps: floa
 
 
 def _quadratic_sums(delta, grad, fisher, eps):
-  r""":math:`g^\top d` and :math:`d^\top (\hat A + \epsilon) d` as float32 scalars."""
-  num = _tree_sum(jax.tree.map(lambda g, d: jnp.real(jnp.conj(g) * d), grad, delta))
-  den = _tree_sum(jax.tree.map(lambda a, d: (a.real + eps) * jnp.abs(d) ** 2, fisher, delta))
+  r""":math:`g^\top d` and :math:`d^\top (\hat A + \epsilon) d`, summed in the pseudo-gradient's precision."""
+  dtype = alpha_dtype(delta)
+  num = _tree_sum(jax.tree.map(lambda g, d: jnp.real(jnp.conj(g) * d), grad, delta), dtype)
+  den = _tree_sum(jax.tree.map(lambda a, d: (a.real + eps) * jnp.abs(d) ** 2, fisher, delta), dtype)
   return num, den
 
 
@@ -125,9 +126,15 @@ def _from_sums(num, den):
   return jnp.where(den > 0, 1.0 + num / safe, 1.0)
 
 
-def _tree_sum(tree) -> jax.Array:
+def _tree_sum(tree, dtype) -> jax.Array:
   leaves = jax.tree.leaves(tree)
-  return sum((jnp.sum(x, dtype=jnp.float32) for x in leaves), jnp.zeros((), jnp.float32))
+  return sum((jnp.sum(x, dtype=dtype) for x in leaves), jnp.zeros((), dtype))
+
+
+def alpha_dtype(slow) -> jnp.dtype:
+  """The dtype alpha is computed and kept in: float64 when a slow weight is 64-bit, else float32."""
+  wide = any(jnp.finfo(x.dtype).bits == 64 for x in jax.tree.leaves(slow) if jnp.issubdtype(x.dtype, jnp.inexact))
+  return jnp.dtype(jnp.float64 if wide else jnp.float32)
 
 
 def inner_second_moment(inner_state) -> tuple[Any, jax.Array] | None:
@@ -168,14 +175,12 @@ def observe_gradient(rule, alpha_state, grads):
   return AdaptiveAlphaState(fisher=fisher, count=optax.safe_increment(alpha_state.count))
 
 
-def alpha_at_sync(rule, syncs, alpha_state, inner_state, delta, grads, mask, axis_name=None):
-  """The alpha used at this sync, a float32 scalar.
+def alpha_at_sync(rule, syncs, alpha_state, inner_state, delta, grads, mask, dtype):
+  """The alpha used at this sync, a scalar of ``dtype`` (that of the slow weights, :func:`alpha_dtype`).
 
-  ``delta`` is the pseudo-gradient (slow - fast, averaged over ``axis_name``);
-  ``delta`` and ``grads`` hold ``MaskedNode()`` where params are not floating
-  point, and ``mask`` does the same to a params-shaped tree. Under
-  ``axis_name`` adaptive alpha averages its two sums over the replicas (each
-  holds its own gradient and Fisher), so every replica takes the same step.
+  ``delta`` is the pseudo-gradient (slow - fast); ``delta`` and ``grads`` hold
+  ``MaskedNode()`` where params are not floating point, and ``mask`` does the
+  same to a params-shaped tree.
   """
   if isinstance(rule, AdaptiveAlpha):
     if isinstance(alpha_state, AdaptiveAlphaState):
@@ -184,20 +189,18 @@ def alpha_at_sync(rule, syncs, alpha_state, inner_state, delta, grads, mask, axi
       moment = inner_second_moment(inner_state)
       assert moment is not None  # init chose the inner source only when the inner state has one
       fisher, count = mask(moment[0]), moment[1]
-    correction = 1.0 - rule.b2 ** jnp.maximum(count, 1).astype(jnp.float32)
+    correction = 1.0 - rule.b2 ** jnp.maximum(count, 1).astype(dtype)
     fisher = jax.tree.map(lambda f: f / correction.astype(f.dtype), fisher)
     sums = _quadratic_sums(delta, grads, fisher, rule.eps)
-    if axis_name is not None:
-      sums = jax.lax.pmean(sums, axis_name)
-    return jnp.clip(_from_sums(*sums), rule.alpha_low, 1.0).astype(jnp.float32)
+    return jnp.clip(_from_sums(*sums), rule.alpha_low, 1.0).astype(dtype)
   if callable(rule):
-    return jnp.asarray(rule(syncs), jnp.float32)
-  return jnp.asarray(rule, jnp.float32)
+    return jnp.asarray(rule(syncs), dtype)
+  return jnp.asarray(rule, dtype)
 
 
-def initial_alpha() -> jax.Array:
+def initial_alpha(slow) -> jax.Array:
   """``LookaheadState.alpha`` before the first sync: 0, no slow step taken yet."""
-  return jnp.zeros((), jnp.float32)
+  return jnp.zeros((), alpha_dtype(slow))
 
 
 def check_alpha(caller: str, alpha) -> None:

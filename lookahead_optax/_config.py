@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -16,10 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lookahead_optax import _alpha, _exchange, _fragments
+from lookahead_optax import _alpha, _streaming
 from lookahead_optax._policy import POLICIES
-
-PLACEMENT_CHECKS = ("warn", "raise", "off")
 
 AlphaLike = float | jax.Array | Callable[[jax.Array], jax.Array] | _alpha.AdaptiveAlpha
 
@@ -32,15 +30,9 @@ class Config(NamedTuple):
   k: Any
   alpha: AlphaLike | None
   policy: str
-  outer: optax.GradientTransformation | None
+  outer: optax.GradientTransformationExtraArgs | None
   slow_dtype: jnp.dtype | None
-  axis_name: Hashable | None
-  placement_check: str
-  fragments: Any = 1
-  communication_dtype: jnp.dtype | None = None
-  error_feedback: bool = False
-  delay: int = 0
-  mixing: float = 0.5
+  schedule: _streaming.Streaming
 
   @property
   def adaptive(self) -> bool:
@@ -48,32 +40,11 @@ class Config(NamedTuple):
 
   @property
   def n_fragments(self) -> int:
-    return _fragments.count(self.fragments)
+    return self.schedule.n_fragments
 
 
-def make_config(
-  caller,
-  inner,
-  k,
-  alpha,
-  policy,
-  outer,
-  slow_dtype,
-  axis_name,
-  placement_check,
-  *,
-  fragments=None,
-  communication_dtype=None,
-  error_feedback=False,
-  delay=None,
-  mixing=None,
-) -> Config:
-  """Check every argument and return the configuration; ``alpha=None`` means 0.5 without ``outer``.
-
-  ``placement_check=None`` means ``"warn"``, or ``"off"`` with ``delay=1`` (whose fast weights are a mix, not
-  the slow weights); ``mixing=None`` means 0.5 with ``delay=1``; ``fragments=None`` means 1 and ``delay=None``
-  means 0 (None, not a number, so that ``optax.inject_hyperparams`` does not trace them).
-  """
+def make_config(caller, inner, k, alpha, policy, outer, slow_dtype, schedule) -> Config:
+  """Check every argument and return the configuration; ``alpha=None`` means 0.5 without ``outer``."""
   check_transformation(caller, "inner", inner)
   if outer is not None:
     check_transformation(caller, "outer", outer)
@@ -102,102 +73,49 @@ def make_config(
     )
   if slow_dtype is not None:
     slow_dtype = check_slow_dtype(caller, slow_dtype)
-  fragments = 1 if fragments is None else static_int(caller, "fragments", fragments)
-  delay = 0 if delay is None else static_int(caller, "delay", delay)
-  _fragments.check_fragments(caller, fragments, k)
-  communication_dtype = _exchange.check_communication_dtype(caller, communication_dtype)
-  check_streaming(
-    caller, alpha, policy, axis_name, fragments, communication_dtype, error_feedback, delay, mixing, placement_check
-  )
-  if placement_check is None:
-    placement_check = "off" if delay else "warn"
-  if mixing is None:
-    mixing = 0.5
-  if placement_check not in PLACEMENT_CHECKS:
-    raise ValueError(
-      f"{caller}: placement_check must be one of {', '.join(map(repr, PLACEMENT_CHECKS))}, got {placement_check!r}."
-    )
-  try:
-    hash(axis_name)
-  except TypeError as e:
-    raise ValueError(f"{caller}: axis_name must be a mapped axis name (a string), got {axis_name!r}.") from e
+  schedule = check_schedule(caller, schedule, k, alpha, policy, outer)
   return Config(
     caller,
     optax.with_extra_args_support(inner),
     k,
     alpha,
     policy,
-    outer,
+    None if outer is None else optax.with_extra_args_support(outer),
     slow_dtype,
-    axis_name,
-    placement_check,
-    fragments,
-    communication_dtype,
-    bool(error_feedback),
-    delay,
-    mixing,
+    schedule,
   )
 
 
-def static_int(caller: str, name: str, value: Any) -> Any:
-  """A concrete integer array becomes an int; a traced one is an error (it shapes the program)."""
-  if isinstance(value, jax.core.Tracer):
+def check_schedule(caller, schedule, k, alpha, policy, outer) -> _streaming.Streaming:
+  """The sync schedule (every param at the end of each cycle when None); errors name what it rules out."""
+  if schedule is None:
+    return _streaming.EVERY_STEP
+  if not isinstance(schedule, _streaming.Streaming):
+    raise ValueError(f"{caller}: schedule must be None or made by streaming(...), got {schedule!r}.")
+  if isinstance(k, jax.core.Tracer) and schedule != _streaming.EVERY_STEP:
     raise ValueError(
-      f"{caller}: {name} shapes the compiled program and cannot be traced; under "
-      f"optax.inject_hyperparams pass static_args=({name!r},)."
+      f"{caller}: schedule={schedule!r} needs a static k, got a traced k; under optax.inject_hyperparams "
+      "pass static_args=('k',)."
     )
-  if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer):
-    return int(value)
-  return value
-
-
-def check_streaming(
-  caller, alpha, policy, axis_name, fragments, communication_dtype, error_feedback, delay, mixing, placement_check
-) -> None:
-  """The Streaming DiLoCo arguments: each needs the others it acts with, and nothing they rule out."""
-  if isinstance(delay, bool) or not isinstance(delay, numbers.Integral) or delay not in (0, 1):
-    raise ValueError(f"{caller}: delay must be 0 or 1, got {delay!r}.")
-  if not isinstance(error_feedback, bool):
-    raise ValueError(f"{caller}: error_feedback must be True or False, got {error_feedback!r}.")
-  for name, value, default in (
-    ("communication_dtype", communication_dtype, None),
-    ("error_feedback", error_feedback, False),
-    ("delay", delay, 0),
-  ):
-    if value != default and axis_name is None:
-      raise ValueError(
-        f"{caller}: {name}={value!r} acts on the exchange between replicas, which needs axis_name; got axis_name=None."
-      )
-  if error_feedback and communication_dtype is None:
-    raise ValueError(
-      f"{caller}: error_feedback=True keeps what compression loses, but communication_dtype=None "
-      "(float32) loses nothing. Pass a communication_dtype, or error_feedback=False."
-    )
-  if mixing is not None:
-    if not delay:
-      raise ValueError(
-        f"{caller}: mixing={mixing!r} weighs the inner step taken during a delayed exchange; it needs "
-        "delay=1, got delay=0."
-      )
-    check_number(caller, "mixing", mixing, 0.0, 1.0)
-  if delay and placement_check not in (None, "off"):
-    raise ValueError(
-      f"{caller}: placement_check={placement_check!r} compares the params with the slow weights at "
-      "the start of a cycle, but with delay=1 the fast weights land on a mix of the slow weights and "
-      "the last inner step. Leave placement_check out (or 'off') with delay=1."
-    )
-  if _fragments.count(fragments) > 1:
+  _streaming.check_fragments(caller, schedule.fragments, k)
+  if schedule.n_fragments > 1:
     if policy != "maintain":
       raise ValueError(
-        f"{caller}: fragments={fragments!r} syncs the params a fragment at a time, while "
+        f"{caller}: schedule={schedule!r} syncs the params a fragment at a time, while "
         f"inner_state_policy={policy!r} acts on the whole inner state at once. Use 'maintain' with "
         "fragments."
       )
     if isinstance(alpha, _alpha.AdaptiveAlpha) or (callable(alpha) and not isinstance(alpha, jax.Array)):
       raise ValueError(
-        f"{caller}: fragments={fragments!r} needs a constant alpha or an outer optimizer; an alpha "
+        f"{caller}: schedule={schedule!r} needs a constant alpha or an outer optimizer; an alpha "
         f"schedule or adaptive alpha is defined per whole sync, got alpha={alpha!r}."
       )
+  if schedule.delay and outer is None:
+    raise ValueError(
+      f"{caller}: schedule={schedule!r} delays the exchange over replicas, but outer=None has none. "
+      "Put replica_mean(...) in outer, or use delay=0."
+    )
+  return schedule
 
 
 def check_transformation(caller: str, name: str, tx: Any) -> None:

@@ -1,4 +1,8 @@
-r"""The pseudo-gradient exchange of DiLoCo: the average over replicas, in full or compressed precision.
+r"""The pseudo-gradient exchange of DiLoCo as an optax transformation: the replica mean, full or compressed.
+
+:func:`replica_mean` averages what it receives over a mapped axis. Chained in
+front of an outer optimizer, it is DiLoCo's exchange:
+``lookahead(inner, k, outer=optax.chain(replica_mean("replica"), optax.sgd(0.7, momentum=0.9, nesterov=True)))``.
 
 In full precision it is one ``pmean`` (an all-reduce). With a
 ``communication_dtype`` each replica sends its pseudo-gradient compressed and
@@ -37,10 +41,13 @@ pseudo-gradient (one more float32 copy of the params in the state).
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Hashable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
+from jax.typing import DTypeLike
 
 COMMUNICATION_DTYPES = ("float32", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int8")
 
@@ -147,3 +154,93 @@ def exchange(delta, residual, dtype, axis_name):
   out = [leaf(d, e) for d, e in zip(leaves, residuals)]
   new_residual = None if residual is None else jax.tree.unflatten(structure, [r for _, r in out])
   return jax.tree.unflatten(structure, [m for m, _ in out]), new_residual
+
+
+class ReplicaMeanState(NamedTuple):
+  """State of :func:`replica_mean`."""
+
+  residual: optax.Updates | optax.EmptyState
+  """``error_feedback=True``: what compressing each leaf's last exchange lost, float32; else ``EmptyState()``."""
+
+
+def replica_mean(
+  axis_name: Hashable = "replica",
+  *,
+  dtype: DTypeLike | None = None,
+  error_feedback: bool = False,
+) -> optax.GradientTransformation:
+  r"""The mean of the updates over the replicas of a mapped axis, optionally compressed.
+
+  .. math:: u \leftarrow \tfrac{1}{M} \textstyle\sum_{m=1}^{M} u^{(m)}
+
+  Chained in front of the outer optimizer of :func:`lookahead_optax.lookahead`,
+  it averages the pseudo-gradient over the replicas at each sync (DiLoCo); the
+  lookahead runs it only inside the sync branch, so a non-sync step
+  communicates nothing. ``update`` must run inside ``jax.shard_map``,
+  ``jax.pmap`` or ``jax.vmap`` over ``axis_name``, each replica with its own
+  values. With ``dtype`` each replica sends its values compressed and the mean
+  is taken in float32 (see the module docstring); every replica ends with the
+  same mean, bit for bit.
+
+  Args:
+    axis_name: the mapped axis over the replicas.
+    dtype: ``None`` (a float32 all-reduce in the values' own dtype) or the
+      communication dtype: ``"bfloat16"``, ``"float8_e4m3fn"``,
+      ``"float8_e5m2"`` or ``"int8"`` (the float8 and int8 ones scaled per row).
+    error_feedback: with a ``dtype``: keep what compression lost (one float32
+      copy of the values in the state) and add it to the next exchange.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose state is a
+    :class:`ReplicaMeanState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from lookahead_optax import replica_mean
+    >>> tx = replica_mean("replica", dtype="int8", error_feedback=True)
+    >>> u = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}  # one row per replica
+    >>> state = jax.vmap(tx.init)(u)
+    >>> mean, state = jax.vmap(tx.update, axis_name="replica")(u, state)
+    >>> mean["w"][0]
+    Array([2., 3.], dtype=float32)
+  """
+  try:
+    hash(axis_name)
+  except TypeError as e:
+    raise ValueError(f"replica_mean: axis_name must be a mapped axis name (a string), got {axis_name!r}.") from e
+  if axis_name is None:
+    raise ValueError("replica_mean: axis_name must name the mapped replica axis, got None.")
+  dtype = check_communication_dtype("replica_mean", dtype)
+  if not isinstance(error_feedback, bool):
+    raise ValueError(f"replica_mean: error_feedback must be True or False, got {error_feedback!r}.")
+  if error_feedback and dtype is None:
+    raise ValueError(
+      "replica_mean: error_feedback=True keeps what compression loses, but dtype=None (no compression) "
+      "loses nothing. Pass a dtype, or error_feedback=False."
+    )
+
+  def init_fn(params):
+    if not error_feedback:
+      return ReplicaMeanState(optax.EmptyState())
+    return ReplicaMeanState(jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    try:
+      jax.lax.axis_size(axis_name)
+    except NameError as e:
+      raise ValueError(
+        f"replica_mean: axis_name={axis_name!r} is not a mapped axis here. Call update inside jax.shard_map, "
+        f"jax.pmap or jax.vmap over the axis {axis_name!r} (each replica with its own values)."
+      ) from e
+    residual = state.residual if error_feedback else None
+    mean, residual = exchange(updates, residual, dtype, axis_name)
+    return mean, ReplicaMeanState(optax.EmptyState() if residual is None else residual)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def in_state(outer_state) -> bool:
+  """Whether an outer optimizer's state holds a :class:`ReplicaMeanState`: its slow step averages over replicas."""
+  nodes = jax.tree.leaves(outer_state, is_leaf=lambda x: isinstance(x, ReplicaMeanState))
+  return any(isinstance(x, ReplicaMeanState) for x in nodes)

@@ -7,8 +7,10 @@
   (``slow_dtype``, DiLoCo replicas). When they do not, a transformation after
   ``lookahead`` changed its updates, or the params were changed outside the
   optimizer. The comparison runs inside a ``lax.cond`` taken once per cycle; a
-  mismatch is reported from the device with ``jax.debug.callback``, so it works
-  under ``jit``, ``pmap`` and on accelerators.
+  mismatch is reported with a :class:`LookaheadPlacementWarning` from a
+  ``jax.pure_callback`` inside a branch taken only then, whose (zero) result the
+  next count depends on. The step has no side effects in its jaxpr, so it never
+  waits on the host, and works under ``jit``, ``pmap`` and on accelerators.
 - State: a state made by another configuration (interpolation snapshot, outer
   optimizer, slow dtype, a counter beyond ``k``) is named as such.
 - ``force_sync`` finds the lookahead inside any optimizer by running its update
@@ -28,16 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lookahead_optax import _fragments
+from lookahead_optax import _streaming
 from lookahead_optax._tree import is_inexact, map_inexact
 
 
 class LookaheadPlacementWarning(UserWarning):
-  """The params at the start of a cycle differ from the slow weights (``placement_check="warn"``)."""
+  """The params at the start of a cycle differ from the slow weights.
 
-
-class LookaheadPlacementError(ValueError):
-  """The params at the start of a cycle differ from the slow weights (``placement_check="raise"``)."""
+  Silence it with ``warnings.filterwarnings("ignore", category=LookaheadPlacementWarning)``.
+  """
 
 
 # -------------------------------------------------------------- construction
@@ -57,7 +58,16 @@ def check_inner_state(cfg, inner_state) -> None:
 # ---------------------------------------------------------------- the update
 
 
-def check_update(cfg, state, params) -> None:
+def check_plain(name, what, tree) -> None:
+  """Reject an ``optax.LookaheadParams``: this library takes plain params and keeps the slow weights itself."""
+  if isinstance(tree, optax.LookaheadParams):
+    raise ValueError(
+      f"{name}: {what} is an optax.LookaheadParams (fast, slow), the params of optax.lookahead; {name} takes "
+      f"the plain params and keeps the slow weights in its state. Pass {what}.fast (see docs/migrating.md)."
+    )
+
+
+def check_update(cfg, updates, state, params) -> None:
   """Trace-time checks of ``update``'s arguments; errors name what differs."""
   name = cfg.caller
   if params is None:
@@ -65,6 +75,8 @@ def check_update(cfg, state, params) -> None:
       f"{name}: update needs params (the fast weights) to place the slow step; got params=None. "
       "Call opt.update(grads, state, params)."
     )
+  check_plain(name, "params", params)
+  check_plain(name, "updates", updates)
   fields = (
     "count",
     "syncs",
@@ -74,9 +86,13 @@ def check_update(cfg, state, params) -> None:
     "slow_inner_state",
     "outer_state",
     "alpha_state",
-    "residual",
   )
   if getattr(state, "_fields", None) != fields:
+    if getattr(state, "_fields", None) == (*fields, "residual"):
+      raise ValueError(
+        f"{name}: this is a lookahead-optax 0.1 state: init a 0.2 state and restore into it (the 0.1 "
+        "`residual` now lives in outer_state's ReplicaMeanState); see the changelog."
+      )
     raise ValueError(
       f"{name}: state must be the LookaheadState made by this optimizer's init, got {type(state).__name__}."
     )
@@ -109,89 +125,63 @@ def check_update(cfg, state, params) -> None:
       made_with(f"slow weights of dtype {wrong[0][1]}") + f" This one has slow_dtype={cfg.slow_dtype!r} "
       f"and params of dtype {wrong[0][0]}."
     )
-  if cfg.axis_name is not None:
-    try:
-      jax.lax.axis_size(cfg.axis_name)
-    except NameError as e:
-      raise ValueError(
-        f"{name}: axis_name={cfg.axis_name!r} is not a mapped axis here. Call update inside jax.shard_map "
-        f"or jax.pmap over the axis {cfg.axis_name!r} (each replica with its own gradients); the slow step "
-        "averages over it."
-      ) from e
-  count, k = state.count, cfg.k
-  if not isinstance(count, jax.core.Tracer) and not isinstance(k, jax.core.Tracer) and int(count) >= int(k):
-    raise ValueError(_count_message(name, int(count), int(k)))
 
 
-def _count_message(name, count, k) -> str:
-  return (
-    f"{name}: the state's count is {count}, but k={k} allows 0..{k - 1}: this state was made by a "
-    "lookahead with a larger k. Restore it into an optimizer with the same k."
-  )
-
-
-def _can_report() -> bool:
-  """Whether a device callback can be traced here: not in a shard_map manual over some axes and explicit over others.
-
-  (JAX cannot yet close a debug callback over values typed on ``Explicit`` axes
-  inside a partially manual ``shard_map``; there the checks are left out.)
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  return not (getattr(mesh, "manual_axes", ()) and getattr(mesh, "explicit_axes", ()))
-
-
-def check_then_sync(cfg, state, params, exact, ids):
+def check_then_sync(cfg, state, params, exact, ids, checked: bool):
   """The fragment that syncs at this update (``F``, the number of fragments, when none does).
 
-  Decided after the once-per-cycle placement check: a ``lax.switch`` on the
-  fragment that synced at the previous update (with one fragment: on
-  ``count == 0``) compares that fragment's params with its slow weights. The
-  sync decision is computed inside every branch, so everything downstream (the
-  landing, which overwrites the params in place) is ordered after the
-  comparison and no buffer is copied for it.
+  Decided after the once-per-cycle placement check (``checked``): a
+  ``lax.switch`` on the fragment that synced at the previous update (with one
+  fragment: on ``count == 0``) compares that fragment's params with its slow
+  weights. The sync decision is computed inside every branch, so everything
+  downstream (the landing, which overwrites the params in place) is ordered
+  after the comparison and no buffer is copied for it. The decision adds the
+  (zero) result of the report, so the report is never optimised away, and has
+  no side effect in the program.
   """
   k, n = cfg.k, cfg.n_fragments
-  decide = lambda count: _fragments.syncing(count, k, n)
-  if not _can_report():
+  decide = lambda count: _streaming.syncing(count, k, n)
+  if not checked or not _can_report():
     return decide(state.count)
-  index = jax.lax.cond(state.count > k - 1, _report_count(cfg, k, decide), decide, state.count)
-  if cfg.placement_check == "off":
-    return index
-  previous = _fragments.syncing((state.count + k - 1) % k, k, n)
+  previous = _streaming.syncing((jnp.minimum(state.count, k - 1) + k - 1) % k, k, n)
   names = _leaf_names(params)
   pairs = list(zip(*(jax.tree.leaves(t) for t in (map_inexact(lambda p: p, params), state.slow, exact))))
+  report = functools.partial(_report_placement, cfg.caller, names)
 
   def check(j, count):
     wrong = [_differs(p, s, e) if ids[i] == j else jnp.zeros((), bool) for i, (p, s, e) in enumerate(pairs)]
     # & previous == j: under vmap a switch runs every branch, so the flags themselves must say when to report.
     wrong = (jnp.stack(wrong) if wrong else jnp.zeros((0,), bool)) & (previous == j)
-    report = functools.partial(_report_placement, cfg.caller, cfg.placement_check, names)
-    jax.lax.cond(jnp.any(wrong), lambda w: host_call(report, w), lambda w: None, wrong)
-    return decide(count)
+    zero = jax.lax.cond(jnp.any(wrong), lambda w: host_report(report, w), lambda w: jnp.zeros((), jnp.int32), wrong)
+    return decide(count) + zero
 
-  branches = [functools.partial(check, j) for j in range(n)] + [lambda count: decide(count) + 0 * (count < 0)]
+  branches = [functools.partial(check, j) for j in range(n)] + [decide]
   return jax.lax.switch(previous, branches, state.count)
 
 
-def host_call(fn, *args) -> None:
-  """``jax.debug.callback(fn, *args)``, called once per step under ``vmap``, with the batched values.
+def _can_report() -> bool:
+  """Whether a host callback can be traced here: not in a shard_map manual over some axes and explicit over others.
 
-  (``jax.debug.callback`` alone unrolls over a ``vmap``: one host call per run
-  of a batch, which makes a vmapped grid of thousands of runs crawl.) ``fn``
-  must accept values with leading batch axes.
+  (JAX cannot yet close a callback over values typed on ``Explicit`` axes
+  inside a partially manual ``shard_map``; there the check is left out.)
   """
+  mesh = jax.sharding.get_abstract_mesh()
+  return not (getattr(mesh, "manual_axes", ()) and getattr(mesh, "explicit_axes", ()))
 
-  @jax.custom_batching.custom_vmap
-  def call(*args):
-    jax.debug.callback(fn, *args)
-    return jnp.zeros((), bool)
 
-  @call.def_vmap
-  def _(axis_size, in_batched, *args):
-    batched = [a if b else jnp.broadcast_to(a, (axis_size, *jnp.shape(a))) for a, b in zip(args, in_batched)]
-    return call(*batched), False
+def host_report(fn, wrong):
+  """``fn(wrong)`` on the host, returning an int32 zero: a ``jax.pure_callback``, so the program has no effects.
 
-  call(*args)
+  Called once per step under ``vmap``, with the batched flags (``fn`` accepts
+  leading batch axes).
+  """
+  zero = jax.ShapeDtypeStruct((), jnp.int32)
+
+  def call(w):
+    fn(w)
+    return np.zeros(np.shape(w)[:-1], np.int32)
+
+  return jax.pure_callback(call, zero, wrong, vmap_method="expand_dims")
 
 
 def _differs(p, s, exact):
@@ -212,7 +202,7 @@ def _leaf_names(params) -> tuple:
   return tuple(jax.tree_util.keystr(path) for path, p in jax.tree_util.tree_leaves_with_path(params) if is_inexact(p))
 
 
-def _report_placement(name, mode, leaves, wrong) -> None:
+def _report_placement(name, leaves, wrong) -> None:
   wrong = np.asarray(wrong)
   if wrong.ndim > 1:  # batched under vmap: one row per run
     wrong = wrong.any(axis=tuple(range(wrong.ndim - 1)))
@@ -226,27 +216,10 @@ def _report_placement(name, mode, leaves, wrong) -> None:
     f"transformation placed after {name} changed its updates, or the params were changed outside the "
     f"optimizer. Put {name} last, with every other transformation inside it or before it: "
     f"optax.chain(optax.clip_by_global_norm(1.0), {name}(optax.adam(...))), or "
-    f"{name}(optax.chain(optax.adam(...), <transformation>)). To silence this check: placement_check='off'."
+    f"{name}(optax.chain(optax.adam(...), <transformation>)). To silence this check: "
+    "warnings.filterwarnings('ignore', category=lookahead_optax.LookaheadPlacementWarning)."
   )
-  if mode == "raise":
-    raise LookaheadPlacementError(message)
   warnings.warn(message, LookaheadPlacementWarning, stacklevel=2)
-
-
-def _report_count(cfg, k, decide):
-  def branch(count):
-    # The callback gets the values, not the branch: under vmap a cond runs both branches.
-    host_call(functools.partial(_raise_count, cfg.caller), count, jnp.asarray(k))
-    return decide(count)
-
-  return branch
-
-
-def _raise_count(name, count, k) -> None:
-  count, k = np.asarray(count), np.broadcast_to(np.asarray(k), np.shape(count))
-  if (count >= k).any():
-    i = np.unravel_index(np.argmax(count - k), count.shape)
-    raise ValueError(_count_message(name, int(count[i]), int(k[i])))
 
 
 # ------------------------------------------------------------- force_sync

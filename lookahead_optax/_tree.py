@@ -66,19 +66,21 @@ def _varying_axes(aval) -> frozenset:
   return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
-def vary(tree, axis_name):
-  """``tree`` typed as varying over ``axis_name`` (no data moves): what an all-gather's result is typed as.
+def vary_like(operands, branches):
+  """``operands`` typed as varying over every mesh axis that some ``branches[j](operands)`` varies over.
 
   Under ``shard_map``'s type checks an all-gathered mean is varying even when
-  every replica holds the same value; the stored values it replaces are cast
-  alike, so that the branches of a sync agree.
+  every replica holds the same value; the stored values a conditional returns
+  when no branch is taken are cast alike (no data moves), so that the branches
+  agree. Outside ``shard_map`` (``pmap``, ``vmap``, plain ``jit``) there are no
+  such types and ``operands`` come back as they are.
   """
-  if axis_name not in getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
-    return tree  # not a shard_map axis (pmap, vmap): no types to agree on
+  if not getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
+    return operands
+  outs = [jax.eval_shape(branch, operands) for branch in branches]
 
-  def leaf(x):
-    if axis_name in _varying_axes(jax.typeof(x)):
-      return x
-    return jax.lax.pcast(x, (axis_name,), to="varying")
+  def leaf(x, *results):
+    wanted = frozenset().union(*(_varying_axes(r) for r in results)) - _varying_axes(jax.typeof(x))
+    return jax.lax.pcast(x, tuple(sorted(wanted)), to="varying") if wanted else x
 
-  return jax.tree.map(leaf, tree)
+  return jax.tree.map(leaf, operands, *outs)
