@@ -8,7 +8,8 @@ import optax
 import pytest
 
 from lookahead_optax import lookahead, ranger
-from tests.helpers import quadratic_grad, reference_lookahead, run
+from tests.helpers import quadratic_grad, run
+from tests.references import reference_lookahead
 
 LR = 0.05
 # optax's RAdam alone differs compiled vs op by op by ~1e-5 at its rectification switch (step 6), and

@@ -30,7 +30,8 @@ from lookahead_optax import (
   sync_nnx,
   sync_train_state,
 )
-from tests.helpers import reference_lookahead, run
+from tests.helpers import run
+from tests.references import reference_lookahead
 
 K, ALPHA, LR = 3, 0.5, 0.05
 # One optimizer object per flavour, so that the jitted steps compile once per module.

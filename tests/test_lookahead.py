@@ -14,15 +14,8 @@ import optax
 import pytest
 
 from lookahead_optax import LookaheadState, adaptive_alpha, find_lookahead_state, lookahead, slow_params
-from tests.helpers import (
-  INNERS,
-  assert_trajectories_close,
-  jit_and_count_traces,
-  make_params,
-  quadratic_grad,
-  reference_lookahead,
-  run,
-)
+from tests.helpers import INNERS, assert_trajectories_close, jit_and_count_traces, make_params, quadratic_grad, run
+from tests.references import reference_lookahead
 
 CASES = [(inner, policy) for inner in sorted(INNERS) for policy in ["maintain", "reset", "interpolate"]]
 

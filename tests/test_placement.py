@@ -11,7 +11,8 @@ import optax
 import pytest
 
 from lookahead_optax import LookaheadPlacementError, LookaheadPlacementWarning, adaptive_alpha, diloco, lookahead, snoo
-from tests.helpers import count_primitive, make_params, quadratic_grad, replica_grad
+from tests.compiled import count_primitive
+from tests.helpers import make_params, quadratic_grad, replica_grad
 
 TARGET = 3.0
 

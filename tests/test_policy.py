@@ -14,7 +14,8 @@ import pytest
 
 from lookahead_optax import find_lookahead_state, lookahead
 from lookahead_optax._policy import is_moment_node
-from tests.helpers import MOMENT_STATES, make_params, quadratic_grad, reference_lookahead, reset_moments, run
+from tests.helpers import make_params, quadratic_grad, run
+from tests.references import MOMENT_STATES, reference_lookahead, reset_moments
 
 K, STEPS = 4, 14
 WARMUP = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 20, 200)

@@ -23,17 +23,8 @@ import optax
 import pytest
 
 from lookahead_optax import diloco, find_lookahead_state, lookahead, slow_params, snoo
-from tests.helpers import (
-  TOL,
-  jit_and_count_traces,
-  make_params,
-  quadratic_grad,
-  reference_diloco,
-  reference_lookahead,
-  reference_snoo,
-  replica_grad,
-  run,
-)
+from tests.helpers import TOL, jit_and_count_traces, make_params, quadratic_grad, replica_grad, run
+from tests.references import reference_diloco, reference_lookahead, reference_snoo
 
 
 def assert_close(got, want, what, t):

@@ -21,16 +21,9 @@ import pytest
 
 from lookahead_optax import _exchange, _fragments, diloco, find_lookahead_state, force_sync, lookahead
 from lookahead_optax._exchange import compress, decompress
-from tests.helpers import (
-  collective_inputs_depend_on,
-  count_primitive,
-  make_params,
-  quadratic_grad,
-  reference_compress,
-  reference_mean,
-  replica_grad,
-  run,
-)
+from tests.compiled import collective_inputs_depend_on, count_primitive
+from tests.helpers import make_params, quadratic_grad, replica_grad, run
+from tests.references import reference_compress, reference_mean
 
 LR, MU, INNER_LR = 0.7, 0.9, 0.05
 

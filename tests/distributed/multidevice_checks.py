@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lookahead_optax import diloco, lookahead
-from tests.helpers import HLO_COLLECTIVES, hlo_placed
+from tests.compiled import HLO_COLLECTIVES, hlo_placed
 
 K = 3
 CYCLES = 3

@@ -32,15 +32,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lookahead_optax import diloco
-from tests.helpers import (
-  HLO_COLLECTIVES,
-  collective_inputs_depend_on,
-  hlo_computations,
-  hlo_nbytes,
-  hlo_placed,
-  reference_compress,
-  reference_mean,
-)
+from tests.compiled import HLO_COLLECTIVES, collective_inputs_depend_on, hlo_computations, hlo_nbytes, hlo_placed
+from tests.references import reference_compress, reference_mean
 
 K, STEPS = 4, 10  # every fragment syncs at least twice; the run ends mid-cycle
 INNER_LR, LR, MU, MIXING = 0.02, 0.7, 0.9, 0.25  # MIXING: not the default 0.5, so that a dropped weight shows

@@ -22,7 +22,7 @@ import math
 import pytest
 
 from tests.distributed.streaming_checks import CASES, FRAGMENT_IDS, SHAPES, case_name
-from tests.helpers import reference_block_rows
+from tests.references import reference_block_rows
 
 EXACT = 1e-6
 FLIPPED_FRACTION, FLIPPED_MAX = 1e-3, 1e-2  # a compressed exchange: elements rounded the other way, and by how much

@@ -1,0 +1,206 @@
+"""Readers of compiled programs: jaxpr walks (primitives, collectives and what they depend on, effects) and HLO text."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import NamedTuple
+
+import jax
+import jax.extend
+
+COLLECTIVES = ("psum", "all_gather", "all_reduce", "psum_scatter", "all_to_all", "ppermute", "pmax", "pmin")
+
+
+def collective_inputs_depend_on(fn, args, argnum: int) -> dict:
+  """For each collective in ``fn(*args)``'s program, whether its inputs depend on ``args[argnum]``.
+
+  Walks the jaxpr and every sub-jaxpr (``shard_map``, ``cond``/``switch``
+  branches, ``pjit``), propagating "depends on that argument" through each
+  equation; keys name the collective and where it sits.
+  """
+  closed = jax.make_jaxpr(fn)(*args)
+  flags = [i == argnum for i, a in enumerate(args) for _ in jax.tree.leaves(a)]
+  found = {}
+  _taint(closed.jaxpr, flags, found, "")
+  return found
+
+
+def count_primitive(jaxpr, name: str) -> int:
+  """Equations of primitive ``name`` in ``jaxpr``, nested jaxprs (branches, bodies) included."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == name
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = sub if hasattr(sub, "eqns") else getattr(sub, "jaxpr", None)
+        n += count_primitive(sub, name) if hasattr(sub, "eqns") else 0
+  return n
+
+
+def _taint(jaxpr, tainted_inputs, found, where):
+  """Which outputs of ``jaxpr`` depend on its tainted inputs; records collectives in ``found``."""
+  literal = lambda v: isinstance(v, jax.extend.core.Literal)
+  tainted = {v for v, t in zip(jaxpr.invars, tainted_inputs) if t}
+  for n, eqn in enumerate(jaxpr.eqns):
+    ins = [not literal(v) and v in tainted for v in eqn.invars]
+    name = eqn.primitive.name
+    if any(c in name for c in COLLECTIVES):
+      found[f"{where}{n}:{name}"] = any(ins)
+    subs = [
+      sub
+      for value in eqn.params.values()
+      for sub in (value if isinstance(value, tuple) else (value,))
+      if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns")
+    ]
+    outs = [any(ins)] * len(eqn.outvars)
+    if subs:
+      operands = ins[1:] if name == "cond" else ins  # cond's first operand is the branch index
+      results = []
+      for i, sub in enumerate(subs):
+        inner = sub if hasattr(sub, "eqns") else sub.jaxpr
+        if len(inner.invars) == len(operands):
+          results.append(_taint(inner, operands, found, f"{where}{n}:{name}/{i}/"))
+      if results and all(len(r) == len(eqn.outvars) for r in results):
+        index_tainted = name == "cond" and ins[0]
+        outs = [index_tainted or any(r[o] for r in results) for o in range(len(eqn.outvars))]
+    tainted.update(v for v, t in zip(eqn.outvars, outs) if t)
+  return [not literal(v) and v in tainted for v in jaxpr.outvars]
+
+
+# --------------------------------------------------------- compiled HLO text
+# Read from ``jit(...).lower(...).compile().as_text()``: what each instruction produces and reads, and
+# whether it runs on every step or inside a conditional's branch (a sync branch).
+
+HLO_ITEMSIZE = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+}
+HLO_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+class HloInstruction(NamedTuple):
+  """One instruction of an HLO computation."""
+
+  name: str
+  op: str
+  """The opcode; an async collective is named by its ``-start`` half (``all-gather``; ``all-gather-done`` apart)."""
+  arrays: tuple
+  """What it produces: ``(element type, shape)`` per array (several for a tuple)."""
+  operands: tuple
+  """The names of its operands."""
+  callees: tuple
+  """The computations it calls; a ``conditional``'s branches in index order (false before true for a predicate)."""
+
+
+class HloPlaced(NamedTuple):
+  """An instruction reachable from the entry computation, with where it runs and what it reads."""
+
+  instruction: HloInstruction
+  operands: tuple
+  """``(element type, shape)`` of each array it reads."""
+  branches: tuple
+  """The conditional branches it runs in, outermost first, as ``(conditional name, branch index)``; () outside
+  every conditional (it runs on every step)."""
+
+
+def hlo_arrays(type_text: str) -> tuple:
+  """``"(f32[2,3]{1,0}, s8[4]{0})"`` -> ``(("f32", (2, 3)), ("s8", (4,)))``."""
+  return tuple(
+    (t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in re.findall(r"([a-z]\w*)\[([\d,]*)\]", type_text)
+  )
+
+
+def hlo_nbytes(arrays) -> int:
+  return sum(HLO_ITEMSIZE[t] * math.prod(shape) for t, shape in arrays)
+
+
+def _closing(text: str, start: int) -> int:
+  """Index just past the bracket that closes the one at ``text[start]``."""
+  pairs, depth = {"(": ")", "{": "}"}, 0
+  for i in range(start, len(text)):
+    if text[i] == text[start]:
+      depth += 1
+    elif text[i] == pairs[text[start]]:
+      depth -= 1
+      if depth == 0:
+        return i + 1
+  raise ValueError(f"unbalanced HLO text: {text[start : start + 80]!r}")
+
+
+def _instruction(line: str) -> HloInstruction | None:
+  head = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*", line)
+  if head is None:
+    return None
+  at = head.end()
+  end = _closing(line, at) if line[at] == "(" else line.index(" ", at)
+  type_text = line[at:end]
+  op = re.match(r"\s*([\w\-]+)\(", line[end:])
+  args_at = end + op.end() - 1
+  args_end = _closing(line, args_at)
+  rest = re.sub(r"metadata=\{[^}]*\}", "", line[args_end:])
+  callees = []
+  for _, value in re.findall(
+    r"(calls|to_apply|body|condition|branch_computations|called_computations|"
+    r"false_computation|true_computation)=(\{[^}]*\}|%?[\w.\-]+)",
+    rest,
+  ):
+    callees += [n.strip().lstrip("%") for n in value.strip("{}").split(",") if n.strip()]
+  return HloInstruction(
+    head.group(1),
+    re.sub(r"-start$", "", op.group(1)),
+    hlo_arrays(type_text),
+    tuple(re.findall(r"%([\w.\-]+)", line[args_at:args_end])),
+    tuple(callees),
+  )
+
+
+def hlo_computations(text: str) -> tuple:
+  """``(entry name, {computation name: {instruction name: HloInstruction}})`` of an HLO module's text."""
+  comps, entry, name = {}, None, None
+  for line in text.splitlines():
+    head = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if head and not line.startswith(" "):
+      name, comps[head.group(2)] = head.group(2), {}
+      entry = name if head.group(1) else entry
+    elif line.startswith("}"):
+      name = None
+    elif name is not None and (ins := _instruction(line)) is not None:
+      comps[name][ins.name] = ins
+  return entry, comps
+
+
+def hlo_placed(text: str) -> list:
+  """Every instruction reachable from the entry computation, as :class:`HloPlaced`.
+
+  A computation reached from several places is listed once per place.
+  """
+  entry, comps = hlo_computations(text)
+  out, seen, todo = [], set(), [(entry, ())]
+  while todo:
+    comp, branches = todo.pop()
+    if (comp, branches) in seen or comp not in comps:
+      continue
+    seen.add((comp, branches))
+    body = comps[comp]
+    for ins in body.values():
+      reads = tuple(a for n in ins.operands if n in body for a in body[n].arrays)
+      out.append(HloPlaced(ins, reads, branches))
+      if ins.op == "conditional":
+        todo += [(c, (*branches, (ins.name, i))) for i, c in enumerate(ins.callees)]
+      else:
+        todo += [(c, branches) for c in ins.callees]
+  return out
