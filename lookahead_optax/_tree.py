@@ -77,10 +77,16 @@ def vary_like(operands, branches):
   """
   if not getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
     return operands
-  outs = [jax.eval_shape(branch, operands) for branch in branches]
 
   def leaf(x, *results):
     wanted = frozenset().union(*(_varying_axes(r) for r in results)) - _varying_axes(jax.typeof(x))
     return jax.lax.pcast(x, tuple(sorted(wanted)), to="varying") if wanted else x
 
-  return jax.tree.map(leaf, operands, *outs)
+  # Varying operands make more results varying (a varying slow weight, a varying residual): to a fixed point.
+  for _ in range(len(jax.tree.leaves(operands)) + 1):
+    outs = [jax.eval_shape(branch, operands) for branch in branches]
+    before = [_varying_axes(jax.typeof(x)) for x in jax.tree.leaves(operands)]
+    operands = jax.tree.map(leaf, operands, *outs)
+    if before == [_varying_axes(jax.typeof(x)) for x in jax.tree.leaves(operands)]:
+      break
+  return operands

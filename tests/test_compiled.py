@@ -2,7 +2,7 @@
 
 Structure, not timing (``benchmarks/overhead.py`` measures the time). Each path
 (plain Lookahead with each inner-state policy, an ``outer`` optimizer,
-``slow_dtype``, adaptive alpha, ``axis_name``, fragments) is compiled as a jitted, donated
+``slow_dtype``, adaptive alpha, a replica mean, fragments, a delayed compressed exchange) is compiled as a jitted, donated
 optimizer-only step and its HLO is read: the non-sync step must do what plain
 Lookahead does, one extra read of the slow weights; everything that changes only
 at a sync is written by a ``conditional``.
@@ -20,7 +20,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from benchmarks.overhead import optimizer_step, tree_bytes  # the step the overhead benchmark times
-from lookahead_optax import adaptive_alpha, diloco, lookahead, snoo
+from lookahead_optax import adaptive_alpha, diloco, lookahead, replica_mean, snoo, streaming
+from tests.compiled import count_primitive
 from tests.helpers import jit_and_count_traces
 
 N = 1 << 18
@@ -46,14 +47,25 @@ PATHS = {
   "outer (SNOO)": (lambda: snoo(ADAM(), 5), jnp.float32, 1),
   "outer slow_dtype": (lambda: snoo(ADAM(), 5, slow_dtype=jnp.float32), jnp.bfloat16, 2),
   "adaptive alpha": (lambda: lookahead(ADAM(), 5, adaptive_alpha()), jnp.float32, 3),
-  "axis_name (DiLoCo)": (lambda: diloco(ADAM(), 5, axis_name="replica"), jnp.float32, 2),  # + all-reduce result
-  "fragments": (lambda: lookahead(ADAM(), 5, 0.5, fragments=2), jnp.float32, 0),
+  "replica mean (DiLoCo)": (lambda: diloco(ADAM(), 5, axis_name="replica"), jnp.float32, 2),  # + all-reduce result
+  "replica mean, alpha": (
+    lambda: lookahead(ADAM(), 5, outer=optax.chain(replica_mean("replica"), optax.sgd(0.5))),
+    jnp.float32,
+    2,
+  ),
+  "replica mean, streaming int8 delayed": (
+    lambda: diloco(ADAM(), 5, fragments=2, communication_dtype="int8", error_feedback=True, delay=1),
+    jnp.float32,
+    2,
+  ),
+  "fragments": (lambda: lookahead(ADAM(), 5, 0.5, schedule=streaming(2)), jnp.float32, 0),
   "fragments, outer": (
-    lambda: lookahead(ADAM(), 5, outer=optax.sgd(0.7, momentum=0.9, nesterov=True), fragments=2),
+    lambda: lookahead(ADAM(), 5, outer=optax.sgd(0.7, momentum=0.9, nesterov=True), schedule=streaming(2)),
     jnp.float32,
     1,
   ),
 }
+REPLICAS = "replica mean"  # paths whose step runs inside shard_map over a replica axis
 
 
 def make_params(n: int, dtype):
@@ -63,14 +75,34 @@ def make_params(n: int, dtype):
   return {f"p{i}": jax.random.normal(key, shape).astype(dtype) for i, (key, shape) in enumerate(zip(keys, shapes))}
 
 
-def step_for(name, tx):
-  """The jitted, donated step; DiLoCo's runs inside shard_map over a one-device replica axis."""
-  if "axis_name" not in name:
+def per_replica(name) -> bool:
+  """A compressed exchange keeps a residual per replica: params and state are laid out as per-device blocks."""
+  return "int8" in name
+
+
+@functools.cache
+def replica_mesh():
+  return jax.make_mesh((1,), ("replica",))
+
+
+def block_specs(tree):
+  """Each array split over the replica axis along its first dimension (a leading block of 1); scalars replicated."""
+  return jax.tree.map(lambda x: P("replica") if jnp.ndim(x) else P(), tree)
+
+
+def step_for(name, tx, args=None):
+  """The jitted, donated step; a replica mean's runs inside shard_map over a one-device replica axis.
+
+  With a per-replica state the optimizer runs on the per-device blocks themselves (leading axis of 1), as the
+  distributed guide lays them out: no slicing, so no copies of the donated buffers.
+  """
+  if REPLICAS not in name:
     return optimizer_step(tx)
-  mesh = jax.make_mesh((1,), ("replica",))
+  specs = block_specs(args) if per_replica(name) else P()
+  out_specs = (specs[0], specs[1]) if per_replica(name) else P()
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=P(), out_specs=P())
+  @functools.partial(jax.shard_map, mesh=replica_mesh(), in_specs=specs, out_specs=out_specs)
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
@@ -78,15 +110,26 @@ def step_for(name, tx):
   return step
 
 
+def inputs(name, tx, n, dtype):
+  """Params, state and gradients for the step of ``step_for`` (per-device blocks of one replica where per replica)."""
+  params = make_params(n, dtype)
+  if per_replica(name):
+    params = jax.tree.map(lambda x: x[None], params)
+  grads = jax.tree.map(lambda x: (1e-3 * jnp.ones_like(x)).astype(dtype), params)
+  args = (params, tx.init(params), grads)
+  if not per_replica(name):
+    return args
+  shardings = jax.tree.map(lambda spec: jax.sharding.NamedSharding(replica_mesh(), spec), block_specs(args))
+  return jax.device_put(args, shardings)
+
+
 @functools.cache
 def compiled(name):
   build, dtype, _ = PATHS[name]
   tx = build()
-  params = make_params(N, dtype)
-  grads = jax.tree.map(lambda x: (1e-3 * jnp.ones_like(x)).astype(dtype), params)
-  state = tx.init(params)
+  params, state, grads = inputs(name, tx, N, dtype)
   outputs = jax.eval_shape(lambda p, s: (p, s), params, state)
-  return step_for(name, tx).lower(params, state, grads).compile(), params, state, outputs
+  return step_for(name, tx, (params, state, grads)).lower(params, state, grads).compile(), params, state, outputs
 
 
 def entry(text: str) -> list[str]:
@@ -120,8 +163,8 @@ def test_temporaries(name):
   """No param-sized temporaries, except the pseudo-gradient some paths hold inside the sync branch."""
   exe, params, _, _ = compiled(name)
   _, dtype, extra_copies = PATHS[name]
-  bare_step = step_for(name, ADAM())
-  bare = bare_step.lower(params, ADAM().init(params), params).compile().memory_analysis().temp_size_in_bytes
+  args = inputs(name, ADAM(), N, dtype)
+  bare = step_for(name, ADAM(), args).lower(*args).compile().memory_analysis().temp_size_in_bytes
   allowed = bare + extra_copies * tree_bytes(params) + SMALL
   temp = exe.memory_analysis().temp_size_in_bytes
   assert temp <= allowed, f"temp bytes {temp} vs bare {bare} + {extra_copies} param copies"
@@ -197,12 +240,28 @@ def test_state_is_inner_state_plus_one_copy_of_the_slow_weights(name):
   expected = inner_bytes + slow_bytes
   if "interpolate" in name:
     expected += inner_bytes  # the snapshot of the inner state at the last sync
-  if "outer" in name or "axis_name" in name:
+  if "outer" in name or "DiLoCo" in name or "streaming" in name:
     expected += slow_bytes  # Nesterov's momentum, in the slow weights' dtype
+  if "int8" in name:
+    expected += tree_bytes(params)  # the error-feedback residual, float32
   assert expected <= tree_bytes(state) <= expected + 64  # + count, syncs, alpha
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(PATHS) if "axis_name" not in n])
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_the_step_has_no_side_effects(name):
+  """No host callback with effects (debug or io callback) in the compiled step: it never waits on the host."""
+  build, dtype, _ = PATHS[name]
+  tx = build()
+  args = inputs(name, tx, 1 << 12, dtype)
+  jaxpr = jax.make_jaxpr(step_for(name, tx, args))(*args)
+  assert jaxpr.effects == set()
+  assert count_primitive(jaxpr.jaxpr, "debug_callback") == count_primitive(jaxpr.jaxpr, "io_callback") == 0
+  # The placement check is there, as a pure callback (none with a delayed schedule, whose fast weights are a mix).
+  fragments = 2 if "fragments" in name else 1  # one check per fragment, each in its own branch
+  assert count_primitive(jaxpr.jaxpr, "pure_callback") == (0 if "delayed" in name else fragments)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(PATHS) if REPLICAS not in n])
 def test_one_compile_for_every_step(name):
   build, dtype, _ = PATHS[name]
   traces, executables, state = jit_and_count_traces(build(), make_params(1 << 12, dtype), 23)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from lookahead_optax import adaptive_alpha, diloco, lookahead, ranger, snoo
+from lookahead_optax import adaptive_alpha, diloco, lookahead, ranger, snoo, streaming
 
 NESTEROV = optax.sgd(0.7, momentum=0.9, nesterov=True)
 
@@ -48,9 +48,41 @@ def test_invalid_slow_dtype(dtype):
     lookahead(optax.sgd(0.1), slow_dtype=dtype)
 
 
-def test_invalid_placement_check():
-  with pytest.raises(ValueError, match=r"placement_check must be one of 'warn', 'raise', 'off', got 'loud'"):
-    lookahead(optax.sgd(0.1), placement_check="loud")
+@pytest.mark.parametrize(
+  "name", ["axis_name", "fragments", "communication_dtype", "error_feedback", "delay", "mixing", "placement_check"]
+)
+def test_the_0_1_keywords_are_gone(name):
+  """Each moved to its own piece (replica_mean, streaming) or to the warnings filter: passing one is an error."""
+  with pytest.raises(TypeError, match=rf"unexpected keyword argument '{name}'"):
+    lookahead(optax.sgd(0.1), **{name: 1})
+
+
+@pytest.mark.parametrize("schedule", [2, "streaming", (2, 0, 0.5)])
+def test_invalid_schedule(schedule):
+  with pytest.raises(ValueError, match=r"lookahead: schedule must be None or made by streaming\(...\), got"):
+    lookahead(optax.sgd(0.1), schedule=schedule)
+
+
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
+    (dict(inner_state_policy="reset"), r"schedule=Streaming\(fragments=2.*inner_state_policy='reset'"),
+    (dict(alpha=optax.constant_schedule(0.5)), r"schedule=Streaming\(fragments=2.* needs a constant alpha.*got alpha="),
+    (dict(alpha=adaptive_alpha()), r"schedule=Streaming\(fragments=2.* needs a constant alpha"),
+    (dict(k=1), r"fragments=2 is more than k=1"),
+  ],
+)
+def test_a_fragment_schedule_names_what_it_rules_out(kwargs, match):
+  with pytest.raises(ValueError, match="lookahead: " + match):
+    lookahead(optax.sgd(0.1), **{"k": 4, **kwargs}, schedule=streaming(2))
+
+
+def test_a_delayed_schedule_needs_an_exchange():
+  with pytest.raises(ValueError, match=r"lookahead: schedule=Streaming\(.*delay=1.* but outer=None"):
+    lookahead(optax.sgd(0.1), k=4, schedule=streaming(2, delay=1))
+  opt = lookahead(optax.sgd(0.1), k=4, outer=optax.sgd(0.5), schedule=streaming(2, delay=1))
+  with pytest.raises(ValueError, match=r"lookahead: schedule=.* has no replica_mean\(...\) in it"):
+    opt.init({"w": jnp.ones(2), "b": jnp.ones(())})
 
 
 @pytest.mark.parametrize("alpha", [0.1, 0.9, optax.constant_schedule(0.5), adaptive_alpha()])

@@ -1,7 +1,7 @@
 """Flax drop-in: linen ``TrainState`` and ``nnx.Optimizer`` with lookahead, unchanged.
 
 Each training loop is checked against the plain-optax loop (``tests.helpers.run``)
-and the paper's Algorithm 1 (``tests.helpers.reference_lookahead``); slow-weight
+and the paper's Algorithm 1 (``tests.references.reference_lookahead``); slow-weight
 evaluation and ``force_sync`` are checked against the fast weights recorded
 right after the last sync, which Algorithm 1 says are the slow weights.
 """

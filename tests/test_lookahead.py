@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from lookahead_optax import LookaheadState, adaptive_alpha, find_lookahead_state, lookahead, slow_params
+from lookahead_optax import LookaheadState, adaptive_alpha, find_lookahead_state, lookahead, slow_params, streaming
 from tests.helpers import INNERS, assert_trajectories_close, jit_and_count_traces, make_params, quadratic_grad, run
 from tests.references import reference_lookahead
 
@@ -181,7 +181,7 @@ def test_compiles_once_over_200_steps(params):
     dict(outer=optax.sgd(0.7, momentum=0.9, nesterov=True)),
     dict(slow_dtype=jnp.bfloat16),
     dict(alpha=adaptive_alpha()),
-    dict(fragments=2),
+    dict(schedule=streaming(2)),
   ],
   ids=["plain", "reset", "interpolate", "outer", "slow_dtype", "adaptive alpha", "fragments"],
 )
@@ -205,7 +205,7 @@ def test_eager_steps_compile_once(kwargs):
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   # 8 steps at k=3: syncs after steps 2 and 5; with 2 fragments, fragment syncs at steps 2, 5 and 0, 3, 6.
-  assert compiles == [] and int(state.syncs) == (5 if "fragments" in kwargs else 2)
+  assert compiles == [] and int(state.syncs) == (5 if "schedule" in kwargs else 2)
 
 
 def test_vmap_over_independent_runs():
