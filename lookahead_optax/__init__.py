@@ -2,7 +2,7 @@
 
 from lookahead_optax import theory
 from lookahead_optax._aliases import diloco, ranger, snoo
-from lookahead_optax._alpha import AdaptiveAlpha, AdaptiveAlphaState, adaptive_alpha
+from lookahead_optax._alpha import AdaptiveAlpha, AdaptiveAlphaState, AlphaRangeWarning, adaptive_alpha
 from lookahead_optax._exchange import ReplicaMeanState, replica_mean
 from lookahead_optax._flax import slow_model, slow_train_state, sync_nnx, sync_train_state
 from lookahead_optax._lookahead import LookaheadState, lookahead
@@ -16,6 +16,7 @@ __version__ = "0.2.0"
 __all__ = [
   "AdaptiveAlpha",
   "AdaptiveAlphaState",
+  "AlphaRangeWarning",
   "INNER_STATE_POLICIES",
   "LookaheadPlacementWarning",
   "LookaheadState",

@@ -11,8 +11,11 @@ import math
 import numbers
 from typing import Any, NamedTuple
 
+import warnings
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 _FISHER_SOURCES = ("auto", "inner", "ema")
@@ -219,6 +222,46 @@ def check_alpha(caller: str, alpha) -> None:
     ) from e
   if not math.isfinite(value) or not 0.0 <= value <= 1.0:
     raise ValueError(f"{caller}: alpha must be a finite number in [0, 1], got {alpha!r}.")
+
+
+class AlphaRangeWarning(UserWarning):
+  """A scheduled or injected alpha outside [0, 1] was used at a sync (the slow weights extrapolated)."""
+
+
+def varies(rule) -> bool:
+  """Whether alpha is only known when the step runs: a schedule, or a value traced under ``inject_hyperparams``."""
+  if isinstance(rule, AdaptiveAlpha):
+    return False  # clipped to [alpha_low, 1] by construction
+  return isinstance(rule, jax.core.Tracer) or (callable(rule) and not isinstance(rule, jax.Array))
+
+
+def report_out_of_range(caller: str, alpha) -> jax.Array:
+  """An int32 zero; on the host, an :class:`AlphaRangeWarning` naming ``alpha`` when it is outside [0, 1].
+
+  A ``jax.pure_callback`` in a branch taken only for such an alpha: the step
+  keeps no side effect, and its caller makes the state depend on the zero.
+  """
+
+  def warn(value):
+    value = np.asarray(value)
+    bad = value[~((value >= 0) & (value <= 1))]
+    if bad.size:
+      warnings.warn(
+        f"{caller}: alpha must be in [0, 1], got alpha={float(bad.ravel()[0])!r} from a schedule or "
+        "optax.inject_hyperparams at a sync: the slow weights extrapolated past the fast weights.",
+        AlphaRangeWarning,
+        stacklevel=2,
+      )
+    return np.zeros(value.shape, np.int32)
+
+  outside = jnp.logical_not((alpha >= 0) & (alpha <= 1))
+  zero = jax.ShapeDtypeStruct((), jnp.int32)
+  return jax.lax.cond(
+    outside,
+    lambda a: jax.pure_callback(warn, zero, a, vmap_method="expand_dims"),
+    lambda a: jnp.zeros((), jnp.int32),
+    alpha,
+  )
 
 
 def is_real_number(x) -> bool:

@@ -207,11 +207,11 @@ def step(cfg: Config, state: LookaheadState, params, grads, index, inner_step, s
     inner_updates, inner_state = inner_step(after(state.inner_state, done))
     target = map_inexact(lambda p, u, s: staged_landing(schedule, p, u, s), params, inner_updates, slow)
   updates = landing_updates(leaf_flags(index, ids, params), params, inner_updates, target)
-  slow, inner_state, slow_inner_state = commit(
+  slow, inner_state, slow_inner_state, report = commit(
     cfg, index, ids, params, updates, exact, slow, inner_state, state.slow_inner_state, alpha
   )
   return updates, state._replace(
-    count=jnp.where(state.count >= cfg.k - 1, 0, state.count + 1).astype(jnp.int32),
+    count=jnp.where(state.count >= cfg.k - 1, 0, state.count + 1).astype(jnp.int32) + report,
     syncs=jnp.where(sync, optax.safe_increment(state.syncs), state.syncs),
     alpha=jax.tree.map(lambda a, last: jnp.where(sync, a, last), alpha, state.alpha),
     slow=slow,
@@ -436,6 +436,9 @@ def landing_updates(sync, params, inner_updates, target):
 def commit(cfg: Config, index, ids, params, updates, exact, slow, inner_state, slow_inner_state, alpha):
   """What changes only at a sync, in one conditional per fragment: the slow weights and the inner-state policy.
 
+  Also returns an int32 zero, the result of the report of a scheduled or
+  injected alpha outside [0, 1] (:func:`lookahead_optax._alpha.report_out_of_range`).
+
   Where the slow weight is exactly ``params + updates`` (:func:`exact_leaves`)
   it is taken from that sum, the expression ``optax.apply_updates`` evaluates
   (XLA shares it with the caller's), so fast == slow bitwise; the other slow
@@ -444,18 +447,19 @@ def commit(cfg: Config, index, ids, params, updates, exact, slow, inner_state, s
   write anything here.
   """
   n = cfg.n_fragments
-  stored = (slow, inner_state, slow_inner_state)
+  stored = (slow, inner_state, slow_inner_state, jnp.zeros((), jnp.int32))
   if n > 1 and not any(jax.tree.leaves(exact)):
     return stored  # nothing to write: the staged branch holds every new slow weight (policy is maintain)
   landed = map_inexact(lambda p, u, s, e: (p + u).astype(p.dtype) if e else s, params, updates, slow, exact)
 
   def at_sync(j, operands):
-    slow, inner_state, slow_inner_state = operands
+    slow, inner_state, slow_inner_state, _ = operands
     new_slow = landed if n == 1 else _streaming.merge(slow, {j: _streaming.mask(landed, ids, j)}, ids)
     policy = _policy.at_sync(
       cfg.policy, inner_state, slow_inner_state, alpha, params, fresh=lambda: cfg.inner.init(params)
     )
-    return cast_like((new_slow, *policy), stored)
+    report = _alpha.report_out_of_range(cfg.caller, alpha) if _alpha.varies(cfg.alpha) else stored[-1]
+    return cast_like((new_slow, *policy, report), stored)
 
   return at_most_one(index, [functools.partial(at_sync, j) for j in range(n)], stored)
 

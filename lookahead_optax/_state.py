@@ -50,6 +50,11 @@ def find_lookahead_state(opt_state: optax.OptState) -> LookaheadState:
 def slow_params(opt_state: optax.OptState, params: optax.Params | None = None) -> optax.Params:
   """The slow weights held in ``opt_state``, shaped like params.
 
+  The arrays returned are copies: they stay valid after the next training step
+  even when that step donates the optimizer state (``donate_argnums``), so an
+  evaluation or "best model" copy taken here survives. (Under ``jit`` XLA
+  drops the copy when nothing needs it.)
+
   Leaves that lookahead does not track (integer or boolean params, or params
   masked out by ``optax.masked``) come from ``params``, which is then required.
   Given ``params``, the slow weights are cast to the params' dtypes (relevant
@@ -63,7 +68,8 @@ def slow_params(opt_state: optax.OptState, params: optax.Params | None = None) -
     >>> slow_params(state)["w"]
     Array([1., 1.], dtype=float32)
   """
-  slow = find_lookahead_state(opt_state).slow
+  # Copies, not the state's own buffers: a donated step (jax.jit(..., donate_argnums=...)) deletes those.
+  slow = jax.tree.map(lambda x: jnp.array(x, copy=True), find_lookahead_state(opt_state).slow)
   if params is None:
     if any(is_masked(x) for x in jax.tree.leaves(slow, is_leaf=is_masked)):
       raise ValueError(

@@ -166,3 +166,93 @@ def test_schedule_receives_the_number_of_completed_syncs():
       assert int(state.syncs) == done + 1
     np.testing.assert_allclose(params, fast, rtol=1e-5)
     np.testing.assert_allclose(find_lookahead_state(state).slow, slow, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ precision and range
+
+
+@pytest.fixture
+def x64():
+  """float64 on for one test (jax_enable_x64 is global: restored after)."""
+  jax.config.update("jax_enable_x64", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.parametrize("policy", ["maintain", "interpolate"])
+@pytest.mark.parametrize("how", ["constant", "schedule", "injected"])
+def test_float64_matches_algorithm_1_at_1e_12(x64, how, policy):
+  """alpha, the slow step and the interpolate policy are computed in float64 when the slow weights are."""
+  from tests.helpers import run
+  from tests.references import reference_lookahead
+
+  params = {"w": jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float64).reshape(2, 3), "b": jnp.ones(3, jnp.float64)}
+  alphas = {"constant": 0.8, "schedule": lambda n: 0.8 - 0.1 * (n % 3), "injected": 0.8}
+  grad_fn = lambda p, t: jax.tree.map(
+    lambda w: (1.0 + 0.1 * (t % 4)) * w * jnp.arange(1, w.size + 1).reshape(w.shape) - 0.5, p
+  )
+  if how == "injected":
+    opt = optax.inject_hyperparams(lookahead, static_args=("inner_state_policy",))(
+      inner=optax.sgd(0.1, momentum=0.9), k=3, alpha=0.8, inner_state_policy=policy
+    )
+  else:
+    opt = lookahead(optax.sgd(0.1, momentum=0.9), 3, alphas[how], inner_state_policy=policy)
+  fasts, states = run(opt, params, grad_fn, 10)
+  ref_fasts, ref_slows = reference_lookahead(optax.sgd(0.1, momentum=0.9), 3, alphas[how], params, grad_fn, 10, policy)
+  for t in range(10):
+    for got, want in ((fasts[t], ref_fasts[t]), (find_lookahead_state(states[t]).slow, ref_slows[t])):
+      for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-12, atol=1e-12, err_msg=f"step {t}")
+  assert find_lookahead_state(states[-1]).alpha.dtype == jnp.float64
+
+
+def test_adaptive_alpha_sums_in_float64(x64):
+  params = {"w": jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float64)}
+  opt = lookahead(optax.adam(0.1), 2, adaptive_alpha(0.1))
+  state = opt.init(params)
+  for t in range(2):
+    updates, state = opt.update({"w": params["w"] * (1.0 + 1e-9 * t)}, state, params)
+    params = optax.apply_updates(params, updates)
+  assert state.alpha.dtype == jnp.float64 and 0.1 <= float(state.alpha) <= 1.0
+
+
+@pytest.mark.parametrize("how", ["schedule", "injected"])
+def test_an_alpha_outside_0_1_at_run_time_is_reported_under_jit(how):
+  """A schedule or an injected alpha is only known when the step runs: 1.5 at a sync gives an AlphaRangeWarning."""
+  from lookahead_optax import AlphaRangeWarning
+
+  params = {"w": jnp.ones(3)}
+  if how == "schedule":
+    opt = lookahead(optax.sgd(0.1), k=2, alpha=lambda n: jnp.where(n >= 1, 1.5, 0.5))
+    state = opt.init(params)
+  else:
+    opt = optax.inject_hyperparams(lookahead)(inner=optax.sgd(0.1), k=2, alpha=0.5)
+    state = opt.init(params)
+    state.hyperparams["alpha"] = jnp.asarray(1.5)
+  step = jax.jit(opt.update)
+  assert jax.make_jaxpr(step)(params, state, params).effects == set()
+  with pytest.warns(AlphaRangeWarning, match=r"lookahead: alpha must be in \[0, 1\], got alpha=1.5") as caught:
+    for _ in range(4):
+      updates, state = step(params, state, params)
+      params = optax.apply_updates(params, updates)
+    jax.block_until_ready(params)
+  assert len([w for w in caught if issubclass(w.category, AlphaRangeWarning)]) == (1 if how == "schedule" else 2)
+
+
+def test_an_alpha_in_range_from_a_schedule_is_not_reported():
+  import warnings
+
+  from lookahead_optax import AlphaRangeWarning
+
+  params = {"w": jnp.ones(3)}
+  opt = lookahead(optax.sgd(0.1), k=2, alpha=optax.linear_schedule(0.2, 1.0, 3))
+  state = opt.init(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", AlphaRangeWarning)
+    for _ in range(10):
+      updates, state = jax.jit(opt.update)(params, state, params)
+      params = optax.apply_updates(params, updates)
+    jax.block_until_ready(params)

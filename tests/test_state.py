@@ -132,3 +132,21 @@ def test_force_sync_under_axis_name_averages_like_a_regular_sync(small):
   assert_states_close(state.outer_state, ref_state.outer_state, "outer state")
   with pytest.raises(ValueError, match=r"replica_mean: axis_name='replica' is not a mapped axis here.*shard_map"):
     force_sync(jax.tree.map(lambda x: x[0], state), jax.tree.map(lambda x: x[0], synced), long)
+
+
+def test_slow_params_survive_a_donated_step():
+  """What slow_params returns is a copy: the next step may donate (and delete) the state's own buffers."""
+  opt = lookahead(optax.sgd(0.1), k=2)
+  params = {"w": jnp.ones(3)}
+  state = opt.init(params)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, state):
+    updates, state = opt.update(jax.tree.map(jnp.ones_like, params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  params, state = step(params, state)
+  best = slow_params(state)
+  params, state = step(params, state)
+  assert jnp.array_equal(best["w"], jnp.ones(3))  # still readable: the state's buffers were donated
+  assert not jnp.array_equal(slow_params(state)["w"], best["w"])
