@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple
-
 import warnings
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
