@@ -53,38 +53,37 @@ EVERY_STEP = Streaming(1, 0, 0.0)  # plain Lookahead: every param syncs at the e
 def streaming(fragments: Any = 1, *, delay: int = 0, mixing: float | None = None) -> Streaming:
   r"""Streaming DiLoCo's schedule: ``fragments`` that sync in turn, optionally one step late.
 
-    Pass it as ``lookahead(..., schedule=streaming(...))`` (or the same keyword
-    arguments to :func:`lookahead_optax.diloco`). Fragment ``j`` of ``F`` syncs
-    at the steps :math:`t` with :math:`(t - \lfloor jk/F
-  floor) mod k = k-1`:
-    each fragment once per cycle, each with its own outer-optimizer state, so a
-    sync exchanges only ``1/F`` of the params.
+  Pass it as ``lookahead(..., schedule=streaming(...))`` (or the same keyword
+  arguments to :func:`lookahead_optax.diloco`). Fragment ``j`` of ``F`` syncs
+  at the steps :math:`t` with :math:`(t - \lfloor jk/F \rfloor) \bmod k = k-1`:
+  each fragment once per cycle, each with its own outer-optimizer state, so a
+  sync exchanges only ``1/F`` of the params.
 
-    Args:
-      fragments: an int ``F >= 1`` (whole leaves, in ``jax.tree.leaves`` order,
-        split into ``F`` groups of near-equal size; at most ``k``) or a pytree of
-        fragment ids ``0..F-1`` shaped like the params.
-      delay: 0 or 1. With 1 a sync's pseudo-gradient is taken from the params the
-        update receives, so the exchange over replicas does not wait for this
-        step's gradient and may overlap the forward and backward pass; the fast
-        weights land on ``(1 - mixing) * new slow + mixing * (params + inner
-        update)``. Needs an exchange over replicas in ``outer``
-        (:func:`lookahead_optax.replica_mean`).
-      mixing: ``delay=1`` only: the weight in [0, 1] of this step's fast weights
-        in that landing; default 0.5.
+  Args:
+    fragments: an int ``F >= 1`` (whole leaves, in ``jax.tree.leaves`` order,
+      split into ``F`` groups of near-equal size; at most ``k``) or a pytree of
+      fragment ids ``0..F-1`` shaped like the params.
+    delay: 0 or 1. With 1 a sync's pseudo-gradient is taken from the params the
+      update receives, so the exchange over replicas does not wait for this
+      step's gradient and may overlap the forward and backward pass; the fast
+      weights land on ``(1 - mixing) * new slow + mixing * (params + inner
+      update)``. Needs an exchange over replicas in ``outer``
+      (:func:`lookahead_optax.replica_mean`).
+    mixing: ``delay=1`` only: the weight in [0, 1] of this step's fast weights
+      in that landing; default 0.5.
 
-    Returns:
-      A :class:`Streaming` schedule.
+  Returns:
+    A :class:`Streaming` schedule.
 
-    Example:
-      >>> import optax
-      >>> from lookahead_optax import lookahead, replica_mean, streaming
-      >>> outer = optax.chain(replica_mean("replica"), optax.sgd(0.7, momentum=0.9, nesterov=True))
-      >>> opt = lookahead(optax.adamw(4e-4), k=100, outer=outer, schedule=streaming(4, delay=1))
+  Example:
+    >>> import optax
+    >>> from lookahead_optax import lookahead, replica_mean, streaming
+    >>> outer = optax.chain(replica_mean("replica"), optax.sgd(0.7, momentum=0.9, nesterov=True))
+    >>> opt = lookahead(optax.adamw(4e-4), k=100, outer=outer, schedule=streaming(4, delay=1))
 
-    References:
-      Douillard et al., `Streaming DiLoCo with overlapping communication
-      <https://arxiv.org/abs/2501.18512>`_, 2025.
+  References:
+    Douillard et al., `Streaming DiLoCo with overlapping communication
+    <https://arxiv.org/abs/2501.18512>`_, 2025.
   """
   check_fragments("streaming", fragments, None)
   if isinstance(delay, bool) or not isinstance(delay, numbers.Integral) or delay not in (0, 1):
@@ -101,7 +100,7 @@ def streaming(fragments: Any = 1, *, delay: int = 0, mixing: float | None = None
 
 
 def delayed_landing(schedule: Streaming, land, u):
-  r"""``delay=1``: :math:`(1 - eta)` of the landing on the new slow weights plus :math:`eta` of the inner update."""
+  r"""``delay=1``: :math:`(1 - \beta)` of the landing on the new slow weights plus :math:`\beta` of the inner update."""
   if not schedule.delay:
     return land
   return (1.0 - schedule.mixing) * land + schedule.mixing * u.astype(land.dtype)

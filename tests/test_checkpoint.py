@@ -192,5 +192,76 @@ def test_nnx_optimizer_round_trip_mid_cycle_resumes_bitwise(tmp_path):
   )
 
 
+# ------------------------------------------------- NNX with Dropout: the Rngs are saved too
+
+
+def nnx_make():
+  """The docs' recipe: a model with Dropout, its optimizer, and the dropout Rngs kept outside the model."""
+  from flax import nnx
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.l1, self.drop, self.l2 = nnx.Linear(4, 8, rngs=rngs), nnx.Dropout(0.5), nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x, rngs):
+      return self.l2(self.drop(nnx.relu(self.l1(x)), rngs=rngs))
+
+  model = MLP(nnx.Rngs(0))
+  return model, nnx.Optimizer(model, lookahead(optax.adam(1e-2), k=K), wrt=nnx.Param), nnx.Rngs(dropout=1)
+
+
+def nnx_train(model, optimizer, rngs, start, stop):
+  from flax import nnx
+
+  @nnx.jit
+  def train_step(model, optimizer, rngs, t):
+    x = jnp.linspace(-1.0, 1.0, 32).reshape(8, 4) * (1.0 + t / 10.0)
+    loss = lambda m, r: jnp.mean((m(x, r) - 1.0) ** 2)
+    optimizer.update(model, nnx.grad(loss)(model, rngs))
+
+  for t in range(start, stop):
+    train_step(model, optimizer, rngs, t)
+
+
+def nnx_leaves(trio):
+  from flax import nnx
+
+  raw = lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+  return [np.asarray(raw(x)) for x in jax.tree.leaves(nnx.state(trio))]
+
+
+def nnx_resume(ckpt: str, out: str) -> None:
+  from flax import nnx
+
+  trio = nnx.eval_shape(nnx_make)
+  with ocp.StandardCheckpointer() as ckptr:
+    nnx.update(trio, ckptr.restore(ckpt, nnx.state(trio)))
+  np.savez(out + ".count.npz", count=np.asarray(find_lookahead_state(trio[1].opt_state).count))
+  nnx_train(*trio, SAVE, STEPS)
+  np.savez(out, *nnx_leaves(trio))
+
+
+def test_nnx_dropout_model_resumes_mid_cycle_in_a_fresh_process_bitwise(tmp_path):
+  """Model, optimizer and the dropout Rngs saved mid-cycle; a new process restores them and trains on bitwise."""
+  from flax import nnx
+
+  trio = nnx_make()
+  nnx_train(*trio, 0, SAVE)
+  ckpt, out = str(tmp_path / "nnx"), str(tmp_path / "nnx_resumed.npz")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(ckpt, nnx.state(trio))
+  nnx_train(*trio, SAVE, STEPS)
+  subprocess.run(
+    [sys.executable, __file__, "nnx", ckpt, out], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}
+  )
+  assert int(np.load(out + ".count.npz")["count"]) == SAVE % K != 0
+  with np.load(out) as f:
+    resumed = [f[f"arr_{i}"] for i in range(len(f.files))]
+  want = nnx_leaves(trio)
+  assert len(resumed) == len(want) > 10
+  for i, (got, expected) in enumerate(zip(resumed, want)):
+    np.testing.assert_array_equal(got, expected, err_msg=f"leaf {i} differs after resuming")
+
+
 if __name__ == "__main__":
-  resume(sys.argv[1], sys.argv[2])
+  (nnx_resume if sys.argv[1] == "nnx" else resume)(*sys.argv[-2:])
