@@ -8,10 +8,9 @@ from typing import Any
 import optax
 from jax.typing import DTypeLike
 
+from lookahead_optax import _exchange, _streaming
 from lookahead_optax._config import check_number, make_config
-from lookahead_optax._exchange import replica_mean
 from lookahead_optax._lookahead import build
-from lookahead_optax._streaming import streaming
 
 
 def ranger(
@@ -185,7 +184,7 @@ def diloco(
       "diloco: axis_name must name the mapped replica axis, got None. For a single replica "
       "use snoo(...), the same slow step without the average."
     )
-  exchange = replica_mean(axis_name, dtype=communication_dtype, error_feedback=error_feedback)
+  exchange = _exchange.make("diloco", axis_name, communication_dtype, error_feedback, "communication_dtype")
   outer = optax.chain(exchange, _nesterov("diloco", outer_learning_rate, outer_momentum))
-  schedule = streaming(1 if fragments is None else fragments, delay=0 if delay is None else delay, mixing=mixing)
+  schedule = _streaming.make("diloco", 1 if fragments is None else fragments, 0 if delay is None else delay, mixing)
   return build(make_config("diloco", inner, k, None, inner_state_policy, outer, slow_dtype, schedule))

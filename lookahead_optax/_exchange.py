@@ -52,18 +52,17 @@ from jax.typing import DTypeLike
 COMMUNICATION_DTYPES = ("float32", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int8")
 
 
-def check_communication_dtype(caller: str, dtype: Any):
+def check_communication_dtype(caller: str, dtype: Any, argument: str = "dtype"):
   """The dtype as a ``jnp.dtype`` (None for full precision); a ValueError naming the choices otherwise."""
   if dtype is None:
     return None
+  bad = f"{caller}: {argument} must be one of {COMMUNICATION_DTYPES} or None, got {dtype!r}."
   try:
     name = jnp.dtype(dtype).name
   except TypeError as e:
-    raise ValueError(
-      f"{caller}: communication_dtype must be one of {COMMUNICATION_DTYPES} or None, got {dtype!r}."
-    ) from e
+    raise ValueError(bad) from e
   if name not in COMMUNICATION_DTYPES:
-    raise ValueError(f"{caller}: communication_dtype must be one of {COMMUNICATION_DTYPES} or None, got {dtype!r}.")
+    raise ValueError(bad)
   return None if name == "float32" else jnp.dtype(name)
 
 
@@ -204,19 +203,25 @@ def replica_mean(
     >>> mean["w"][0]
     Array([2., 3.], dtype=float32)
   """
+  return make("replica_mean", axis_name, dtype, error_feedback)
+
+
+def make(caller: str, axis_name, dtype, error_feedback, dtype_argument: str = "dtype") -> optax.GradientTransformation:
+  """:func:`replica_mean`, with errors that name ``caller`` and its own argument names (``diloco`` builds one)."""
   try:
     hash(axis_name)
   except TypeError as e:
-    raise ValueError(f"replica_mean: axis_name must be a mapped axis name (a string), got {axis_name!r}.") from e
+    raise ValueError(f"{caller}: axis_name must be a mapped axis name (a string), got {axis_name!r}.") from e
   if axis_name is None:
-    raise ValueError("replica_mean: axis_name must name the mapped replica axis, got None.")
-  dtype = check_communication_dtype("replica_mean", dtype)
+    raise ValueError(f"{caller}: axis_name must name the mapped replica axis, got None.")
+  given = dtype
+  dtype = check_communication_dtype(caller, dtype, dtype_argument)
   if not isinstance(error_feedback, bool):
-    raise ValueError(f"replica_mean: error_feedback must be True or False, got {error_feedback!r}.")
+    raise ValueError(f"{caller}: error_feedback must be True or False, got {error_feedback!r}.")
   if error_feedback and dtype is None:
     raise ValueError(
-      "replica_mean: error_feedback=True keeps what compression loses, but dtype=None (no compression) "
-      "loses nothing. Pass a dtype, or error_feedback=False."
+      f"{caller}: error_feedback=True keeps what compression loses, but {dtype_argument}={given!r} (no compression) "
+      f"loses nothing. Pass a narrower {dtype_argument}, or error_feedback=False."
     )
 
   def init_fn(params):
@@ -230,7 +235,7 @@ def replica_mean(
       jax.lax.axis_size(axis_name)
     except NameError as e:
       raise ValueError(
-        f"replica_mean: axis_name={axis_name!r} is not a mapped axis here. Call update inside jax.shard_map, "
+        f"{caller}: axis_name={axis_name!r} is not a mapped axis here. Call update inside jax.shard_map, "
         f"jax.pmap or jax.vmap over the axis {axis_name!r} (each replica with its own values)."
       ) from e
     residual = state.residual if error_feedback else None

@@ -1,7 +1,9 @@
 """The Lookahead combinator: k fast steps of any optax optimizer, then one slow step.
 
-An update is a short pipeline of module-level functions, read top to bottom in
-``update_fn`` below:
+``update_fn`` checks its arguments, decides which fragment (if any) syncs at
+this step (:func:`lookahead_optax._placement.check_then_sync`, after the
+once-per-cycle placement check) and hands over to :func:`step`, a short
+pipeline of module-level functions read top to bottom:
 
 1. the inner step, ``inner.update``: the inner updates, and the fast weights
    ``params + updates`` (:func:`fast_weights`);
@@ -14,10 +16,14 @@ An update is a short pipeline of module-level functions, read top to bottom in
 4. :func:`commit`: one ``lax.cond`` that writes what changes only at a sync,
    the slow weights and the inner-state policy.
 
-Where the slow step runs is decided by one rule, :func:`is_fused`. The
-replica exchange is not part of this module: it is a transformation of the
-pseudo-gradient inside ``outer`` (:func:`lookahead_optax.replica_mean`), and
-the fragment schedule is its own piece (:func:`lookahead_optax.streaming`).
+Where the slow step runs is decided by one rule, :func:`is_fused`: element-wise
+in every step (plain alpha), or in a branch taken only at a sync
+(:func:`staged_sync`: an ``outer`` optimizer, adaptive alpha, another slow
+dtype, fragments). :func:`sync_now` (``force_sync``) runs the same
+:func:`step` with a zero inner step. The replica exchange is not part of this
+module: it is a transformation of the pseudo-gradient inside ``outer``
+(:func:`lookahead_optax.replica_mean`), and the fragment schedule is its own
+piece (:func:`lookahead_optax.streaming`).
 """
 
 from __future__ import annotations

@@ -160,13 +160,14 @@ def check_then_sync(cfg, state, params, exact, ids, checked: bool):
 
 
 def _can_report() -> bool:
-  """Whether a host callback can be traced here: not in a shard_map manual over some axes and explicit over others.
+  """Whether a host callback can be compiled here: not inside a shard_map that is manual over only some axes.
 
-  (JAX cannot yet close a callback over values typed on ``Explicit`` axes
-  inside a partially manual ``shard_map``; there the check is left out.)
+  (XLA compiles callbacks in an SPMD program only where every mesh axis is
+  manual; in a partially manual ``shard_map`` the check is left out.)
   """
   mesh = jax.sharding.get_abstract_mesh()
-  return not (getattr(mesh, "manual_axes", ()) and getattr(mesh, "explicit_axes", ()))
+  manual = set(getattr(mesh, "manual_axes", ()))
+  return not manual or manual == set(getattr(mesh, "axis_names", ()))
 
 
 def host_report(fn, wrong):

@@ -85,17 +85,22 @@ def streaming(fragments: Any = 1, *, delay: int = 0, mixing: float | None = None
     Douillard et al., `Streaming DiLoCo with overlapping communication
     <https://arxiv.org/abs/2501.18512>`_, 2025.
   """
-  check_fragments("streaming", fragments, None)
+  return make("streaming", fragments, delay, mixing)
+
+
+def make(caller: str, fragments: Any, delay: Any, mixing: Any) -> Streaming:
+  """:func:`streaming`, with errors that name ``caller`` (``diloco`` builds one)."""
+  check_fragments(caller, fragments, None)
   if isinstance(delay, bool) or not isinstance(delay, numbers.Integral) or delay not in (0, 1):
-    raise ValueError(f"streaming: delay must be 0 or 1, got {delay!r}.")
+    raise ValueError(f"{caller}: delay must be 0 or 1, got {delay!r}.")
   if mixing is not None:
     if not delay:
       raise ValueError(
-        f"streaming: mixing={mixing!r} weighs the inner step taken during a delayed exchange; it needs "
+        f"{caller}: mixing={mixing!r} weighs the inner step taken during a delayed exchange; it needs "
         "delay=1, got delay=0."
       )
     if isinstance(mixing, bool) or not isinstance(mixing, numbers.Real) or not 0.0 <= float(mixing) <= 1.0:
-      raise ValueError(f"streaming: mixing must be a number in [0, 1], got {mixing!r}.")
+      raise ValueError(f"{caller}: mixing must be a number in [0, 1], got {mixing!r}.")
   return Streaming(fragments, int(delay), 0.5 if mixing is None else float(mixing))
 
 

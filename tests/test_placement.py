@@ -194,7 +194,7 @@ def test_axis_name_outside_a_mapped_axis_names_axis_name():
   params = {"w": jnp.ones(2)}
   with pytest.raises(
     ValueError,
-    match=r"replica_mean: axis_name='replica' is not a mapped axis here. Call update inside "
+    match=r"diloco: axis_name='replica' is not a mapped axis here. Call update inside "
     r"jax.shard_map, jax.pmap or jax.vmap",
   ):
     opt.update(params, opt.init(params), params)

@@ -130,7 +130,7 @@ def test_force_sync_under_axis_name_averages_like_a_regular_sync(small):
   assert_states_close(synced, ref_params, "params of every replica")
   assert_states_close(state.slow, ref_state.slow, "slow weights")
   assert_states_close(state.outer_state, ref_state.outer_state, "outer state")
-  with pytest.raises(ValueError, match=r"replica_mean: axis_name='replica' is not a mapped axis here.*shard_map"):
+  with pytest.raises(ValueError, match=r"diloco: axis_name='replica' is not a mapped axis here.*shard_map"):
     force_sync(jax.tree.map(lambda x: x[0], state), jax.tree.map(lambda x: x[0], synced), long)
 
 

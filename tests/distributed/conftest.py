@@ -13,12 +13,15 @@ class Results:
   def __init__(self, script, *args):
     self.script, self.args, self._out = script, args, None
 
-  def __getitem__(self, name):
+  def _results(self):
     if self._out is None:
       self._out = session_results(self.script, *self.args)
       assert self._out["device_count"] == 8
       assert "setup" not in self._out, self._out["setup"]["error"]
-    out = self._out[name]
+    return self._out
+
+  def __getitem__(self, name):
+    out = self._results()[name]
     assert "error" not in out, out.get("error") if isinstance(out, dict) else out
     return out
 

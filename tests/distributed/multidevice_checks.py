@@ -26,7 +26,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lookahead_optax import diloco, lookahead
+from lookahead_optax import diloco, lookahead, replica_mean
 from tests.compiled import HLO_COLLECTIVES, hlo_placed
 
 K = 3
@@ -400,11 +400,11 @@ def check_diloco_shard_map(check_vma):
 
 
 def check_diloco_pmap():
-  """lookahead(..., outer=Nesterov, axis_name=...) under jax.pmap, each replica with its own data."""
+  """lookahead(..., outer=optax.chain(replica_mean(...), Nesterov)) under jax.pmap, each replica with its own data."""
   n = jax.device_count()
   inner = optax.adam(0.02)
-  outer = optax.sgd(NESTEROV_LR, momentum=NESTEROV_MU, nesterov=True)
-  opt = lookahead(inner, K, outer=outer, axis_name="replica")
+  nesterov = optax.sgd(NESTEROV_LR, momentum=NESTEROV_MU, nesterov=True)
+  opt = lookahead(inner, K, outer=optax.chain(replica_mean("replica"), nesterov))
   params, xs, ys = diloco_problem()
 
   def step(params, state, x, y):
@@ -453,7 +453,8 @@ def check_outer_state_fsdp(axis_type):
       out["steps"] += [
         f"step {t}: {m}" for m in sharding_mismatches((p, state), jax.device_put(replicated(params, 2), fsdp))
       ]
-  out["trace_specs"] = specs(state.outer_state[0].trace)
+  # outer=chain(replica_mean, sgd(momentum, nesterov)): (ReplicaMeanState, (TraceState, EmptyState))
+  out["trace_specs"] = specs(state.outer_state[1][0].trace)
   out["param_specs"] = specs(p)
   return out
 

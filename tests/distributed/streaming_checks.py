@@ -8,7 +8,7 @@ The reference is written here from Douillard et al. (2025), with numpy and ``ml_
 formats and none of the library's code: M replicas in a Python loop, each on its own noisy quadratic; fragment
 ``j`` syncs where ``(t - j k // F) % k == k - 1``; a syncing fragment's pseudo-gradients are compressed per
 replica (per-row scale for float8 and int8), averaged in float32 (the mean of a matrix that goes by
-reduce-scatter compressed once more, ``helpers.reference_mean``), and fed to a Nesterov step with one momentum
+reduce-scatter compressed once more, ``references.reference_mean``), and fed to a Nesterov step with one momentum
 per leaf; error feedback keeps each replica's compression residual; with ``delay=1`` the pseudo-gradient is
 taken from the weights the step starts from, and the fast weights land on ``(1 - mixing) slow + mixing fast``.
 
@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lookahead_optax import diloco
+from lookahead_optax import ReplicaMeanState, diloco
 from tests.compiled import HLO_COLLECTIVES, collective_inputs_depend_on, hlo_computations, hlo_nbytes, hlo_placed
 from tests.references import reference_compress, reference_mean
 
@@ -168,13 +168,34 @@ def stacked(tree, replicas):
   return jax.tree.map(lambda a: np.stack([a] * replicas), tree)
 
 
+def residual_of(outer_state):
+  """The error-feedback residual, shaped like the params; None without error feedback.
+
+  diloco's outer optimizer is ``optax.chain(replica_mean(...), nesterov)``: with one fragment the residual is
+  ``outer_state[0].residual``; with F > 1 there is one outer state per fragment, ``outer_state[j][0].residual``,
+  whose leaves of the other fragments are ``optax.MaskedNode``. Each leaf is taken from the fragment that owns it.
+  """
+  single = isinstance(outer_state[0], ReplicaMeanState)
+  parts = [s[0].residual for s in ([outer_state] if single else outer_state)]
+  if all(isinstance(r, optax.EmptyState) for r in parts):
+    return None
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+
+  def owner(*leaves):
+    owned = [x for x in leaves if not masked(x)]
+    assert len(owned) == 1, f"a residual leaf kept by {len(owned)} fragments"
+    return owned[0]
+
+  return jax.tree.map(owner, *parts, is_leaf=masked)
+
+
 def history_entry(params, state):
   """``(fast, slow, residual)`` as numpy, leading axis the replicas; residual None without error feedback."""
   gather = lambda tree: jax.tree.map(
     lambda a: np.asarray(a if a.is_fully_addressable else multihost_utils.process_allgather(a, tiled=True)), tree
   )
-  residual = None if isinstance(state.residual, optax.EmptyState) else gather(state.residual)
-  return gather(params), gather(state.slow), residual
+  residual = residual_of(state.outer_state)
+  return gather(params), gather(state.slow), None if residual is None else gather(residual)
 
 
 def train_shard_map(opt, mesh, problem, steps):

@@ -1,4 +1,4 @@
-"""DiLoCo (``lookahead(..., outer=..., axis_name=...)`` / ``diloco``) on 8 simulated CPU devices.
+"""DiLoCo (``lookahead(..., outer=optax.chain(replica_mean(...), nesterov))`` / ``diloco``) on 8 simulated CPU devices.
 
 The runs happen once, in a subprocess (``multidevice_checks.py diloco``),
 against DiLoCo written independently there: 8 replica copies in a Python loop,

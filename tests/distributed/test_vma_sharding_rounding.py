@@ -1,8 +1,10 @@
 """Three edge cases of the core under SPMD (each failed before the fix that came with it).
 
-1. ``lookahead(..., axis_name=...)`` (DiLoCo) under ``jax.shard_map`` with the
-   default ``check_vma=True``: the sync branch's alpha is a constant while the
-   state's is per-replica, so ``lax.cond`` rejects the branches.
+1. DiLoCo (``replica_mean`` chained in front of the outer step, ``diloco``) under
+   ``jax.shard_map`` with the default ``check_vma=True``: a value that is a
+   constant in the sync branch is per-replica in the stored state (the fix was
+   made for the 0.1 alpha), so ``lax.cond`` rejects the branches unless they are
+   typed alike.
 2. ``inner_state_policy="reset"`` called eagerly under an explicit-sharding mesh: the
    fresh ``inner.init(params)`` inside the cond loses the params' sharding type.
 3. DiLoCo fast weights after a sync: documented as the slow weights "up to one
