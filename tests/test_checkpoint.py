@@ -108,7 +108,7 @@ def test_resume_mid_cycle_in_a_fresh_process_is_bitwise_exact(tmp_path):
     cwd=ROOT,
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=900,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -252,7 +252,11 @@ def test_nnx_dropout_model_resumes_mid_cycle_in_a_fresh_process_bitwise(tmp_path
     ckptr.save(ckpt, nnx.state(trio))
   nnx_train(*trio, SAVE, STEPS)
   subprocess.run(
-    [sys.executable, __file__, "nnx", ckpt, out], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}
+    [sys.executable, __file__, "nnx", ckpt, out],
+    check=True,
+    cwd=ROOT,
+    env={**os.environ, "PYTHONPATH": ROOT},
+    timeout=900,
   )
   assert int(np.load(out + ".count.npz")["count"]) == SAVE % K != 0
   with np.load(out) as f:

@@ -47,7 +47,7 @@ def test_trains_data_parallel_across_2_processes_like_one_device_and_one_pass_ex
     "import json, sys, jax\n"
     "jax.config.update('jax_cpu_collectives_implementation', 'gloo')\n"
     "jax.distributed.initialize(f'127.0.0.1:{sys.argv[2]}', num_processes=2, process_id=int(sys.argv[1]),\n"
-    "                           initialization_timeout=60)\n"
+    "                           initialization_timeout=300)\n"
     "import numpy as np, optax\n"
     "from benchmarks.common import translation as tr\n"
     f"task = tr.make_task(**{TASK})\n"

@@ -43,7 +43,7 @@ def device_env(devices: int) -> dict:
   return env
 
 
-def run_script(script: str, *args: str, devices: int = 8, timeout: float = 300) -> dict:
+def run_script(script: str, *args: str, devices: int = 8, timeout: float = 900) -> dict:
   """Run ``tests/distributed/<script>`` with ``devices`` CPU devices; its last stdout line, parsed as JSON."""
   proc = subprocess.run(
     [sys.executable, os.path.join(HERE, script), *args],
@@ -88,7 +88,7 @@ def free_port() -> int:
 
 
 def run_processes(
-  argv: Callable[[int, int], list[str]], processes: int = 2, devices: int = 1, timeout: float = 180
+  argv: Callable[[int, int], list[str]], processes: int = 2, devices: int = 1, timeout: float = 600
 ) -> list[str]:
   """Start ``python *argv(process_id, port)`` ``processes`` times, each with ``devices`` CPU devices.
 

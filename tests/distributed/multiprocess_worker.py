@@ -23,7 +23,7 @@ import jax
 
 PROCESS_ID, PORT, OUT = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(f"127.0.0.1:{PORT}", num_processes=2, process_id=PROCESS_ID, initialization_timeout=60)
+jax.distributed.initialize(f"127.0.0.1:{PORT}", num_processes=2, process_id=PROCESS_ID, initialization_timeout=300)
 
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
