@@ -20,6 +20,16 @@ from flax import nnx
 from benchmarks.common import data, grid, models, train, tuning
 from benchmarks.common.tuning import Metric
 
+EVALUATION_FULL = dict(curve_windows=32, train_eval_chars=16384, eval_chunk=32, max_chars=None)
+EVALUATION_QUICK = dict(curve_windows=4, train_eval_chars=1024, eval_chunk=16, max_chars=60_000)
+"""What a character-Transformer run evaluates (``arrays``): validation windows per curve point, training characters,
+windows per chunk, characters of the corpus (None: all), in a full run and in a smoke run."""
+TRANSFORMER_FULL = dict(EVALUATION_FULL, steps=600, weight_decay=0.01, seq_len=64, dim=32, heads=4, layers=2)
+"""A full character-Transformer run (SNOO, DiLoCo): 600 AdamW steps (weight decay 0.01) of a two-layer
+``transformer`` of width 32 on windows of 64 characters."""
+TRANSFORMER_QUICK = dict(EVALUATION_QUICK, seq_len=16, dim=16, heads=2, layers=1, eval_every=10)
+"""What a smoke run changes in a ``TRANSFORMER_FULL`` run: a one-layer model of width 16 on 16 characters."""
+
 
 def transformer(cfg: dict, seed: int) -> models.TransformerLM:
   """A character ``models.TransformerLM`` of ``cfg``'s ``dim``, ``heads``, ``layers`` over windows of ``seq_len``."""
@@ -31,6 +41,16 @@ def transformer(cfg: dict, seed: int) -> models.TransformerLM:
     max_len=cfg["seq_len"],
     rngs=nnx.Rngs(seed),
   )
+
+
+def transformer_apply(cfg: dict):
+  """``apply(params, tokens) -> logits``: :func:`transformer` as a pure function of its ``nnx.Param`` leaves."""
+  return train.functional_params(transformer(cfg, 0))[0]
+
+
+def transformer_problem(cfg: dict) -> grid.Problem:
+  """The task (:func:`problem`) for :func:`transformer`."""
+  return problem(cfg, lambda seed: transformer(cfg, seed))
 
 
 def chunked(split: data.Split, chunk: int) -> dict:

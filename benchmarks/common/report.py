@@ -29,6 +29,18 @@ def seeds_count(text: str) -> int:
   return n
 
 
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+  """The parser of an experiment command, its ``description`` (a docstring) printed as written."""
+  return argparse.ArgumentParser(
+    prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+
+
+def add_selection(parser: argparse.ArgumentParser, flag: str, names, help: str) -> None:
+  """``flag NAME [NAME ...]``: which of ``names`` (tasks, experiments) to run, all by default."""
+  parser.add_argument(flag, nargs="+", default=list(names), choices=list(names), help=help)
+
+
 def add_run_arguments(
   parser: argparse.ArgumentParser, *, quick: str, seeds: int, unit: str, folder: str, reports: str
 ) -> None:

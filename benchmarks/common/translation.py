@@ -210,6 +210,13 @@ def from_config(cfg: dict) -> Translation:
   )
 
 
+DATA = dict(n_train=700, n_val=100, n_test=200, max_number=1000)
+"""The number words of a full run (``from_config``): 700 training, 100 validation, 200 test numbers below 1000."""
+CONFIG = dict(DATA, steps=400, batch=32, dim=32, heads=4, layers=1, warmup=0.1, eval_every=40)
+"""A full run (paper suite, SNOO): 400 steps of 32 pairs, a one-layer ``Seq2SeqTransformer`` of width 32, the
+learning rate warmed up over the first 10 % of the steps (``schedule``), the validation curve every 40 steps."""
+
+
 def finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
   """Validation and test loss and exact match of a grid's final weights (``tuning.Task.finals``)."""
   out = grid.map_runs(from_config(cfg).test_metrics, g.weights["main"], prob.data)
@@ -251,6 +258,11 @@ def exact_match(pred, target) -> float:
   after_eos = np.cumsum(pred == EOS, axis=1) - (pred == EOS) > 0
   pred = np.where(after_eos, PAD, pred)
   return float(np.mean(np.all(pred == target, axis=1)))
+
+
+def schedule(cfg: dict, peak, use_warmup: bool = True):
+  """:func:`warmup_rsqrt` at ``peak`` warming up over ``cfg["warmup"]`` of ``cfg["steps"]`` (at least one step)."""
+  return warmup_rsqrt(peak, max(1, int(cfg["warmup"] * cfg["steps"])), use_warmup)
 
 
 def warmup_rsqrt(peak, warmup: int, use_warmup: bool = True):

@@ -77,10 +77,11 @@ class Task(NamedTuple):
   finals: Callable
   """``(cfg, problem, Grid) -> {weights name: {metric: [runs]}}``: metrics of the final weights."""
   methods: dict | None = None
-  """``method -> (family, weights)``: the program that trains it and which of its weights to evaluate;
-  by default every method is a family of its own, evaluated on its ``"main"`` weights."""
+  """``method -> (family, weights)`` for the methods that are not a family of their own (Polyak: ``polyak_of``): the
+  program that trains it and which of its weights to evaluate; any other method is its own family, on ``"main"``."""
   paper_table: tuple = ([], {})
-  """``(column headers, {method: cells})``: the paper's numbers, printed beside the main table."""
+  """``(column headers, {method: cells})``: the paper's numbers, printed beside the main table ("-" for a method
+  the paper does not report)."""
   weights: Callable | None = None
   """``(family, cfg) -> weights(params, opt_state) -> {name: weights}``; default ``grid.main_weights``."""
   extras: Callable | None = None
@@ -91,7 +92,7 @@ class Task(NamedTuple):
 
 def family_of(task: Task, method: str) -> tuple[str, str]:
   """``(family, weights name)`` of a method of ``task``."""
-  return task.methods[method] if task.methods else (method, "main")
+  return (task.methods or {}).get(method, (method, "main"))
 
 
 def wrapper_of(method: str) -> str | None:
@@ -131,6 +132,23 @@ def weights_of(family: str, polyak: tuple = ()) -> Callable:
   if family in polyak:
     return lambda params, opt_state: {"main": params, "polyak": baselines.polyak_params(params, opt_state)}
   return grid.main_weights
+
+
+def polyak_of(inner: str) -> dict:
+  """``Task`` fields of a method "Polyak": the Polyak average of ``inner``'s runs, evaluated from the same runs.
+
+  The task's optimizer keeps the average: ``optimizer_of(..., polyak=(inner,))``.
+  """
+  return dict(methods={"Polyak": (inner, "polyak")}, weights=lambda family, cfg: weights_of(family, polyak=(inner,)))
+
+
+def headline_run(full: dict, grids: dict, **overrides) -> dict:
+  """The quick run of a task: only the pair X, LA(X) of ``grids`` (its two keys, in that order) on those rates,
+  without the learning-rate sensitivity sweep; ``overrides`` change other entries of ``full``."""
+  pair = tuple(grids)
+  if len(pair) != 2 or pair[1] != f"LA({pair[0]})":
+    raise ValueError(f"headline_run: grids must hold X and LA(X), in that order, got {list(grids)}.")
+  return dict(full, grids=grids, methods=pair, pairs=(pair,), sensitivity=False, **overrides)
 
 
 def settings(family: str, cfg: dict) -> list[dict]:
@@ -303,6 +321,13 @@ def binned(x: np.ndarray, points: int = 100) -> list:
   x = np.asarray(x, dtype=float)
   bins = np.array_split(np.arange(x.size), min(points, x.size))
   return [[int(b[-1]) + 1, float(x[b].mean())] for b in bins]
+
+
+def final_metrics(evaluate: Callable, prob: grid.Problem, g: grid.Grid) -> dict:
+  """``Task.finals`` from ``evaluate(weights, data) -> {metric: value}``: its metrics of every run's final weights of
+  each name, and the final training loss (``tail_mean``) as ``train_loss``."""
+  train_loss = tail_mean(g.losses)
+  return {name: {**grid.map_runs(evaluate, w, prob.data), "train_loss": train_loss} for name, w in g.weights.items()}
 
 
 def tail_mean(losses: np.ndarray, fraction: float = 0.1) -> np.ndarray:

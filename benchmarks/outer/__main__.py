@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -13,10 +12,7 @@ from benchmarks.outer import diloco, snoo
 
 EXPERIMENTS = {
   "snoo": (
-    {
-      "lm": (snoo.LM, snoo.LM_FULL, snoo.LM_QUICK),
-      "translation": (snoo.TRANSLATION, snoo.TRANSLATION_FULL, snoo.TRANSLATION_QUICK),
-    },
+    snoo.TASKS,
     "SNOO and Lookahead against AdamW, tuned alike",
     "SNOO / Lookahead",
   ),
@@ -59,16 +55,8 @@ def write_report(experiment: str, summary: dict, out: str) -> str:
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(
-    prog="python -m benchmarks.outer", description=outer.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
-  parser.add_argument(
-    "--experiments",
-    nargs="+",
-    default=list(EXPERIMENTS),
-    choices=list(EXPERIMENTS),
-    help="experiments to run (default: all)",
-  )
+  parser = report.parser("python -m benchmarks.outer", outer.__doc__)
+  report.add_selection(parser, "--experiments", EXPERIMENTS, "experiments to run (default: all)")
   report.add_run_arguments(
     parser, quick="tiny models, a few steps, 2-point grids", seeds=5, unit="setting", folder="outer", reports="reports"
   )

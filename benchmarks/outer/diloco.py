@@ -33,40 +33,19 @@ from lookahead_optax import diloco
 AXIS = "replica"
 METHODS = ("DP-AdamW", "DiLoCo-H10(AdamW)", "DiLoCo-H30(AdamW)")
 OUTER = "outer lr 0.7, momentum 0.9"
+PAPER = "DiLoCo paper: matches synchronous training with H x fewer rounds"
 
 FULL = dict(
-  steps=600,
+  language.TRANSFORMER_FULL,
   replicas=4,
   replica_batch=4,
-  seq_len=64,
-  dim=32,
-  heads=4,
-  layers=2,
-  weight_decay=0.01,
   eval_every=30,
-  curve_windows=32,
-  train_eval_chars=16384,
-  eval_chunk=32,
-  max_chars=None,
   grids={m: (2e-3, 5e-3, 1e-2, 2e-2) for m in METHODS},
   variants={"DiLoCo-H10": (OUTER,), "DiLoCo-H30": (OUTER,)},
   methods=METHODS,
   pairs=(("DP-AdamW", "DiLoCo-H10(AdamW)"), ("DP-AdamW", "DiLoCo-H30(AdamW)")),
 )
-QUICK = dict(
-  FULL,
-  steps=30,
-  seq_len=16,
-  dim=16,
-  heads=2,
-  layers=1,
-  eval_every=10,
-  curve_windows=4,
-  train_eval_chars=1024,
-  eval_chunk=16,
-  max_chars=60_000,
-  grids={m: (5e-3, 1e-2) for m in METHODS},
-)
+QUICK = dict(FULL, **language.TRANSFORMER_QUICK, steps=30, grids={m: (5e-3, 1e-2) for m in METHODS})
 
 
 def sync_period(family: str) -> int:
@@ -104,8 +83,8 @@ def per_replica(family: str, lr, cfg: dict) -> optax.GradientTransformation:
 def problem(cfg: dict) -> grid.Problem:
   """A run: M replicas of one model, each on batches from its own shard of the training text."""
   m = cfg["replicas"]
-  base = language.problem(cfg, lambda seed: language.transformer(cfg, seed))
-  apply = train.functional_params(language.transformer(cfg, 0))[0]
+  base = language.transformer_problem(cfg)
+  apply = language.transformer_apply(cfg)
   arrays = dict(base.data)
   tokens = np.asarray(arrays.pop("train"))
   arrays["shards"] = jnp.asarray(np.stack([s[: len(tokens) // m] for s in np.array_split(tokens, m)]))
@@ -136,7 +115,7 @@ def optimizer(family: str, cfg: dict):
 
 
 def finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
-  apply = train.functional_params(language.transformer(cfg, 0))[0]
+  apply = language.transformer_apply(cfg)
   return language.finals(apply, g, prob.data, weights=first_replica, replicas=cfg["replicas"])
 
 
@@ -209,10 +188,7 @@ TASK = tuning.Task(
   name="diloco",
   title="DiLoCo against synchronous data parallelism: character Transformer, equal samples",
   **language.METRICS,
-  paper={
-    "DP-AdamW vs DiLoCo-H10(AdamW)": "DiLoCo paper: matches synchronous training with H x fewer rounds",
-    "DP-AdamW vs DiLoCo-H30(AdamW)": "DiLoCo paper: matches synchronous training with H x fewer rounds",
-  },
+  paper={f"{a} vs {b}": PAPER for a, b in FULL["pairs"]},
   problem=problem,
   optimizer=optimizer,
   finals=finals,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import optax
 
-from benchmarks.common import grid, language, train, tuning
+from benchmarks.common import grid, language, tuning
 from benchmarks.common import translation as tr
 from lookahead_optax import lookahead, snoo
 
@@ -26,59 +26,24 @@ VARIANTS = {"k=20, outer lr 0.7, momentum 0.9": (20, 0.7, 0.9), "k=5, outer lr 0
 """SNOO's outer settings (sync period, outer learning rate, outer momentum), part of its tuning budget."""
 METHODS = ("AdamW", "LA(AdamW)", "SNOO(AdamW)")
 PAIRS = (("AdamW", "LA(AdamW)"), ("AdamW", "SNOO(AdamW)"))
+PLAN = dict(k=5, variants={"SNOO": tuple(VARIANTS)}, methods=METHODS, pairs=PAIRS)
+"""What both tasks compare: Lookahead's k, SNOO's outer settings, the methods and the verdicts' pairs."""
 
 LM_FULL = dict(
-  steps=600,
+  language.TRANSFORMER_FULL,
+  **PLAN,
   batch=16,
-  seq_len=64,
-  dim=32,
-  heads=4,
-  layers=2,
-  k=5,
-  weight_decay=0.01,
   eval_every=50,
-  curve_windows=32,
-  train_eval_chars=16384,
-  eval_chunk=32,
-  max_chars=None,
   grids={"AdamW": (2e-3, 5e-3, 1e-2, 2e-2), "LA(AdamW)": (1e-2, 2e-2), "SNOO(AdamW)": (5e-3, 1e-2)},
-  variants={"SNOO": tuple(VARIANTS)},
-  methods=METHODS,
-  pairs=PAIRS,
 )
 TRANSLATION_FULL = dict(
-  steps=400,
-  batch=32,
-  dim=32,
-  heads=4,
-  layers=1,
-  n_train=700,
-  n_val=100,
-  n_test=200,
-  max_number=1000,
-  warmup=0.1,
-  k=5,
+  tr.CONFIG,
+  **PLAN,
   weight_decay=0.01,
-  eval_every=40,
   grids={"AdamW": (5e-3, 1e-2, 2e-2, 3e-2), "LA(AdamW)": (2e-2, 3e-2), "SNOO(AdamW)": (1e-2, 2e-2)},
-  variants={"SNOO": tuple(VARIANTS)},
-  methods=METHODS,
-  pairs=PAIRS,
 )
 # Smoke runs: every code path, tiny models, a few steps.
-LM_QUICK = dict(
-  LM_FULL,
-  steps=20,
-  seq_len=16,
-  dim=16,
-  heads=2,
-  layers=1,
-  eval_every=10,
-  curve_windows=4,
-  train_eval_chars=1024,
-  eval_chunk=16,
-  max_chars=60_000,
-)
+LM_QUICK = dict(LM_FULL, **language.TRANSFORMER_QUICK, steps=20)
 TRANSLATION_QUICK = dict(
   TRANSLATION_FULL, steps=20, dim=16, heads=2, n_train=200, n_val=50, n_test=50, max_number=400, eval_every=10
 )
@@ -102,15 +67,14 @@ def lm_optimizer(family: str, cfg: dict):
 
 
 def lm_finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
-  return language.finals(train.functional_params(language.transformer(cfg, 0))[0], g, prob.data)
+  return language.finals(language.transformer_apply(cfg), g, prob.data)
 
 
 def translation_optimizer(family: str, cfg: dict):
-  warmup = max(1, int(cfg["warmup"] * cfg["steps"]))
   return lambda hp: wrap(
     family,
     optax.inject_hyperparams(optax.adamw)(
-      learning_rate=tr.warmup_rsqrt(hp["lr"], warmup), b1=0.9, b2=0.98, eps=1e-9, weight_decay=cfg["weight_decay"]
+      learning_rate=tr.schedule(cfg, hp["lr"]), b1=0.9, b2=0.98, eps=1e-9, weight_decay=cfg["weight_decay"]
     ),
     hp,
     cfg,
@@ -125,7 +89,7 @@ LM = tuning.Task(
     "AdamW vs SNOO(AdamW)": "SNOO paper: SNOO ahead of AdamW on LLM pre-training at equal steps",
     "AdamW vs LA(AdamW)": "Lookahead paper (5.3): LA(Adam) ahead of Adam on language modelling",
   },
-  problem=lambda cfg: language.problem(cfg, lambda seed: language.transformer(cfg, seed)),
+  problem=language.transformer_problem,
   optimizer=lm_optimizer,
   finals=lm_finals,
 )

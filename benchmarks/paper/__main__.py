@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
 from benchmarks import paper
-from benchmarks.common import verdicts
+from benchmarks.common import report, verdicts
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(
-    prog="python -m benchmarks.paper", description=paper.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
+  parser = report.parser("python -m benchmarks.paper", paper.__doc__)
   parser.add_argument(
     "--quick",
     action="store_true",
     help="the headline pair of each task on 2-point grids (a subset of the full grids), 5 seeds",
   )
-  parser.add_argument(
-    "--tasks",
-    nargs="+",
-    default=list(paper.TASKS),
-    choices=list(paper.TASKS),
-    help="tasks to run (default: all); results of other tasks already in --out are kept",
+  report.add_selection(
+    parser, "--tasks", paper.TASKS, "tasks to run (default: all); results of other tasks already in --out are kept"
   )
   parser.add_argument("--seeds", type=int, default=paper.SEEDS, help=f"seeds per setting (default {paper.SEEDS})")
   parser.add_argument(

@@ -41,13 +41,7 @@ FULL = dict(
   methods=("SGD", "LA(SGD)", "Adam", "LA(Adam)", "Polyak"),
   pairs=(("SGD", "LA(SGD)"), ("Adam", "LA(Adam)")),
 )
-QUICK = dict(
-  FULL,
-  grids={"Adam": (2e-2, 3e-2), "LA(Adam)": (5e-2,)},
-  methods=("Adam", "LA(Adam)"),
-  pairs=(("Adam", "LA(Adam)"),),
-  sensitivity=False,
-)
+QUICK = tuning.headline_run(FULL, {"Adam": (2e-2, 3e-2), "LA(Adam)": (5e-2,)})
 
 # Table 3 of the paper: Penn Treebank word-level perplexity (train, val, test), AWD-LSTM, 750 epochs.
 PAPER_TABLE3 = {
@@ -81,20 +75,13 @@ def inner(name: str, hp: dict, cfg: dict) -> optax.GradientTransformation:
 def finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
   apply = train.functional_params(model(cfg, 0))[0]
   evaluate = lambda w, d: {f"{k}_ppl": jnp.exp(v) for k, v in language.split_losses(apply, w, d).items()}
-  train_loss = tuning.tail_mean(g.losses)
-  return {name: {**grid.map_runs(evaluate, w, prob.data), "train_loss": train_loss} for name, w in g.weights.items()}
+  return tuning.final_metrics(evaluate, prob, g)
 
 
 TASK = tuning.Task(
   name="lm",
   title="Language modelling: character LSTM on pydoc text (paper 5.3, Table 3, Fig. 7a)",
-  methods={
-    "SGD": ("SGD", "main"),
-    "Polyak": ("SGD", "polyak"),
-    "Adam": ("Adam", "main"),
-    "LA(SGD)": ("LA(SGD)", "main"),
-    "LA(Adam)": ("LA(Adam)", "main"),
-  },
+  **tuning.polyak_of("SGD"),
   select=Metric("val_ppl", "val ppl", False),
   headline=Metric("test_ppl", "test ppl", False),
   columns=(
@@ -110,6 +97,5 @@ TASK = tuning.Task(
   paper_table=(["paper train", "paper val", "paper test"], PAPER_TABLE3),
   problem=problem,
   optimizer=lambda family, cfg: tuning.optimizer_of(family, inner, cfg, polyak=("SGD",)),
-  weights=lambda family, cfg: tuning.weights_of(family, polyak=("SGD",)),
   finals=finals,
 )

@@ -34,7 +34,7 @@ FULL = dict(
   methods=("SGD", "LA(SGD)"),
   pairs=(("SGD", "LA(SGD)"),),
 )
-QUICK = dict(FULL, grids={"SGD": (0.1, 0.2), "LA(SGD)": (1.0,)}, sensitivity=False)
+QUICK = tuning.headline_run(FULL, {"SGD": (0.1, 0.2), "LA(SGD)": (1.0,)})
 
 
 def splits(cfg: dict) -> dict:

@@ -49,6 +49,22 @@ def test_unequal_budgets_are_refused():
     tuning.check_budget(noise.TASK, cfg)
 
 
+def test_a_headline_run_keeps_one_pair_without_the_sweep_and_polyak_evaluates_its_inner_runs():
+  full = {"steps": 10, "methods": ("SGD", "LA(SGD)", "Adam"), "pairs": (), "sensitivity": True}
+  quick = tuning.headline_run(full, {"SGD": (0.1,), "LA(SGD)": (0.3,)}, steps=5)
+  assert quick == {
+    "steps": 5,
+    "methods": ("SGD", "LA(SGD)"),
+    "pairs": (("SGD", "LA(SGD)"),),
+    "sensitivity": False,
+    "grids": {"SGD": (0.1,), "LA(SGD)": (0.3,)},
+  }
+  with pytest.raises(ValueError, match="X and LA"):
+    tuning.headline_run(full, {"LA(SGD)": (0.3,), "SGD": (0.1,)})
+  assert tuning.family_of(lm.TASK, "Polyak") == ("SGD", "polyak")
+  assert tuning.family_of(lm.TASK, "LA(Adam)") == ("LA(Adam)", "main") == tuning.family_of(noise.TASK, "LA(Adam)")
+
+
 def row(lr, values, alpha=None, eligible=True):
   out = {"lr": lr, "eligible": eligible, "metrics": {"acc": list(values)}}
   return out if alpha is None else dict(out, alpha=alpha)
