@@ -60,6 +60,10 @@ class LookaheadState(NamedTuple):
   """State of the outer optimizer of the slow step; ``EmptyState()`` for plain Lookahead."""
   alpha_state: optax.OptState
   """Adaptive alpha's squared-gradient EMA when it keeps one; else ``EmptyState()``."""
+  misplaced: jax.Array
+  """Per floating-point leaf (``jax.tree.leaves`` order), the cycles whose first update found the params away
+  from the slow weights (int32; all 0 in a correct loop). Reported as a :class:`LookaheadPlacementWarning`
+  where the host reads the state."""
 
 
 def lookahead(
@@ -172,6 +176,7 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
       slow_inner_state=_policy.snapshot_init(cfg.policy, inner_state),
       outer_state=outer_state,
       alpha_state=_alpha.init_alpha_state(cfg.alpha, slow, inner_state),
+      misplaced=jnp.zeros((len(jax.tree.leaves(slow)),), jnp.int32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -180,12 +185,14 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
     if is_concrete((updates, state, params, extra_args)):
       # Called eagerly: run the whole step as one compiled program (compiled once per optimizer) instead of
       # op by op, which compiles each conditional of the step anew at every call.
+      _placement.report(state, cfg.caller)
       return compiled_update(updates, state, params, extra_args)
     grads = mask_like(params, updates)
     state = state._replace(alpha_state=_alpha.observe_gradient(cfg.alpha, state.alpha_state, grads))
     exact = exact_leaves(params, state.slow, state.outer_state)
     ids = _streaming.assign(cfg.caller, cfg.schedule.fragments, params)
-    index = _placement.check_then_sync(cfg, state, params, exact, ids, checked=not cfg.schedule.delay)
+    index, wrong = _placement.check_then_sync(cfg, state, params, exact, ids, checked=not cfg.schedule.delay)
+    state = state._replace(misplaced=state.misplaced + wrong)
     inner_step = lambda inner_state: cfg.inner.update(updates, inner_state, params, **extra_args)
     return step(cfg, state, params, grads, index, inner_step, cfg.schedule)
 

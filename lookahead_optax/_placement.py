@@ -4,13 +4,15 @@
   are the slow weights. So at the first update of each cycle the params received
   must equal the slow weights: bitwise where the slow weights are exactly
   ``params + updates``, within a few units in the last place elsewhere
-  (``slow_dtype``, DiLoCo replicas). When they do not, a transformation after
+  (``slow_dtype``, DiLoCo replicas), on an evenly spaced sample of each leaf
+  (:func:`sample`). When they do not, a transformation after
   ``lookahead`` changed its updates, or the params were changed outside the
-  optimizer. The comparison runs inside a ``lax.cond`` taken once per cycle; a
-  mismatch is reported with a :class:`LookaheadPlacementWarning` from a
-  ``jax.pure_callback`` inside a branch taken only then, whose (zero) result the
-  next count depends on. The step has no side effects in its jaxpr, so it never
-  waits on the host, and works under ``jit``, ``pmap`` and on accelerators.
+  optimizer. The comparison runs inside a ``lax.cond`` taken once per cycle and
+  counts, per leaf, the cycles that began misplaced in the state
+  (``LookaheadState.misplaced``); no host is called from the compiled step, so
+  it has no side effects and never waits on the host. The count is reported
+  (:class:`LookaheadPlacementWarning`) where the host touches a state: an
+  eager ``update``, ``slow_params``, ``force_sync``, ``find_lookahead_state``.
 - State: a state made by another configuration (interpolation snapshot, outer
   optimizer, slow dtype, a counter beyond ``k``) is named as such.
 - ``force_sync`` finds the lookahead inside any optimizer by running its update
@@ -86,12 +88,13 @@ def check_update(cfg, updates, state, params) -> None:
     "slow_inner_state",
     "outer_state",
     "alpha_state",
+    "misplaced",
   )
   if getattr(state, "_fields", None) != fields:
-    if getattr(state, "_fields", None) == (*fields, "residual"):
+    if getattr(state, "_fields", None) == (*fields[:-1], "residual"):
       raise ValueError(
         f"{name}: this is a lookahead-optax 0.1 state: init a 0.2 state and restore into it (the 0.1 "
-        "`residual` now lives in outer_state's ReplicaMeanState); see the changelog."
+        "`residual` now lives in outer_state's ReplicaMeanState, and `misplaced` is new); see the changelog."
       )
     raise ValueError(
       f"{name}: state must be the LookaheadState made by this optimizer's init, got {type(state).__name__}."
@@ -128,99 +131,103 @@ def check_update(cfg, updates, state, params) -> None:
 
 
 def check_then_sync(cfg, state, params, exact, ids, checked: bool):
-  """The fragment that syncs at this update (``F``, the number of fragments, when none does).
+  """``(index, wrong)``: the fragment that syncs at this update (``F`` when none does), and the placement check.
 
-  Decided after the once-per-cycle placement check (``checked``): a
-  ``lax.switch`` on the fragment that synced at the previous update (with one
-  fragment: on ``count == 0``) compares that fragment's params with its slow
-  weights. The sync decision is computed inside every branch, so everything
-  downstream (the landing, which overwrites the params in place) is ordered
-  after the comparison and no buffer is copied for it. The decision adds the
-  (zero) result of the report, so the report is never optimised away, and has
-  no side effect in the program.
+  ``wrong`` (int32, one per floating leaf) is 1 where a leaf checked at this
+  update differs from its slow weights. The check runs once per cycle
+  (``checked``): a ``lax.switch`` on the fragment that synced at the previous
+  update (with one fragment: on ``count == 0``) compares that fragment's
+  params with its slow weights. The sync decision is computed inside every
+  branch, so everything downstream (the landing, which overwrites the params in
+  place) is ordered after the comparison and no buffer is copied for it. No
+  host is called: the flags go into the state (``LookaheadState.misplaced``).
   """
   k, n = cfg.k, cfg.n_fragments
   decide = lambda count: _streaming.syncing(count, k, n)
-  if not checked or not _can_report():
-    return decide(state.count)
-  previous = _streaming.syncing((jnp.minimum(state.count, k - 1) + k - 1) % k, k, n)
-  names = _leaf_names(params)
   pairs = list(zip(*(jax.tree.leaves(t) for t in (map_inexact(lambda p: p, params), state.slow, exact))))
-  report = functools.partial(_report_placement, cfg.caller, names)
+  none = jnp.zeros((len(pairs),), jnp.int32)
+  if not checked:
+    return decide(state.count), none
+  previous = _streaming.syncing((jnp.minimum(state.count, k - 1) + k - 1) % k, k, n)
 
   def check(j, count):
     wrong = [_differs(p, s, e) if ids[i] == j else jnp.zeros((), bool) for i, (p, s, e) in enumerate(pairs)]
-    # & previous == j: under vmap a switch runs every branch, so the flags themselves must say when to report.
+    # & previous == j: under vmap a switch runs every branch, so the flags themselves must say when to count.
     wrong = (jnp.stack(wrong) if wrong else jnp.zeros((0,), bool)) & (previous == j)
-    zero = jax.lax.cond(jnp.any(wrong), lambda w: host_report(report, w), lambda w: jnp.zeros((), jnp.int32), wrong)
-    return decide(count) + zero
+    return decide(count), wrong.astype(jnp.int32)
 
-  branches = [functools.partial(check, j) for j in range(n)] + [decide]
+  branches = [functools.partial(check, j) for j in range(n)] + [lambda count: (decide(count), none)]
   return jax.lax.switch(previous, branches, state.count)
 
 
-def _can_report() -> bool:
-  """Whether a host callback can be compiled here: not inside a shard_map that is manual over only some axes.
+def report(state, name: str = "lookahead") -> None:
+  """Warn (:class:`LookaheadPlacementWarning`) if a concrete state counts misplaced cycles; nothing under a trace.
 
-  (XLA compiles callbacks in an SPMD program only where every mesh axis is
-  manual; in a partially manual ``shard_map`` the check is left out.)
+  Called where the host touches a state: an eager ``update``,
+  :func:`lookahead_optax.slow_params`, :func:`lookahead_optax.force_sync`,
+  :func:`lookahead_optax.find_lookahead_state`.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  manual = set(getattr(mesh, "manual_axes", ()))
-  return not manual or manual == set(getattr(mesh, "axis_names", ()))
+  counts = getattr(state, "misplaced", None)
+  if counts is None or isinstance(counts, jax.core.Tracer) or not isinstance(counts, (jax.Array, np.ndarray)):
+    return
+  counts = np.asarray(counts)
+  if counts.ndim > 1:  # batched (vmap, pmap): the most of any run or replica
+    counts = counts.reshape(-1, counts.shape[-1]).max(axis=0)
+  if counts.any():
+    _report_placement(name, _leaf_names(state.slow), counts)
 
 
-def host_report(fn, wrong):
-  """``fn(wrong)`` on the host, returning an int32 zero: a ``jax.pure_callback``, so the program has no effects.
+SAMPLE = 256
+"""The placement check compares at most about this many evenly spaced elements of each leaf."""
 
-  Called once per step under ``vmap``, with the batched flags (``fn`` accepts
-  leading batch axes).
+
+def sample(x):
+  """Evenly spaced elements of ``x`` (all of them up to ``2 * SAMPLE``): a strided read of a sliver of the leaf.
+
+  A transformation placed after lookahead changes the updates of most elements
+  (a scale, a clip, weight decay), so a sample finds it, and reading it costs
+  next to nothing beside the step.
   """
-  zero = jax.ShapeDtypeStruct((), jnp.int32)
-
-  def call(w):
-    fn(w)
-    return np.zeros(np.shape(w)[:-1], np.int32)
-
-  return jax.pure_callback(call, zero, wrong, vmap_method="expand_dims")
+  flat = jnp.ravel(x)
+  stride = max(1, flat.size // SAMPLE)
+  return flat[::stride]
 
 
 def _differs(p, s, exact):
-  """Do the params differ from the slow weights more than a sync's landing allows?
+  """Do the params differ from the slow weights more than a sync's landing allows (on a sample of each leaf)?
 
   Exactly where the slow weights are ``params + updates``; elsewhere (another
   slow dtype, replicas) the landing rounds once or twice, by at most a few
-  units in the last place of the leaf's largest value.
+  units in the last place of the sample's largest value.
   """
+  p, s = sample(p), sample(s)
   if exact:
-    return jnp.max(jnp.abs(p - s)) > 0  # a max reduction fuses with its operand; NaNs compare as equal
-  scale = jnp.max(jnp.abs(s)).astype(jnp.float32)  # two separate reductions: nothing param-sized is kept
+    return jnp.max(jnp.abs(p - s)) > 0  # NaNs compare as equal
+  scale = jnp.max(jnp.abs(s)).astype(jnp.float32)
   tol = 4 * jnp.finfo(p.dtype).eps * jnp.maximum(scale, jnp.finfo(p.dtype).tiny)
   return jnp.max(jnp.abs(p - s.astype(p.dtype)).astype(jnp.float32)) > tol
 
 
-def _leaf_names(params) -> tuple:
-  return tuple(jax.tree_util.keystr(path) for path, p in jax.tree_util.tree_leaves_with_path(params) if is_inexact(p))
+def _leaf_names(tree) -> tuple:
+  """The key paths of the floating-point leaves (``MaskedNode`` subtrees have none)."""
+  return tuple(jax.tree_util.keystr(path) for path, p in jax.tree_util.tree_leaves_with_path(tree) if is_inexact(p))
 
 
-def _report_placement(name, leaves, wrong) -> None:
-  wrong = np.asarray(wrong)
-  if wrong.ndim > 1:  # batched under vmap: one row per run
-    wrong = wrong.any(axis=tuple(range(wrong.ndim - 1)))
-  if not wrong.any():
-    return
-  names = ", ".join(f"params{leaves[i]}" for i in np.flatnonzero(wrong)[:3])
-  more = "" if wrong.sum() <= 3 else f" and {int(wrong.sum()) - 3} more"
+def _report_placement(name, leaves, counts) -> None:
+  counts = np.asarray(counts)
+  where = np.flatnonzero(counts)
+  names = ", ".join(f"params{leaves[i]}" for i in where[:3])
+  more = "" if len(where) <= 3 else f" and {len(where) - 3} more"
   message = (
-    f"{name}: at the start of a cycle the params passed to update differ from the slow weights "
-    f"({names}{more}). Right after a sync the params must be the slow weights: either a "
-    f"transformation placed after {name} changed its updates, or the params were changed outside the "
-    f"optimizer. Put {name} last, with every other transformation inside it or before it: "
+    f"{name}: at the start of {int(counts.max())} cycle(s) the params passed to update differed from the slow "
+    f"weights ({names}{more}; LookaheadState.misplaced counts them per leaf). Right after a sync the params must "
+    f"be the slow weights: either a transformation placed after {name} changed its updates, or the params were "
+    f"changed outside the optimizer. Put {name} last, with every other transformation inside it or before it: "
     f"optax.chain(optax.clip_by_global_norm(1.0), {name}(optax.adam(...))), or "
     f"{name}(optax.chain(optax.adam(...), <transformation>)). To silence this check: "
     "warnings.filterwarnings('ignore', category=lookahead_optax.LookaheadPlacementWarning)."
   )
-  warnings.warn(message, LookaheadPlacementWarning, stacklevel=2)
+  warnings.warn(message, LookaheadPlacementWarning, stacklevel=3)
 
 
 # ------------------------------------------------------------- force_sync

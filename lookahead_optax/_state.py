@@ -44,7 +44,9 @@ def find_lookahead_state(opt_state: optax.OptState) -> LookaheadState:
       f"type {type(opt_state).__name__}. Pass the state returned by an optimizer built with "
       "lookahead_optax.lookahead (with one lookahead in it)."
     )
-  return _plain(found[0])
+  state = _plain(found[0])
+  _placement.report(state)
+  return state
 
 
 def slow_params(opt_state: optax.OptState, params: optax.Params | None = None) -> optax.Params:

@@ -38,6 +38,19 @@ def count_primitive(jaxpr, name: str) -> int:
   return n
 
 
+def input_shapes(jaxpr, name: str) -> list:
+  """The shapes of the first operand of every ``name`` equation in ``jaxpr``, nested jaxprs included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name:
+      found.append(tuple(eqn.invars[0].aval.shape))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = sub if hasattr(sub, "eqns") else getattr(sub, "jaxpr", None)
+        found += input_shapes(sub, name) if hasattr(sub, "eqns") else []
+  return found
+
+
 def _taint(jaxpr, tainted_inputs, found, where):
   """Which outputs of ``jaxpr`` depend on its tainted inputs; records collectives in ``found``."""
   literal = lambda v: isinstance(v, jax.extend.core.Literal)

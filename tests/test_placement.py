@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import warnings
 
 import jax
@@ -16,18 +17,30 @@ from lookahead_optax import (
   LookaheadState,
   adaptive_alpha,
   diloco,
+  find_lookahead_state,
   lookahead,
   replica_mean,
+  slow_params,
   snoo,
 )
-from tests.compiled import count_primitive
+from tests.compiled import count_primitive, input_shapes
 from tests.helpers import make_params, quadratic_grad, replica_grad
 
 TARGET = 3.0
 
 
+def misplaced(opt_state):
+  """``LookaheadState.misplaced`` read without reporting it (``find_lookahead_state`` would warn)."""
+  found = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, LookaheadState))
+  return next(x for x in found if isinstance(x, LookaheadState)).misplaced
+
+
 def train(opt, steps=12, params=None, jit=True, grads=None):
-  """Minimise (w - 3)^2 from w = 0 (or quadratic_grad's problem); returns params, state, placement warnings."""
+  """Minimise (w - 3)^2 from w = 0 (or quadratic_grad's problem); returns params, state, placement warnings.
+
+  The warnings are those the host gives when it reads the state afterwards (``find_lookahead_state``, as
+  ``slow_params`` does for an evaluation).
+  """
   params = {"w": jnp.zeros(3)} if params is None else params
   grad_fn = grads or (lambda p, t: jax.tree.map(lambda w: 2 * (w - TARGET), p))
   state = opt.init(params)
@@ -41,7 +54,7 @@ def train(opt, steps=12, params=None, jit=True, grads=None):
     warnings.simplefilter("always", LookaheadPlacementWarning)
     for t in range(steps):
       params, state = step(params, state, t)
-    jax.block_until_ready((params, state))  # the report runs on the host while the step runs
+    find_lookahead_state(state)  # the host reads the state
   return params, state, [w for w in caught if issubclass(w.category, LookaheadPlacementWarning)]
 
 
@@ -51,19 +64,24 @@ def train(opt, steps=12, params=None, jit=True, grads=None):
 @pytest.mark.parametrize(
   "after", [optax.scale_by_learning_rate(0.1), optax.clip_by_global_norm(0.01), optax.scale(0.5)]
 )
-def test_a_transformation_after_lookahead_is_reported(after):
+def test_a_transformation_after_lookahead_is_counted_and_reported(after):
+  """12 steps at k=5: cycles start at steps 0, 5 and 10; the last two find the params moved off the slow weights."""
   opt = optax.chain(lookahead(optax.scale_by_adam(), k=5), after)
-  _, _, caught = train(opt)
-  assert caught, "no warning"
+  _, state, caught = train(opt)
+  assert misplaced(state).tolist() == [2]
+  assert len(caught) == 1, "one warning when the host reads the state"
   message = str(caught[0].message)
   assert "a transformation placed after lookahead changed its updates" in message
+  assert "at the start of 2 cycle(s)" in message
   assert "params['w']" in message and "warnings.filterwarnings('ignore'" in message
 
 
-def test_the_warning_is_silenced_by_a_warnings_filter_and_the_step_has_no_effects():
+def test_the_compiled_step_calls_no_host_and_a_filter_silences_the_report():
   opt = optax.chain(lookahead(optax.scale_by_adam(), k=5), optax.scale_by_learning_rate(0.1))
   params = {"w": jnp.zeros(3)}
-  assert jax.make_jaxpr(opt.update)(params, opt.init(params), params).effects == set()
+  jaxpr = jax.make_jaxpr(opt.update)(params, opt.init(params), params)
+  assert jaxpr.effects == set()
+  assert sum(count_primitive(jaxpr.jaxpr, c) for c in ("pure_callback", "debug_callback", "io_callback")) == 0
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     warnings.filterwarnings("ignore", category=LookaheadPlacementWarning)
@@ -71,66 +89,73 @@ def test_the_warning_is_silenced_by_a_warnings_filter_and_the_step_has_no_effect
     for _ in range(12):
       updates, state = jax.jit(opt.update)(params, state, params)
       params = optax.apply_updates(params, updates)
-    jax.block_until_ready(params)
+    slow_params(state)
   assert not [w for w in caught if issubclass(w.category, LookaheadPlacementWarning)]
 
 
-def test_params_changed_outside_the_optimizer_are_reported():
+def test_params_changed_outside_the_optimizer_are_reported_at_the_next_eager_update():
   opt = lookahead(optax.sgd(0.1), k=2)
   params, state = {"w": jnp.zeros(3)}, opt.init({"w": jnp.zeros(3)})
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always", LookaheadPlacementWarning)
-    for _ in range(2):
-      updates, state = opt.update({"w": jnp.ones(3)}, state, params)
-      params = optax.apply_updates(params, updates)
-    params = {"w": jnp.clip(params["w"], -0.01, 0.01)}  # e.g. a projection applied by hand
-    jax.block_until_ready(opt.update({"w": jnp.ones(3)}, state, params))
-  assert [w for w in caught if issubclass(w.category, LookaheadPlacementWarning)]
+  for _ in range(2):
+    updates, state = opt.update({"w": jnp.ones(3)}, state, params)
+    params = optax.apply_updates(params, updates)
+  params = {"w": jnp.clip(params["w"], -0.01, 0.01)}  # e.g. a projection applied by hand
+  _, state = opt.update({"w": jnp.ones(3)}, state, params)  # counted here
+  assert state.misplaced.tolist() == [1]
+  with pytest.warns(LookaheadPlacementWarning, match=r"at the start of 1 cycle\(s\).*params\['w'\]"):
+    opt.update({"w": jnp.ones(3)}, state, params)  # reported when the host next hands the state in
 
 
 def test_the_check_runs_once_per_cycle():
   """Params changed in the middle of a cycle are not compared (the check costs one pass per cycle)."""
   opt = lookahead(optax.sgd(0.1), k=4)
   params, state = {"w": jnp.zeros(3)}, opt.init({"w": jnp.zeros(3)})
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always", LookaheadPlacementWarning)
-    updates, state = opt.update({"w": jnp.ones(3)}, state, params)
-    params = {"w": optax.apply_updates(params, updates)["w"] + 1.0}  # mid-cycle: not checked
-    jax.block_until_ready(opt.update({"w": jnp.ones(3)}, state, params))
-  assert not caught
+  updates, state = opt.update({"w": jnp.ones(3)}, state, params)
+  params = {"w": optax.apply_updates(params, updates)["w"] + 1.0}  # mid-cycle: not checked
+  _, state = opt.update({"w": jnp.ones(3)}, state, params)
+  assert state.misplaced.tolist() == [0]
 
 
-@pytest.mark.parametrize("runs", [1, 64])
-def test_under_vmap_the_check_calls_the_host_once_per_step(runs):
-  """A vmapped grid of runs reports from one host call per check, not one per run (same program for 1 or 64 runs)."""
+def test_the_check_reads_a_sample_of_each_leaf():
+  """A large leaf is compared on evenly spaced elements; a change to most of them is found, a small leaf whole."""
+  opt = lookahead(optax.sgd(0.1), k=2)
+  params = {"big": jnp.zeros(100_000), "small": jnp.zeros(5)}
+  state = opt.init(params)
+  moved = {"big": jnp.full(100_000, 1e-3), "small": jnp.zeros(5).at[4].set(1e-3)}  # as a weight decay would
+  _, state = opt.update(jax.tree.map(jnp.zeros_like, params), state, moved)
+  assert state.misplaced.tolist() == [1, 1]
+  reduced = input_shapes(jax.make_jaxpr(opt.update)(params, state, params).jaxpr, "reduce_max")
+  assert (5,) in reduced and max(math.prod(shape) for shape in reduced) <= 2 * 256  # the big leaf: a sample
+
+
+def test_under_vmap_the_step_is_the_same_program_for_any_number_of_runs():
+  """A vmapped grid of runs compiles to the same program, with no host call, for 1 or 64 runs."""
   opt = lookahead(optax.sgd(0.1), k=3)
-  params = {"w": jnp.zeros((runs, 3))}
-  state = jax.vmap(opt.init)(params)
-  step = jax.vmap(opt.update)
-  jaxpr = jax.make_jaxpr(step)(params, state, params)
-  assert count_primitive(jaxpr.jaxpr, "pure_callback") == 1 and jaxpr.effects == set()
-  assert count_primitive(jaxpr.jaxpr, "debug_callback") == 0
-  lowered = jax.jit(step).lower(params, state, params).as_text()
-  assert lowered.count("callback") == jax.jit(opt.update).lower(
-    {"w": jnp.zeros(3)}, opt.init({"w": jnp.zeros(3)}), {"w": jnp.zeros(3)}
-  ).as_text().count("callback")
+
+  def program(runs):
+    params = {"w": jnp.zeros((runs, 3))}
+    jaxpr = jax.make_jaxpr(jax.vmap(opt.update))(params, jax.vmap(opt.init)(params), params)
+    assert jaxpr.effects == set() and count_primitive(jaxpr.jaxpr, "pure_callback") == 0
+    return [count_primitive(jaxpr.jaxpr, p) for p in ("cond", "select_n", "reduce_max")]
+
+  assert program(1) == program(64)
 
 
-def test_under_vmap_a_misplaced_run_is_reported_once():
-  """One run of a nested vmap misplaced: one warning naming the leaf."""
+def test_under_vmap_a_misplaced_run_is_counted_for_that_run_only():
+  """One run of a nested vmap misplaced: its count is 1, the others' 0; the host's report names the leaf."""
   opt = lookahead(optax.sgd(0.5), k=3)
   params = {"w": jnp.ones((2, 3, 4))}
   state = jax.vmap(jax.vmap(opt.init))(params)
   step = jax.jit(jax.vmap(jax.vmap(opt.update)))
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always", LookaheadPlacementWarning)
-    for t in range(6):
-      updates, state = step(params, state, params)
-      params = optax.apply_updates(params, updates)
-      if t == 2:  # right after the first sync, one run's params leave its slow weights
-        params = {"w": params["w"].at[1, 2, 0].add(1.0)}
-    jax.block_until_ready(params)
-  assert len(caught) == 1 and "(params['w'])" in str(caught[0].message)
+  for t in range(6):
+    updates, state = step(params, state, params)
+    params = optax.apply_updates(params, updates)
+    if t == 2:  # right after the first sync, one run's params leave its slow weights
+      params = {"w": params["w"].at[1, 2, 0].add(1.0)}
+  expected = jnp.zeros((2, 3, 1), jnp.int32).at[1, 2, 0].set(1)
+  assert jnp.array_equal(state.misplaced, expected)
+  with pytest.warns(LookaheadPlacementWarning, match=r"\(params\['w'\];"):
+    find_lookahead_state(state)
 
 
 # ---------------------------------------------------- no false alarms
@@ -182,8 +207,8 @@ def test_no_false_alarm_for_diloco_replicas():
     warnings.simplefilter("always", LookaheadPlacementWarning)
     for t in range(10):
       stacked, state = step(stacked, state, t, jnp.arange(4))
-    jax.block_until_ready(stacked)
-  assert not caught
+    find_lookahead_state(state)
+  assert not caught and not state.misplaced.any()
 
 
 # ---------------------------------------------------- axis and state guards
@@ -235,10 +260,10 @@ def test_optax_lookahead_params_are_named():
 
 def test_a_0_1_state_is_named():
   """A state object with the 0.1 fields (a trailing ``residual``) is named as such, in one line."""
-  Old = collections.namedtuple("Old", (*LookaheadState._fields, "residual"))
+  Old = collections.namedtuple("Old", (*LookaheadState._fields[:-1], "residual"))
   opt = lookahead(optax.sgd(0.1), k=3)
   params = {"w": jnp.ones(2)}
-  old = Old(*opt.init(params), optax.EmptyState())
+  old = Old(*opt.init(params)[:-1], optax.EmptyState())
   with pytest.raises(ValueError, match=r"lookahead: this is a lookahead-optax 0.1 state"):
     opt.update(params, old, params)
 

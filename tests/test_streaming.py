@@ -446,7 +446,8 @@ def test_delayed_exchange_does_not_depend_on_the_gradient():
 def perturbed_after_a_sync(opt, k, n, replicas=3, steps=None):
   """Train over replicas; right after fragment 0's first sync add 0.1 to every param (outside the optimizer).
 
-  Returns the messages of the LookaheadPlacementWarnings raised during the run.
+  Returns the per-leaf misplaced counts of each replica, and the messages of the LookaheadPlacementWarnings
+  given when the host reads the state at the end.
   """
   params = make_params()
   sync = next(t for t in range(k) if int(_streaming.syncing(jnp.int32(t), k, n)) == 0)
@@ -459,14 +460,15 @@ def perturbed_after_a_sync(opt, k, n, replicas=3, steps=None):
 
   stacked = jax.tree.map(lambda x: jnp.stack([x] * replicas), params)
   state = jax.vmap(opt.init)(stacked)
+  for t in range(steps or 2 * k):
+    stacked, state = step(stacked, state, t, jnp.arange(replicas))
+    if t == sync:
+      stacked = jax.tree.map(lambda x: x + 0.1, stacked)
+  counts = np.asarray(state.misplaced)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", LookaheadPlacementWarning)
-    for t in range(steps or 2 * k):
-      stacked, state = step(stacked, state, t, jnp.arange(replicas))
-      if t == sync:
-        stacked = jax.tree.map(lambda x: x + 0.1, stacked)
-    jax.block_until_ready(stacked)
-  return [str(w.message) for w in caught if issubclass(w.category, LookaheadPlacementWarning)]
+    find_lookahead_state(state)
+  return counts, [str(w.message) for w in caught if issubclass(w.category, LookaheadPlacementWarning)]
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -476,9 +478,14 @@ def test_placement_is_checked_with_delay_0_and_not_with_delay_1(n):
   The same perturbation of the params right after a sync is reported with delay=0, at the fragment's next update.
   """
   k = 4
-  immediate = perturbed_after_a_sync(streaming_diloco(k, n, delay=0), k, n)
-  assert len(immediate) == 1 and "lookahead: at the start of a cycle the params passed to update differ" in immediate[0]
-  assert perturbed_after_a_sync(streaming_diloco(k, n, delay=1, mixing=0.3), k, n) == []
+  counts, reported = perturbed_after_a_sync(streaming_diloco(k, n, delay=0), k, n)
+  ids = np.asarray(_streaming.assign("t", n, make_params()))
+  np.testing.assert_array_equal(counts, np.broadcast_to((ids == 0).astype(np.int32), counts.shape))  # fragment 0
+  assert (
+    len(reported) == 1 and "lookahead: at the start of 1 cycle(s) the params passed to update differed" in (reported[0])
+  )
+  counts, reported = perturbed_after_a_sync(streaming_diloco(k, n, delay=1, mixing=0.3), k, n)
+  assert not counts.any() and reported == []
 
 
 # ------------------------------------------------------- force_sync
