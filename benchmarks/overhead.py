@@ -214,6 +214,11 @@ def hlo_op_counts(hlo_text: str) -> dict:
   return counts
 
 
+def memory_cells(r) -> list:
+  """The compiled program's argument, output and temporary bytes, as table cells."""
+  return [nbytes(r["argument_bytes"]), nbytes(r["output_bytes"]), nbytes(r["temp_bytes"])]
+
+
 def hlo_cell(h: dict) -> str:
   """``entry: 2 conditional, 34 fusion; branches: ...`` (zero counts left out)."""
   part = lambda c: ", ".join(f"{c[op]} {op}" for op in HLO_OPS if c.get(op)) or "—"
@@ -690,9 +695,7 @@ def write_markdown(path: str, result: dict) -> None:
       f"{r['ms']:.4f}",
       ratio(r["ratio"]),
       ratio(r["ratio_vs_optax"]),
-      nbytes(r["argument_bytes"]),
-      nbytes(r["output_bytes"]),
-      nbytes(r["temp_bytes"]),
+      *memory_cells(r),
       nbytes(r["extra_state_bytes"]),
       r["effects"],
       hlo_cell(r["hlo"]),
@@ -731,9 +734,7 @@ def write_markdown(path: str, result: dict) -> None:
             r["impl"],
             f"{r['ms']:.4f}",
             f"{r['ratio']:.3f}",
-            nbytes(r["argument_bytes"]),
-            nbytes(r["output_bytes"]),
-            nbytes(r["temp_bytes"]),
+            *memory_cells(r),
             r["effects"],
             hlo_cell(r["hlo"]),
           ]

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from lookahead_optax import _streaming
-from lookahead_optax._tree import is_inexact, map_inexact
+from lookahead_optax._tree import cast_like, is_inexact, map_inexact, vary_as
 
 
 class LookaheadPlacementWarning(UserWarning):
@@ -145,7 +145,8 @@ def check_then_sync(cfg, state, params, exact, ids, checked: bool):
   k, n = cfg.k, cfg.n_fragments
   decide = lambda count: _streaming.syncing(count, k, n)
   pairs = list(zip(*(jax.tree.leaves(t) for t in (map_inexact(lambda p: p, params), state.slow, exact))))
-  none = jnp.zeros((len(pairs),), jnp.int32)
+  # No flag raised, typed like the flags a check computes from the params (per replica under shard_map).
+  none = vary_as(jnp.zeros((len(pairs),), jnp.int32), [x for pair in pairs for x in pair[:2]] + [state.misplaced])
   if not checked:
     return decide(state.count), none
   previous = _streaming.syncing((jnp.minimum(state.count, k - 1) + k - 1) % k, k, n)
@@ -154,7 +155,7 @@ def check_then_sync(cfg, state, params, exact, ids, checked: bool):
     wrong = [_differs(p, s, e) if ids[i] == j else jnp.zeros((), bool) for i, (p, s, e) in enumerate(pairs)]
     # & previous == j: under vmap a switch runs every branch, so the flags themselves must say when to count.
     wrong = (jnp.stack(wrong) if wrong else jnp.zeros((0,), bool)) & (previous == j)
-    return decide(count), wrong.astype(jnp.int32)
+    return decide(count), cast_like(wrong.astype(jnp.int32), none)
 
   branches = [functools.partial(check, j) for j in range(n)] + [lambda count: (decide(count), none)]
   return jax.lax.switch(previous, branches, state.count)

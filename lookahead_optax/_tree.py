@@ -66,6 +66,12 @@ def _varying_axes(aval) -> frozenset:
   return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
+def vary_as(x, sources):
+  """``x`` typed as varying over every mesh axis that one of ``sources`` varies over (no data moves)."""
+  wanted = frozenset().union(*(_varying_axes(jax.typeof(s)) for s in sources)) - _varying_axes(jax.typeof(x))
+  return jax.lax.pcast(x, tuple(sorted(wanted)), to="varying") if wanted else x
+
+
 def vary_like(operands, branches):
   """``operands`` typed as varying over every mesh axis that some ``branches[j](operands)`` varies over.
 

@@ -200,12 +200,15 @@ def fsdp_mesh(axis_type):
 def sharding_mismatches(state, params):
   """Paths of param-shaped state leaves whose sharding is not the matching param's.
 
-  Param-shaped leaves are found by shape; scalars (counts, alpha) are left out:
-  an eager ``init`` puts them on one device, a jitted one replicates them.
+  Param-shaped leaves are found by shape; scalars (counts, alpha) and the per-leaf placement counts
+  (``misplaced``, one int per leaf, whatever its shape happens to match) are left out: an eager ``init``
+  puts them on one device, a jitted one replicates them.
   """
   by_shape = {p.shape: p for p in jax.tree.leaves(params)}
   bad = []
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    if jax.tree_util.keystr(path).endswith(".misplaced"):
+      continue
     if leaf.ndim and leaf.shape in by_shape:
       p = by_shape[leaf.shape]
       if not leaf.sharding.is_equivalent_to(p.sharding, p.ndim):
