@@ -186,7 +186,11 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
       # Called eagerly: run the whole step as one compiled program (compiled once per optimizer) instead of
       # op by op, which compiles each conditional of the step anew at every call.
       _placement.report(state, cfg.caller)
-      return compiled_update(updates, state, params, extra_args)
+      new_updates, new_state = compiled_update(updates, state, params, extra_args)
+      return new_updates, landed_as_the_caller_adds(cfg, state, new_state, params, new_updates)
+    return traced_update(updates, state, params, extra_args)
+
+  def traced_update(updates, state, params, extra_args):
     grads = mask_like(params, updates)
     state = state._replace(alpha_state=_alpha.observe_gradient(cfg.alpha, state.alpha_state, grads))
     exact = exact_leaves(params, state.slow, state.outer_state)
@@ -196,7 +200,7 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
     inner_step = lambda inner_state: cfg.inner.update(updates, inner_state, params, **extra_args)
     return step(cfg, state, params, grads, index, inner_step, cfg.schedule)
 
-  compiled_update = jax.jit(lambda updates, state, params, extra_args: update_fn(updates, state, params, **extra_args))
+  compiled_update = jax.jit(traced_update)
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -232,6 +236,28 @@ def step(cfg: Config, state: LookaheadState, params, grads, index, inner_step, s
     slow_inner_state=slow_inner_state,
     outer_state=outer_state,
   )
+
+
+def landed_as_the_caller_adds(cfg: Config, old: LookaheadState, new: LookaheadState, params, updates):
+  """An eager call's state, with the slow weights that a sync defines as ``params + updates`` added op by op.
+
+  Under ``jit`` XLA evaluates ``params + updates`` once for the commit and the
+  caller's ``optax.apply_updates`` alike. Called eagerly, the caller adds the
+  rounded updates op by op, while the compiled step may contract the same sum
+  into a fused multiply-add: so the exact leaves of the fragment that synced
+  are taken from the caller's sum, and fast == slow holds bitwise either way.
+  """
+  if isinstance(new.count, jax.core.Tracer):  # called inside another trace (a wrapper's cond): nothing to add
+    return new
+  k, n = int(cfg.k), cfg.n_fragments
+  phase = min(int(old.count), k - 1)
+  index = next((j for j in range(n) if (phase - (j * k) // n) % k == k - 1), n)  # as _streaming.syncing
+  if index >= n:
+    return new
+  ids = iter(_streaming.assign(cfg.caller, cfg.schedule.fragments, params))
+  exact = exact_leaves(params, old.slow, old.outer_state)
+  landed = lambda p, u, s, e: optax.apply_updates(p, u) if next(ids) == index and e else s
+  return new._replace(slow=map_inexact(landed, params, updates, new.slow, exact))
 
 
 def init_outer_state(cfg: Config, slow, ids):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,8 +64,17 @@ def cast_like(tree, ref):
 
 
 def _varying_axes(aval) -> frozenset:
-  mat = getattr(aval, "manual_axis_type", None)  # older jax: ``vma``
-  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+  mat = getattr(aval, "manual_axis_type", None)  # older jax: ``vma`` (None on an eval_shape result: unknown)
+  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", None) or ())
+
+
+def _knows_varying(aval) -> bool:
+  return getattr(aval, "manual_axis_type", None) is not None or getattr(aval, "vma", None) is not None
+
+
+def _vary_over(x, axes):
+  missing = tuple(a for a in axes if a not in _varying_axes(jax.typeof(x)))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def vary_as(x, sources):
@@ -81,7 +92,8 @@ def vary_like(operands, branches):
   agree. Outside ``shard_map`` (``pmap``, ``vmap``, plain ``jit``) there are no
   such types and ``operands`` come back as they are.
   """
-  if not getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
+  manual = tuple(sorted(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())))
+  if not manual:
     return operands
 
   def leaf(x, *results):
@@ -91,6 +103,8 @@ def vary_like(operands, branches):
   # Varying operands make more results varying (a varying slow weight, a varying residual): to a fixed point.
   for _ in range(len(jax.tree.leaves(operands)) + 1):
     outs = [jax.eval_shape(branch, operands) for branch in branches]
+    if not all(_knows_varying(r) for r in jax.tree.leaves(outs)):  # an older jax: every operand per replica
+      return jax.tree.map(functools.partial(_vary_over, axes=manual), operands)
     before = [_varying_axes(jax.typeof(x)) for x in jax.tree.leaves(operands)]
     operands = jax.tree.map(leaf, operands, *outs)
     if before == [_varying_axes(jax.typeof(x)) for x in jax.tree.leaves(operands)]:
