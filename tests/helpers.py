@@ -6,6 +6,8 @@ the readers of compiled programs (jaxpr and HLO) in ``tests/compiled.py``.
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.extend
@@ -53,6 +55,26 @@ def replica_grad(params, t, m):
   """Replica m's gradient at step t: the quadratic above with replica-specific noise and target."""
   g = quadratic_grad(params, 1000 * m + t)
   return jax.tree.map(lambda g: g - 0.3 * m, g)
+
+
+def replica_step(opt):
+  """A jitted step of ``opt`` on every replica (``vmap`` over the axis ``"replica"``), each with its own gradient.
+
+  Called as ``step(stacked_params, stacked_state, t, jnp.arange(replicas))``.
+  """
+
+  @jax.jit
+  @functools.partial(jax.vmap, axis_name="replica", in_axes=(0, 0, None, 0))
+  def step(params, state, t, m):
+    updates, state = opt.update(replica_grad(params, t, m), state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def stack_replicas(params, replicas: int):
+  """``replicas`` copies of ``params`` along a new leading axis."""
+  return jax.tree.map(lambda x: jnp.stack([x] * replicas), params)
 
 
 def run(opt, params, grad_fn, steps, jit=True, extra=None):

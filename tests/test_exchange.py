@@ -22,7 +22,7 @@ import pytest
 from lookahead_optax import ReplicaMeanState, _exchange, lookahead, replica_mean
 from lookahead_optax._exchange import compress, decompress
 from tests.compiled import count_primitive
-from tests.helpers import make_params, replica_grad
+from tests.helpers import make_params, replica_grad, replica_step, stack_replicas
 from tests.references import reference_block_rows, reference_compress, reference_mean
 
 COMPRESSED = ["bfloat16", "float8_e4m3fn", "float8_e5m2", "int8"]
@@ -295,13 +295,8 @@ def test_constant_alpha_lookahead_over_replicas_matches_the_loop(inner):
   opt = lookahead(inner_tx, k, outer=optax.chain(replica_mean("replica"), optax.sgd(alpha)))
   params = make_params()
 
-  @jax.jit
-  @functools.partial(jax.vmap, axis_name="replica", in_axes=(0, 0, None, 0))
-  def step(params, state, t, m):
-    updates, state = opt.update(replica_grad(params, t, m), state, params)
-    return optax.apply_updates(params, updates), state
-
-  stacked = jax.tree.map(lambda x: jnp.stack([x] * replicas), params)
+  step = replica_step(opt)
+  stacked = stack_replicas(params, replicas)
   state = jax.vmap(opt.init)(stacked)
   ref = reference_lookahead_over_replicas(inner_tx, k, alpha, params, replicas, steps)
   for t, (ref_fast, ref_slow) in enumerate(ref):

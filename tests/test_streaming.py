@@ -32,7 +32,7 @@ from lookahead_optax import (
   streaming,
 )
 from tests.compiled import collective_inputs_depend_on
-from tests.helpers import make_params, quadratic_grad, replica_grad, run
+from tests.helpers import make_params, quadratic_grad, replica_grad, replica_step, run, stack_replicas
 from tests.references import reference_compress, reference_mean
 
 LR, MU, INNER_LR = 0.7, 0.9, 0.05
@@ -299,13 +299,8 @@ def reference_streaming(n, k, dtype, error_feedback, delay, mixing, params, repl
 
 
 def train_replicas(opt, params, replicas, steps):
-  @jax.jit
-  @functools.partial(jax.vmap, axis_name="replica", in_axes=(0, 0, None, 0))
-  def step(params, state, t, m):
-    updates, state = opt.update(replica_grad(params, t, m), state, params)
-    return optax.apply_updates(params, updates), state
-
-  stacked = jax.tree.map(lambda x: jnp.stack([x] * replicas), params)
+  step = replica_step(opt)
+  stacked = stack_replicas(params, replicas)
   state = jax.vmap(opt.init)(stacked)
   out = []
   for t in range(steps):
@@ -452,13 +447,8 @@ def perturbed_after_a_sync(opt, k, n, replicas=3, steps=None):
   params = make_params()
   sync = next(t for t in range(k) if int(_streaming.syncing(jnp.int32(t), k, n)) == 0)
 
-  @jax.jit
-  @functools.partial(jax.vmap, axis_name="replica", in_axes=(0, 0, None, 0))
-  def step(params, state, t, m):
-    updates, state = opt.update(replica_grad(params, t, m), state, params)
-    return optax.apply_updates(params, updates), state
-
-  stacked = jax.tree.map(lambda x: jnp.stack([x] * replicas), params)
+  step = replica_step(opt)
+  stacked = stack_replicas(params, replicas)
   state = jax.vmap(opt.init)(stacked)
   for t in range(steps or 2 * k):
     stacked, state = step(stacked, state, t, jnp.arange(replicas))
