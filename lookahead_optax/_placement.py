@@ -179,7 +179,7 @@ def report(state, name: str = "lookahead") -> None:
 
 
 SAMPLE = 256
-"""The placement check compares at most about this many evenly spaced elements of each leaf."""
+"""The placement check compares between this many and twice this many evenly spaced elements of a large leaf."""
 
 
 def sample(x):
