@@ -193,25 +193,38 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
   def traced_update(updates, state, params, extra_args):
     grads = mask_like(params, updates)
     state = state._replace(alpha_state=_alpha.observe_gradient(cfg.alpha, state.alpha_state, grads))
-    exact = exact_leaves(params, state.slow, state.outer_state)
-    ids = _streaming.assign(cfg.caller, cfg.schedule.fragments, params)
-    index, wrong = _placement.check_then_sync(cfg, state, params, exact, ids, checked=not cfg.schedule.delay)
+    leaves = describe(cfg, params, state)
+    index, wrong = _placement.check_then_sync(cfg, state, params, *leaves, checked=not cfg.schedule.delay)
     state = state._replace(misplaced=state.misplaced + wrong)
     inner_step = lambda inner_state: cfg.inner.update(updates, inner_state, params, **extra_args)
-    return step(cfg, state, params, grads, index, inner_step, cfg.schedule)
+    return step(cfg, state, params, grads, index, inner_step, cfg.schedule, leaves)
 
   compiled_update = jax.jit(traced_update)
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def step(cfg: Config, state: LookaheadState, params, grads, index, inner_step, schedule: _streaming.Streaming):
+class Leaves(NamedTuple):
+  """What a step knows of the params' floating-point leaves when it is traced."""
+
+  exact: optax.Params
+  """Per leaf: is the new slow weight exactly ``params + updates`` (:func:`exact_leaves`)."""
+  ids: list
+  """The fragment of each leaf, in ``jax.tree.leaves`` order."""
+
+
+def describe(cfg: Config, params, state: LookaheadState) -> Leaves:
+  return Leaves(
+    exact_leaves(params, state.slow, state.outer_state), _streaming.assign(cfg.caller, cfg.schedule.fragments, params)
+  )
+
+
+def step(cfg: Config, state: LookaheadState, params, grads, index, inner_step, schedule, leaves: Leaves):
   """One update, given the fragment ``index`` that syncs at it (``F``: none) and the inner step to take.
 
   The pipeline of the module docstring; :func:`sync_now` runs it too, with a
   zero inner step. Returns ``(updates, new_state)``.
   """
-  ids = _streaming.assign(cfg.caller, cfg.schedule.fragments, params)
-  exact = exact_leaves(params, state.slow, state.outer_state)
+  exact, ids = leaves
   sync = index < cfg.n_fragments  # the sync decision: fragment ``index`` syncs at this step
   if is_fused(cfg, exact):  # the slow step is element-wise: fused into the inner step's loop
     inner_updates, inner_state = inner_step(state.inner_state)
@@ -254,9 +267,9 @@ def landed_as_the_caller_adds(cfg: Config, old: LookaheadState, new: LookaheadSt
   index = next((j for j in range(n) if (phase - (j * k) // n) % k == k - 1), n)  # as _streaming.syncing
   if index >= n:
     return new
-  ids = iter(_streaming.assign(cfg.caller, cfg.schedule.fragments, params))
-  exact = exact_leaves(params, old.slow, old.outer_state)
-  landed = lambda p, u, s, e: optax.apply_updates(p, u) if next(ids) == index and e else s
+  exact, ids = describe(cfg, params, old)
+  fragment = iter(ids)
+  landed = lambda p, u, s, e: optax.apply_updates(p, u) if next(fragment) == index and e else s
   return new._replace(slow=map_inexact(landed, params, updates, new.slow, exact))
 
 
@@ -513,9 +526,9 @@ def sync_now(cfg: Config, state: LookaheadState, params, grads=None):
   """
   grads = mask_like(params, grads) if grads is not None else map_inexact(jnp.zeros_like, params)
   zero_step = lambda inner_state: (map_inexact(jnp.zeros_like, params), inner_state)
-  landing = _streaming.EVERY_STEP
+  leaves = describe(cfg, params, state)
   for j in range(cfg.n_fragments):
-    _, state = step(cfg, state, params, grads, jnp.int32(j), zero_step, landing)
+    _, state = step(cfg, state, params, grads, jnp.int32(j), zero_step, _streaming.EVERY_STEP, leaves)
   landed = map_inexact(lambda p, s: rounded_to(p.dtype, s), params, state.slow)
   return state._replace(count=jnp.zeros_like(state.count)), fill(landed, params)
 
