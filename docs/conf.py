@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 DOCS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(DOCS)
+REPOSITORY_URL = "https://github.com/lookahead-optax/lookahead-optax"  # also [project.urls] in pyproject.toml
 
 project = "lookahead-optax"
 author = "lookahead-optax authors"
@@ -56,6 +57,17 @@ autosummary_ignore_module_all = False  # a module's members are its __all__
 autodoc_typehints = "signature"
 autodoc_member_order = "bysource"
 autodoc_default_options = {"exclude-members": "_asdict, _fields, _field_defaults, _make, _replace, count, index"}
+# Signatures show type aliases by name, not expanded into their unions (``DTypeLike``, not
+# ``str | type[Any] | dtype | SupportsDType``), and each argument on a line of its own once a
+# signature is longer than a line of the column.
+autodoc_type_aliases = {
+  "AlphaLike": "AlphaLike",  # described on docs/api.md
+  "ArrayLike": "numpy.typing.ArrayLike",
+  "DTypeLike": "jax.typing.DTypeLike",
+  "optax.ScalarOrSchedule": "optax.ScalarOrSchedule",
+}
+python_use_unqualified_type_names = True
+python_maximum_signature_line_length = 88
 API_MODULES = ("lookahead_optax", "lookahead_optax.theory")  # the modules docs/api.md lists
 
 
@@ -74,7 +86,9 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 
-# Every cross-reference must resolve, except into packages whose inventories we do not download.
+# Every cross-reference must resolve, except into packages whose inventories we do not download:
+# the build runs without network, and no objects.inv of jax, optax or numpy ships with them, so
+# there is no intersphinx; their names show as plain code.
 nitpicky = True
 nitpick_ignore_regex = [
   (r"py:.*", r"(jax|jnp|jaxlib|optax|chex|numpy|np|flax|orbax)(\..*)?"),
@@ -89,8 +103,15 @@ html_theme_options = {
   "show_toc_level": 2,
   "home_page_in_toc": True,
   "use_download_button": True,
+  "repository_url": REPOSITORY_URL,
+  "repository_branch": "main",
+  "path_to_docs": "docs",
+  "use_repository_button": True,
+  "use_issues_button": True,
 }
-html_static_path: list[str] = []
+# Long code, signatures and display math wrap or scroll inside the text column.
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 
 
 def _kernel_for_this_interpreter() -> None:
@@ -108,7 +129,7 @@ _kernel_for_this_interpreter()
 # wherever it sits under benchmarks/results/, so that a page survives a reorganisation of that folder.
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 RESULTS_LINK = re.compile(r"\]\(results:([^)\s]+)\)")
-# results.md shows benchmarks/results/README.md.
+# results.md shows benchmarks/results/README.md, less its title (the page has its own), figures included.
 RESULTS_MARKER = "<!-- benchmarks/results/README.md -->"
 
 
@@ -123,9 +144,7 @@ def _find_result(name: str) -> list[str]:
 def _resolve_results_links(app, docname, source):
   text = source[0]
   if docname == "results" and RESULTS_MARKER in text:
-    block = (
-      "```{include} ../benchmarks/results/README.md\n:relative-images:\n:relative-docs: ../\n:heading-offset: 1\n```"
-    )
+    block = "```{include} ../benchmarks/results/README.md\n:start-line: 1\n:relative-images:\n:relative-docs: ../\n```"
     text = text.replace(RESULTS_MARKER, block)
   here = os.path.dirname(app.env.doc2path(docname))
 
@@ -152,6 +171,8 @@ def _check_api_pages(app, exception):
   missing = [name for name in names + list(API_MODULES) if not os.path.exists(os.path.join(out, "api", f"{name}.html"))]
   if missing:
     raise RuntimeError(f"docs: no API page for {missing}; add new modules to API_MODULES and docs/api.md")
+  if app.config.nb_execution_mode == "off":  # a quick build (tests/test_docs_site.py): notebooks without outputs
+    return
   for notebook in os.listdir(os.path.join(REPO, "notebooks")):
     if notebook.endswith(".ipynb"):
       page = os.path.join(out, "notebooks", notebook.replace(".ipynb", ".html"))
@@ -171,11 +192,20 @@ def _restore_attribute_docstring(app, what, name, obj, options, lines):
 
 _ATTRIBUTE_DOCS: dict[str, list[str]] = {}
 
+# Sphinx writes an aliased type inside a union (``AlphaLike | None``) as ``TypeAliasForwardRef('AlphaLike')``.
+_ALIAS_REPR = re.compile(r"TypeAliasForwardRef\('([^']*)'\)")
+
+
+def _alias_names(app, what, name, obj, options, signature, return_annotation):
+  fix = lambda text: text if text is None else _ALIAS_REPR.sub(r"\1", text)
+  return fix(signature), fix(return_annotation)
+
 
 def setup(app):
   # A NamedTuple field's docstring is prose; napoleon would read "text: more" as "type: description".
   app.connect("autodoc-process-docstring", _keep_attribute_docstring, priority=100)
   app.connect("autodoc-process-docstring", _restore_attribute_docstring, priority=900)
+  app.connect("autodoc-process-signature", _alias_names)
   app.connect("source-read", _resolve_results_links)
   app.connect("build-finished", _check_api_pages)
   sys.setrecursionlimit(max(sys.getrecursionlimit(), 3000))

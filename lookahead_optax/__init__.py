@@ -8,7 +8,7 @@ from lookahead_optax._flax import slow_model, slow_train_state, sync_nnx, sync_t
 from lookahead_optax._lookahead import LookaheadState, lookahead
 from lookahead_optax._placement import LookaheadPlacementWarning
 from lookahead_optax._policy import POLICIES as INNER_STATE_POLICIES
-from lookahead_optax._state import find_lookahead_state, force_sync, slow_params
+from lookahead_optax._state import find_lookahead_state, force_sync, resize_replicas, slow_params
 from lookahead_optax._streaming import Streaming, streaming
 
 __version__ = "0.2.0"
@@ -29,6 +29,7 @@ __all__ = [
   "lookahead",
   "ranger",
   "replica_mean",
+  "resize_replicas",
   "slow_model",
   "slow_params",
   "slow_train_state",

@@ -33,8 +33,22 @@ def ranger(
   The defaults (``b1=0.95``, ``b2=0.999``, ``eps=1e-5``, ``k=6``, ``alpha=0.5``)
   are those of the widely used PyTorch Ranger; gradient centralization, which
   that package also applies, is not included. ``weight_decay`` is AdamW-style
-  (decoupled, scaled by the learning rate). The keyword-only arguments are
-  :func:`lookahead`'s.
+  (decoupled, scaled by the learning rate).
+
+  Args:
+    learning_rate: RAdam's step size, > 0: a number or an optax schedule.
+    b1: RAdam's decay of the gradient average, in [0, 1).
+    b2: RAdam's decay of the squared-gradient average, in [0, 1).
+    eps: added to RAdam's denominator, > 0.
+    weight_decay: decoupled weight decay, >= 0, scaled by the learning rate.
+    k: inner steps per sync (:func:`lookahead`'s ``k``).
+    alpha: the slow step size in [0, 1] (:func:`lookahead`'s ``alpha``).
+    inner_state_policy: as in :func:`lookahead`.
+    slow_dtype: as in :func:`lookahead`.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose state is a
+    :class:`LookaheadState`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -92,6 +106,10 @@ def snoo(
     outer_momentum: the outer Nesterov momentum :math:`\mu` in [0, 1).
     inner_state_policy: ``"maintain"`` or ``"reset"``, as in :func:`lookahead`.
     slow_dtype: as in :func:`lookahead`.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose state is a
+    :class:`LookaheadState`.
 
   SNOO across replicas is :func:`diloco`. Defaults (``k=20``, 0.7, 0.9) are DiLoCo's outer settings; tune ``k`` and
   the outer learning rate for your problem.
@@ -165,6 +183,10 @@ def diloco(
       (:func:`streaming`).
     inner_state_policy: ``"maintain"`` or ``"reset"``, as in :func:`lookahead`.
     slow_dtype: as in :func:`lookahead`.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose state is a
+    :class:`LookaheadState`.
 
   Example:
     >>> import optax

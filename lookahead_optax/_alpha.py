@@ -109,7 +109,27 @@ def adaptive_alpha_value(slow: Any, fast: Any, grad: Any, fisher: Any, eps: floa
   r"""Unclipped :math:`\hat\alpha = 1 + g^\top d / (d^\top (\hat A + \epsilon) d)`, :math:`d = \phi - \theta_k`.
 
   All four arguments are pytrees of the same structure; the sums run over every
-  leaf. Returns 1 when the fast weights did not move (:math:`d = 0`).
+  leaf.
+
+  Args:
+    slow: the slow weights :math:`\phi`.
+    fast: the fast weights :math:`\theta_k` at the end of the inner loop.
+    grad: the gradient :math:`g` that stands in for the one at
+      :math:`\theta_k`.
+    fisher: the diagonal of the empirical Fisher :math:`\hat A`, e.g. Adam's
+      second moment.
+    eps: added to the Fisher diagonal, >= 0.
+
+  Returns:
+    :math:`\hat\alpha`, a scalar, not clipped; 1 when the fast weights did
+    not move (:math:`d = 0`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from lookahead_optax import theory
+    >>> w = lambda *x: {"w": jnp.array(x)}
+    >>> float(theory.adaptive_alpha_value(w(1.0, 1.0), w(0.0, 0.0), w(-1.0, -1.0), w(2.0, 2.0)))
+    0.5
   """
   delta = jax.tree.map(lambda s, f: s - f.astype(s.dtype), slow, fast)
   return _from_sums(*_quadratic_sums(delta, grad, fisher, eps))

@@ -24,6 +24,14 @@ def slow_train_state(state: Any) -> Any:
   (``flax.training.train_state.TrainState`` and its subclasses). The state you
   train with keeps the fast weights.
 
+  Args:
+    state: the ``TrainState`` you train with; its ``tx`` has one
+      :func:`lookahead` in it. Left as it is.
+
+  Returns:
+    A copy of ``state`` whose ``params`` are the slow weights, cast to the
+    params' dtypes; its ``opt_state`` and ``step`` are ``state``'s.
+
   Example:
     >>> import jax.numpy as jnp, optax, flax.linen as nn
     >>> from flax.training.train_state import TrainState
@@ -39,7 +47,15 @@ def slow_train_state(state: Any) -> Any:
 def sync_train_state(state: Any, *, grads: Any | None = None) -> Any:
   """:func:`force_sync` on a linen ``TrainState``: a copy whose params are the synced slow weights.
 
-  ``grads`` is for adaptive alpha only (see :func:`force_sync`).
+  Args:
+    state: the ``TrainState`` you train with; its ``tx`` has one
+      :func:`lookahead` in it. Left as it is.
+    grads: for adaptive alpha only: the gradient that stands in for the one
+      at the fast weights (see :func:`force_sync`); ``None`` otherwise.
+
+  Returns:
+    A copy of ``state`` with the synced params (the new slow weights) and
+    optimizer state, as after a regular sync.
 
   Example:
     >>> import jax.numpy as jnp, optax, flax.linen as nn
@@ -57,7 +73,15 @@ def sync_train_state(state: Any, *, grads: Any | None = None) -> Any:
 def slow_model(model: Any, optimizer: Any) -> Any:
   """A copy of an nnx model holding the slow weights of its ``nnx.Optimizer``, for evaluation.
 
-  ``model`` and ``optimizer`` are left as they are.
+  Args:
+    model: the ``nnx.Module`` you train (it holds the fast weights). Left as
+      it is.
+    optimizer: its ``nnx.Optimizer``, whose ``tx`` has one :func:`lookahead`
+      in it. Left as it is.
+
+  Returns:
+    A clone of ``model`` whose ``optimizer.wrt`` variables (``nnx.Param`` by
+    default) hold the slow weights; its other variables are ``model``'s.
 
   Example:
     >>> import optax
@@ -78,8 +102,18 @@ def sync_nnx(model: Any, optimizer: Any, *, grads: Any | None = None) -> None:
   """:func:`force_sync` on an nnx model and its ``nnx.Optimizer``, in place, as nnx objects are.
 
   Afterwards the model holds the synced slow weights and the optimizer the
-  synced state (its variables updated in place). ``grads`` is for adaptive alpha
-  only (see :func:`force_sync`).
+  synced state (its variables updated in place).
+
+  Args:
+    model: the ``nnx.Module`` you train; its params become the synced slow
+      weights.
+    optimizer: its ``nnx.Optimizer``, whose ``tx`` has one :func:`lookahead`
+      in it; its state becomes the synced state.
+    grads: for adaptive alpha only: the gradient that stands in for the one
+      at the fast weights (see :func:`force_sync`); ``None`` otherwise.
+
+  Returns:
+    None: ``model`` and ``optimizer`` are updated in place.
 
   Example:
     >>> import optax

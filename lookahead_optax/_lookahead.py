@@ -181,6 +181,7 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
 
   def update_fn(updates, state, params=None, **extra_args):
     _placement.check_update(cfg, updates, state, params)
+    check_replica_weight(cfg, state, extra_args)
     _placement.announce(cfg, updates, params)  # force_sync looking for this lookahead stops here
     if is_concrete((updates, state, params, extra_args)):
       # Called eagerly: run the whole step as one compiled program (compiled once per optimizer) instead of
@@ -196,8 +197,10 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
     leaves = describe(cfg, params, state)
     index, wrong = _placement.check_then_sync(cfg, state, params, *leaves, checked=not cfg.schedule.delay)
     state = state._replace(misplaced=state.misplaced + wrong)
+    extra_args = dict(extra_args)
+    outer_args = {"replica_weight": extra_args.pop("replica_weight")} if "replica_weight" in extra_args else {}
     inner_step = lambda inner_state: cfg.inner.update(updates, inner_state, params, **extra_args)
-    return step(cfg, state, params, grads, index, inner_step, cfg.schedule, leaves)
+    return step(cfg, state, params, grads, index, inner_step, cfg.schedule, leaves, outer_args)
 
   compiled_update = jax.jit(traced_update)
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -218,11 +221,12 @@ def describe(cfg: Config, params, state: LookaheadState) -> Leaves:
   )
 
 
-def step(cfg: Config, state: LookaheadState, params, grads, index, inner_step, schedule, leaves: Leaves):
+def step(cfg: Config, state: LookaheadState, params, grads, index, inner_step, schedule, leaves: Leaves, outer_args):
   """One update, given the fragment ``index`` that syncs at it (``F``: none) and the inner step to take.
 
   The pipeline of the module docstring; :func:`sync_now` runs it too, with a
-  zero inner step. Returns ``(updates, new_state)``.
+  zero inner step. ``outer_args``: extra keyword arguments of ``outer.update``
+  (a :func:`replica_mean`'s ``replica_weight``). Returns ``(updates, new_state)``.
   """
   exact, ids = leaves
   sync = index < cfg.n_fragments  # the sync decision: fragment ``index`` syncs at this step
@@ -233,7 +237,7 @@ def step(cfg: Config, state: LookaheadState, params, grads, index, inner_step, s
     target = fused_landing(cfg, params, inner_updates, delta, step_)
     slow, outer_state = state.slow, state.outer_state
   else:  # staged: the slow step in a branch taken only at a sync, before the inner step
-    (slow, outer_state, alpha), done = staged_sync(cfg, index, ids, state, params, grads, inner_step)
+    (slow, outer_state, alpha), done = staged_sync(cfg, index, ids, state, params, grads, inner_step, outer_args)
     inner_updates, inner_state = inner_step(after(state.inner_state, done))
     target = map_inexact(lambda p, u, s: staged_landing(schedule, p, u, s), params, inner_updates, slow)
   updates = landing_updates(leaf_flags(index, ids, params), params, inner_updates, target)
@@ -271,6 +275,16 @@ def landed_as_the_caller_adds(cfg: Config, old: LookaheadState, new: LookaheadSt
   fragment = iter(ids)
   landed = lambda p, u, s, e: optax.apply_updates(p, u) if next(fragment) == index and e else s
   return new._replace(slow=map_inexact(landed, params, updates, new.slow, exact))
+
+
+def check_replica_weight(cfg: Config, state: LookaheadState, extra_args) -> None:
+  """``replica_weight`` goes to the outer optimizer's replica mean: refused when there is none to take it."""
+  if "replica_weight" in extra_args and not _exchange.in_state(state.outer_state):
+    raise ValueError(
+      f"{cfg.caller}: replica_weight={extra_args['replica_weight']!r} weighs this replica in the replica mean, but "
+      f"outer={cfg.outer!r} has no replica_mean(...) in it. Chain replica_mean in front of the outer optimizer, or "
+      "leave replica_weight out."
+    )
 
 
 def init_outer_state(cfg: Config, slow, ids):
@@ -352,7 +366,7 @@ def alpha_step(cfg: Config, syncs, delta, grads, inner_state, alpha_state, param
   return jax.tree.map(lambda d: (-alpha * d).astype(d.dtype), delta), alpha
 
 
-def slow_step(cfg: Config, syncs, delta, grads, inner_state, alpha_state, outer_state, slow, params):
+def slow_step(cfg: Config, syncs, delta, grads, inner_state, alpha_state, outer_state, slow, params, outer_args):
   r"""The slow step from the pseudo-gradient: ``(step, outer_state, alpha)``; the new slow weights are ``slow + step``.
 
   Plain Lookahead: :math:`\mathrm{step} = -\alpha\Delta`, and ``alpha`` is the
@@ -361,7 +375,7 @@ def slow_step(cfg: Config, syncs, delta, grads, inner_state, alpha_state, outer_
   the replicas), and there is no alpha (``EmptyState()``).
   """
   if cfg.outer is not None:
-    step, outer_state = cfg.outer.update(delta, outer_state, slow)
+    step, outer_state = cfg.outer.update(delta, outer_state, slow, **outer_args)
     return step, outer_state, optax.EmptyState()
   step, alpha = alpha_step(cfg, syncs, delta, grads, inner_state, alpha_state, params)
   return step, outer_state, alpha
@@ -408,21 +422,29 @@ class SlowStep(NamedTuple):
   alpha: jax.Array | optax.EmptyState
 
 
-def fragment_sync(cfg: Config, j: int, ids, state: LookaheadState, current: SlowStep, params, fast, grads, inner_state):
+def fragment_sync(
+  cfg: Config, j: int, ids, state: LookaheadState, current: SlowStep, params, fast, grads, inner_state, outer_args
+):
   """Fragment ``j``'s slow step (all params when there is one fragment): ``current`` with fragment ``j`` updated.
 
   Slice the fragment, pseudo-gradient, outer step (the replica mean inside it),
-  merge: each fragment has its own outer state.
+  merge: each fragment has its own outer state. A round of the replica mean
+  with no replica present leaves the fragment's slow weights and outer state
+  as they were: a zero step, and the stored outer state
+  (:func:`lookahead_optax._exchange.hold`).
   """
   one = cfg.n_fragments == 1
   part = (lambda tree: tree) if one else (lambda tree: _streaming.mask(tree, ids, j))
   delta = part(pseudo_gradient(params, current.slow, fast))
   per_fragment = cfg.outer is not None and not one
   outer_state = current.outer_state[j] if per_fragment else current.outer_state
-  step, outer_state, alpha = slow_step(
-    cfg, state.syncs, delta, grads, inner_state, state.alpha_state, outer_state, part(current.slow), params
+  step, new_outer_state, alpha = slow_step(
+    cfg, state.syncs, delta, grads, inner_state, state.alpha_state, outer_state, part(current.slow), params, outer_args
   )
-  slow = new_slow_weights(part(current.slow), step)
+  if (empty := _exchange.empty_round(new_outer_state)) is not None:  # no replica present: nothing moves
+    step = jax.tree.map(lambda u: u * jnp.logical_not(empty).astype(u.dtype), step)  # 0 (the mean is 0, finite)
+    new_outer_state = _exchange.hold(empty, new_outer_state, outer_state)
+  slow, outer_state = new_slow_weights(part(current.slow), step), new_outer_state
   if one:
     return SlowStep(slow, outer_state, alpha)
   if per_fragment:
@@ -430,7 +452,7 @@ def fragment_sync(cfg: Config, j: int, ids, state: LookaheadState, current: Slow
   return SlowStep(_streaming.merge(current.slow, {j: slow}, ids), outer_state, alpha)
 
 
-def staged_sync(cfg: Config, index, ids, state: LookaheadState, params, grads, inner_step):
+def staged_sync(cfg: Config, index, ids, state: LookaheadState, params, grads, inner_step, outer_args):
   """The sync-only branches of a staged slow step, one per fragment, chosen by ``index`` (F: no sync).
 
   A branch computes the k-th inner step for the fast weights (with a delayed
@@ -448,7 +470,7 @@ def staged_sync(cfg: Config, index, ids, state: LookaheadState, params, grads, i
     else:
       inner_updates, inner_state = inner_step(state.inner_state)
       fast = fast_weights(params, inner_updates)
-    new = fragment_sync(cfg, j, ids, state, current, params, fast, grads, inner_state)
+    new = fragment_sync(cfg, j, ids, state, current, params, fast, grads, inner_state, outer_args)
     return cast_like((new, optax.safe_increment(syncs)), operands)
 
   branches = [functools.partial(at_sync, j) for j in range(cfg.n_fragments)]
@@ -528,7 +550,7 @@ def sync_now(cfg: Config, state: LookaheadState, params, grads=None):
   zero_step = lambda inner_state: (map_inexact(jnp.zeros_like, params), inner_state)
   leaves = describe(cfg, params, state)
   for j in range(cfg.n_fragments):
-    _, state = step(cfg, state, params, grads, jnp.int32(j), zero_step, _streaming.EVERY_STEP, leaves)
+    _, state = step(cfg, state, params, grads, jnp.int32(j), zero_step, _streaming.EVERY_STEP, leaves, {})
   landed = map_inexact(lambda p, s: rounded_to(p.dtype, s), params, state.slow)
   return state._replace(count=jnp.zeros_like(state.count)), fill(landed, params)
 

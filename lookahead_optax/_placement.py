@@ -171,6 +171,11 @@ def report(state, name: str = "lookahead") -> None:
   counts = getattr(state, "misplaced", None)
   if counts is None or isinstance(counts, jax.core.Tracer) or not isinstance(counts, (jax.Array, np.ndarray)):
     return
+  if isinstance(counts, jax.Array) and not counts.is_fully_addressable:  # multi-process: what this process holds
+    local = np.zeros(counts.shape, np.int32)
+    for shard in counts.addressable_shards:
+      local[shard.index] = np.asarray(shard.data)
+    counts = local
   counts = np.asarray(counts)
   if counts.ndim > 1:  # batched (vmap, pmap): the most of any run or replica
     counts = counts.reshape(-1, counts.shape[-1]).max(axis=0)

@@ -33,6 +33,13 @@ def find_lookahead_state(opt_state: optax.OptState) -> LookaheadState:
   ``MultiSteps``, ``masked``, ``multi_transform``, ``apply_if_finite``, or the
   ``opt_state`` of a Flax ``TrainState`` or ``nnx.Optimizer``.
 
+  Args:
+    opt_state: an optimizer state with one :class:`LookaheadState` in it.
+
+  Returns:
+    That :class:`LookaheadState`. Reading it from the host emits a
+    :class:`LookaheadPlacementWarning` if it counts misplaced cycles.
+
   Raises:
     ValueError: if there is no lookahead state, or more than one.
   """
@@ -61,6 +68,18 @@ def slow_params(opt_state: optax.OptState, params: optax.Params | None = None) -
   masked out by ``optax.masked``) come from ``params``, which is then required.
   Given ``params``, the slow weights are cast to the params' dtypes (relevant
   with ``slow_dtype``); without, they keep the dtype they are stored in.
+
+  Args:
+    opt_state: an optimizer state with one :class:`LookaheadState` in it,
+      wherever it sits (see :func:`find_lookahead_state`).
+    params: the current params: required when some leaves are not tracked,
+      and then the source of those leaves and of the returned dtypes.
+
+  Returns:
+    The slow weights, a tree shaped like the params.
+
+  Raises:
+    ValueError: if some leaves are not tracked and ``params`` is ``None``.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -165,3 +184,70 @@ def force_sync(
   new_params = jax.tree.map(lambda s, p, q: p if is_masked(s) else q, old.slow, params, synced, is_leaf=is_masked)
   new_state = jax.tree.map(lambda x: new if _is_state(x) else x, _plain(opt_state), is_leaf=_is_state)
   return new_state, new_params
+
+
+def resize_replicas(tree, replicas: int):
+  r"""A state (or params) of ``M`` replicas, stacked on a leading axis, for ``replicas`` replicas (elastic resume).
+
+  For a DiLoCo run saved with ``M`` replicas and resumed with ``M'``: every
+  leaf's leading axis is the replica axis (the layout of ``jax.vmap`` or
+  ``jax.pmap``, or of ``shard_map`` blocks gathered on the host). New replica
+  ``i`` takes replica ``i mod M``'s values: the slow weights, outer state,
+  counters (the same on every replica) carry over as they are, and each
+  replica's inner state (its moments) and fast weights are those of replica
+  ``i mod M`` (with fewer replicas, the last ones are dropped). The
+  error-feedback residuals of :func:`replica_mean` keep the total they add to
+  the next mean, :math:`\tfrac{1}{M}\sum_m e_m`: shrinking, new replica ``i``
+  takes :math:`\tfrac{M'}{M}\sum_{m \equiv i \ (M')} e_m`; growing, the first
+  ``M`` take :math:`\tfrac{M'}{M} e_i` and the new ones zero. An eager
+  exchange's own last share (``sent``) is zero for new replicas.
+
+  Resume right after a sync (fast weights equal to the slow weights) to
+  resize the fast weights with nothing lost.
+
+  Args:
+    tree: a pytree whose leaves all have the same leading (replica) dimension
+      ``M``, e.g. a stacked :class:`LookaheadState` or the stacked params.
+    replicas: the new number of replicas ``M' >= 1``.
+
+  Returns:
+    The same pytree with leading dimension ``replicas``, as numpy-backed or
+    jax arrays like its input.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from lookahead_optax import diloco, resize_replicas
+    >>> opt = diloco(optax.sgd(0.1), k=5)
+    >>> params = {"w": jnp.zeros((4, 3))}  # 4 replicas
+    >>> state = jax.vmap(opt.init)(params)
+    >>> jax.tree.map(jnp.shape, resize_replicas(params, 2))
+    {'w': (2, 3)}
+  """
+  from lookahead_optax._exchange import ReplicaMeanState
+
+  if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+    raise ValueError(f"resize_replicas: replicas must be an int >= 1, got {replicas!r}.")
+  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(tree)}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(
+      "resize_replicas: every leaf of tree must have the same leading (replica) dimension, got leading "
+      f"dimensions {sorted(sizes, key=str)}."
+    )
+  old = int(sizes.pop() or 0)
+  order = jnp.arange(replicas) % old
+  take = lambda x: x[order]
+
+  def residual(e):
+    if replicas < old:  # new replica i: the residuals of replicas i, i + M', ... summed, scaled by M'/M
+      groups = jnp.arange(old) % replicas
+      return jax.ops.segment_sum(e, groups, replicas) * (replicas / old)
+    return jnp.where((jnp.arange(replicas) < old).reshape((-1,) + (1,) * (e.ndim - 1)), take(e), 0) * (replicas / old)
+
+  def node(x):
+    if not isinstance(x, ReplicaMeanState):
+      return jax.tree.map(take, x)
+    new = jax.tree.map(take, x)._replace(residual=jax.tree.map(residual, x.residual))
+    fresh = lambda s: jnp.where((jnp.arange(replicas) < old).reshape((-1,) + (1,) * (s.ndim - 1)), take(s), 0)
+    return new._replace(sent=jax.tree.map(fresh, x.sent))
+
+  return jax.tree.map(node, tree, is_leaf=lambda x: isinstance(x, ReplicaMeanState))

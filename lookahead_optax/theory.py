@@ -343,6 +343,15 @@ def nqm_expected_loss(a: ArrayLike, sigma2: ArrayLike, moments: Moments) -> np.n
   The last term, :math:`\tfrac12\sum_i a_i\sigma_i^2`, is the irreducible loss
   of the minimiser :math:`x = 0`.
 
+  Args:
+    a: the curvatures :math:`a_i` > 0, one per coordinate (last axis).
+    sigma2: the noise variances :math:`\sigma_i^2` >= 0, broadcast with ``a``.
+    moments: the iterate's per-coordinate :class:`Moments` (mean and
+      variance >= 0), e.g. from :func:`nqm_sgd_moments`.
+
+  Returns:
+    The expected loss, summed over the last axis.
+
   Example:
     >>> from lookahead_optax import theory
     >>> float(theory.nqm_expected_loss([1.0, 2.0], [1.0, 0.5], theory.Moments([1.0, 0.0], [0.0, 1.0])))

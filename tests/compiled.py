@@ -26,6 +26,48 @@ def collective_inputs_depend_on(fn, args, argnum: int) -> dict:
   return found
 
 
+def collective_results_reach(jaxpr, outputs) -> list:
+  """The collectives of ``jaxpr`` whose results flow into any of its ``outputs`` (indices), by name and position.
+
+  Forward from each collective's results through every equation, output by
+  output into ``shard_map``, ``jit`` and ``cond`` (each branch; the branch index
+  reaches every output); any other equation with a collective nested in it
+  (a loop) counts as one, whose results all depend on it (conservative).
+  """
+  found = _reach(jaxpr, [set() for _ in jaxpr.invars], "")
+  return sorted({src for i in outputs for src in found[i]})
+
+
+ENTERED = ("shard_map", "jit", "pjit", "cond", "closed_call", "remat", "checkpoint")  # outputs follow their bodies'
+
+
+def _reach(jaxpr, sources, where) -> list:
+  """Per output of ``jaxpr``: the collectives that reach it, given the collectives reaching each input."""
+  literal = lambda v: isinstance(v, jax.extend.core.Literal)
+  reached = dict(zip(jaxpr.invars, sources))
+  get = lambda v: set() if literal(v) else reached.get(v, set())
+  for n, eqn in enumerate(jaxpr.eqns):
+    name, ins = eqn.primitive.name, [get(v) for v in eqn.invars]
+    subs = [s for v in eqn.params.values() for s in map(_sub, v if isinstance(v, (tuple, list)) else (v,)) if s]
+    operands, index = (ins[1:], ins[0]) if name == "cond" else (ins, set())
+    if name in ENTERED and subs and all(len(s.invars) == len(operands) for s in subs):
+      results = [_reach(s, operands, f"{where}{n}:{name}/{i}/") for i, s in enumerate(subs)]
+      outs = [index.union(*(r[o] for r in results)) for o in range(len(eqn.outvars))]
+    else:
+      held = any(c in name for c in COLLECTIVES) or any(count_primitive(s, c) for s in subs for c in COLLECTIVES)
+      outs = [set().union(*ins) | ({f"{where}{n}:{name}"} if held else set())] * len(eqn.outvars)
+    reached.update(zip(eqn.outvars, outs))
+  return [get(v) for v in jaxpr.outvars]
+
+
+def _sub(value):
+  """A jaxpr held in an equation parameter, or None."""
+  if hasattr(value, "eqns"):
+    return value
+  inner = getattr(value, "jaxpr", None)
+  return inner if hasattr(inner, "eqns") else None
+
+
 def count_primitive(jaxpr, name: str) -> int:
   """Equations of primitive ``name`` in ``jaxpr``, nested jaxprs (branches, bodies) included."""
   n = 0

@@ -9,7 +9,9 @@ No code of lookahead_optax:
   inner optimizer on their own gradients; every k steps the pseudo-gradients are
   averaged over replicas before the same Nesterov step, and every replica
   restarts from the new w.
-- :func:`reference_compress`, :func:`reference_mean`: the compressed exchange in numpy and ml_dtypes.
+- :func:`reference_compress`, :func:`reference_mean`, :func:`reference_top_k`: the compressed exchange in numpy
+  and ml_dtypes; :func:`reference_weighted_mean` (replicas left out when not finite or of weight 0);
+  :func:`reference_eager` (Kale et al.'s eager update).
 """
 
 from __future__ import annotations
@@ -98,20 +100,34 @@ def reference_snoo(inner, k, lr, mu, params, grad_fn, steps, policy="maintain"):
   return fasts, slows, bs
 
 
-def reference_diloco(inner, k, lr, mu, params, replicas, steps):
-  """DiLoCo as a Python loop over M copies; returns per step the list of M fast weights and the slow weights."""
+def reference_diloco(inner, k, lr, mu, params, replicas, steps, bad=(), weight=None):
+  """DiLoCo as a Python loop over M copies; returns per step the list of M fast weights and the slow weights.
+
+  ``bad``: the (step, replica) pairs whose gradient is NaN. ``weight(t, m)``: replica m's weight in the mean of
+  the sync at step t (default 1). A replica whose fast weights are not finite at a sync, or of weight 0, is left
+  out of the mean; with none left the slow weights and the momentum stay; every replica restarts from the slow
+  weights.
+  """
   slow, b = params, jax.tree.map(jnp.zeros_like, params)
   fast = [params] * replicas
   states = [inner.init(params) for _ in range(replicas)]
   fasts, slows = [], []
   for t in range(steps):
     for m in range(replicas):
-      updates, states[m] = inner.update(replica_grad(fast[m], t, m), states[m], fast[m])
+      g = replica_grad(fast[m], t, m)
+      if (t, m) in bad:
+        g = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), g)
+      updates, states[m] = inner.update(g, states[m], fast[m])
       fast[m] = optax.apply_updates(fast[m], updates)
     if (t + 1) % k == 0:
-      delta = jax.tree.map(lambda w, *fs: sum(w - f for f in fs) / replicas, slow, *fast)
-      b = jax.tree.map(lambda b, d: mu * b + d, b, delta)
-      slow = jax.tree.map(lambda w, b, d: w - lr * (mu * b + d), slow, b, delta)
+      finite = [all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(f)) for f in fast]
+      w = [(1.0 if weight is None else weight(t, m)) * finite[m] for m in range(replicas)]
+      if sum(w) > 0:
+        delta = jax.tree.map(
+          lambda s, *fs: sum(wm * (s - f) for wm, f in zip(w, fs) if wm) / np.float32(sum(w)), slow, *fast
+        )
+        b = jax.tree.map(lambda b, d: mu * b + d, b, delta)
+        slow = jax.tree.map(lambda w, b, d: w - lr * (mu * b + d), slow, b, delta)
       fast = [slow] * replicas
     fasts.append(list(fast))
     slows.append(slow)
@@ -125,13 +141,53 @@ def reference_compress(x, dtype):
     return x
   if dtype == "bfloat16":
     return x.astype(ml_dtypes.bfloat16).astype(np.float32)
-  narrow = {"int8": np.int8, "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2}[dtype]
-  top = 127.0 if dtype == "int8" else float(ml_dtypes.finfo(narrow).max)
+  integer = {"int8": 127.0, "int4": 7.0}
+  if dtype in integer:
+    top = integer[dtype]
+  else:
+    narrow = {"float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2}[dtype]
+    top = float(ml_dtypes.finfo(narrow).max)
   amax = np.max(np.abs(x), axis=-1, keepdims=True) if x.ndim >= 2 else np.max(np.abs(x), keepdims=True)
   scale = np.where(amax > 0, amax / top, 1.0).astype(np.float32)
   y = x / scale
-  y = np.clip(np.round(y), -127, 127).astype(np.int8) if dtype == "int8" else y.astype(narrow)
+  y = np.clip(np.round(y), -top, top) if dtype in integer else y.astype(narrow)
   return y.astype(np.float32) * scale
+
+
+def reference_weighted_mean(xs, weights):
+  """sum_m w_m x_m / sum_m w_m over the replicas whose x_m is finite and w_m > 0 (zeros when there is none)."""
+  present = [w if np.all(np.isfinite(x)) and w > 0 else 0.0 for x, w in zip(xs, weights)]
+  total = float(np.sum(np.asarray(present, np.float32)))
+  if total == 0:
+    return np.zeros_like(np.asarray(xs[0], np.float32))
+  return sum(np.float32(w) * np.nan_to_num(np.asarray(x, np.float32)) for x, w in zip(xs, present)) / np.float32(total)
+
+
+def reference_top_k(x, fraction, dtype=None):
+  """What one replica sends with top-k: its ceil(fraction * n) entries of largest magnitude (values compressed
+  per tensor in dtype), scattered into zeros; as float32 of x's shape."""
+  x = np.asarray(x, np.float32)
+  flat = x.reshape(-1)
+  c = max(1, math.ceil(fraction * flat.size))
+  where = np.argsort(-np.abs(flat), kind="stable")[:c]
+  out = np.zeros_like(flat)
+  out[where] = reference_compress(flat[where], dtype)
+  return out.reshape(x.shape)
+
+
+def reference_eager(rounds, replicas):
+  """Eager replica means over rounds: per round t and replica m, x_t[m] / M + mean_{t-1} - x_{t-1}[m] / M.
+
+  ``rounds``: per round the list of each replica's (finite) values. Returns per round the list of M outputs.
+  """
+  mean_prev = np.zeros_like(np.asarray(rounds[0][0], np.float32))
+  sent_prev = [np.zeros_like(mean_prev) for _ in range(replicas)]
+  out = []
+  for xs in rounds:
+    own = [np.asarray(x, np.float32) / replicas for x in xs]
+    out.append([own[m] + (mean_prev - sent_prev[m]) for m in range(replicas)])
+    mean_prev, sent_prev = np.mean(np.stack(xs), axis=0, dtype=np.float32), own
+  return out
 
 
 def reference_mean(sent, dtype):

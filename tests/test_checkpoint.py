@@ -283,5 +283,116 @@ def test_nnx_dropout_model_resumes_mid_cycle_in_a_fresh_process_bitwise(tmp_path
     np.testing.assert_array_equal(got, expected, err_msg=f"leaf {i} differs after resuming")
 
 
+# ------------------------------------------------ elastic resume: M replicas saved, M' restored
+
+ELASTIC_K = 3
+
+
+def elastic_opt():
+  from lookahead_optax import replica_mean
+
+  nesterov = optax.sgd(0.7, momentum=0.9, nesterov=True)
+  outer = optax.chain(replica_mean("replica", dtype="int8", error_feedback=True), nesterov)
+  return lookahead(optax.adam(0.05), ELASTIC_K, outer=outer)
+
+
+def elastic_steps(tree, start, stop, mapped):
+  """``stop - start`` DiLoCo steps of every replica, ``mapped`` = jax.pmap or jax.vmap over the axis "replica"."""
+  from tests.helpers import replica_grad
+
+  opt = elastic_opt()
+
+  def one(params, state, t, m):
+    updates, state = opt.update(replica_grad(params, t, m), state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = mapped(one, axis_name="replica", in_axes=(0, 0, None, 0))
+  params, state = tree["params"], tree["opt_state"]
+  replicas = jax.tree.leaves(params)[0].shape[0]
+  for t in range(start, stop):
+    params, state = step(params, state, t, jnp.arange(replicas))
+  return {"params": params, "opt_state": state}
+
+
+def elastic_initial(replicas):
+  stacked = jax.tree.map(lambda x: jnp.stack([x] * replicas), make_params())
+  return {"params": stacked, "opt_state": jax.vmap(elastic_opt().init)(stacked)}
+
+
+def elastic_save(replicas: str, ckpt: str, out: str) -> None:
+  """The first process: ``replicas`` simulated devices, two DiLoCo cycles under pmap, saved right after a sync."""
+  jax.config.update("jax_num_cpu_devices", int(replicas))
+  tree = elastic_steps(elastic_initial(int(replicas)), 0, 2 * ELASTIC_K, jax.pmap)
+  tree = jax.tree.map(np.asarray, tree)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(ckpt, tree)
+  save_leaves(out, tree)
+
+
+def elastic_resume(old: str, new: str, ckpt: str, out: str) -> None:
+  """The second process: ``new`` simulated devices; restore the ``old``-replica run, resize, one cycle under pmap."""
+  from lookahead_optax import resize_replicas
+
+  jax.config.update("jax_num_cpu_devices", int(new))
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(ckpt, jax.eval_shape(lambda: elastic_initial(int(old))))
+  resized = resize_replicas(restored, int(new))
+  save_leaves(out + ".resized.npz", resized)
+  save_leaves(out + ".trained.npz", elastic_steps(resized, 2 * ELASTIC_K, 3 * ELASTIC_K, jax.pmap))
+
+
+def run_script(*args):
+  proc = subprocess.run(
+    [sys.executable, "-m", "tests.test_checkpoint", *map(str, args)],
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(("old", "new"), [(4, 2), (2, 4)])
+def test_diloco_saved_with_m_replicas_resumes_with_another_count(tmp_path, old, new):
+  """4 -> 2 and 2 -> 4 simulated devices, through Orbax in fresh processes: the slow weights, outer state and
+  counters carry over bitwise; replica i resumes replica i mod M's fast weights and Adam moments; the error-feedback
+  residuals keep their total contribution (1/M) sum_m e_m; the resumed run trains as the resized state implies."""
+  ckpt, saved, out = tmp_path / "ckpt", tmp_path / "saved.npz", tmp_path / "out"
+  run_script("elastic-save", old, ckpt, saved)
+  run_script("elastic-resume", old, new, ckpt, out)
+  template = elastic_initial(old)
+  before = jax.tree.unflatten(jax.tree.structure(template), load_leaves(saved))
+  after = jax.tree.unflatten(jax.tree.structure(elastic_initial(new)), load_leaves(str(out) + ".resized.npz"))
+  state, resized = before["opt_state"], after["opt_state"]
+  assert int(state.count[0]) == 0 and int(state.syncs[0]) == 2  # saved right after the second sync
+  for i in range(new):
+    pick = lambda tree, j: jax.tree.map(lambda x: x[j], tree)
+    chex.assert_trees_all_equal(pick(resized.slow, i), pick(state.slow, 0))  # the same on every replica
+    chex.assert_trees_all_equal(pick(resized.outer_state[1], i), pick(state.outer_state[1], 0))  # the Nesterov trace
+    chex.assert_trees_all_equal(pick(resized.inner_state, i), pick(state.inner_state, i % old))
+    chex.assert_trees_all_equal(pick(after["params"], i), pick(before["params"], i % old))
+    assert int(resized.syncs[i]) == 2 and int(resized.count[i]) == 0
+  residual_old = jax.tree.leaves(state.outer_state[0].residual)
+  residual_new = jax.tree.leaves(resized.outer_state[0].residual)
+  assert any(np.any(e) for e in residual_old)  # compression lost something: there is a residual to carry
+  for e_old, e_new in zip(residual_old, residual_new):
+    np.testing.assert_allclose(e_new.sum(axis=0) / new, e_old.sum(axis=0) / old, rtol=1e-5, atol=1e-7)
+    if new < old:  # replica i takes (M'/M) * (e_i + e_{i + M'} + ...)
+      want = [(e_old[i::new].sum(axis=0)) * new / old for i in range(new)]
+    else:  # the first M scaled by M'/M, the new ones zero
+      want = [e_old[i] * new / old if i < old else np.zeros_like(e_old[0]) for i in range(new)]
+    np.testing.assert_allclose(e_new, np.stack(want), rtol=1e-6, atol=1e-8)
+  # the resumed process (pmap on M' devices) trains as the resized state implies (vmap here)
+  here = elastic_steps(jax.tree.map(jnp.asarray, after), 2 * ELASTIC_K, 3 * ELASTIC_K, jax.vmap)
+  for got, want in zip(load_leaves(str(out) + ".trained.npz"), jax.tree.leaves(here)):
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
 if __name__ == "__main__":
-  (nnx_resume if sys.argv[1] == "nnx" else resume)(*sys.argv[-2:])
+  if sys.argv[1] == "elastic-save":
+    elastic_save(*sys.argv[2:])
+  elif sys.argv[1] == "elastic-resume":
+    elastic_resume(*sys.argv[2:])
+  else:
+    (nnx_resume if sys.argv[1] == "nnx" else resume)(*sys.argv[-2:])

@@ -1,11 +1,10 @@
 """The compiled step of every path: what it copies, holds, reads and writes outside the sync branch.
 
-Structure, not timing (``benchmarks/overhead.py`` measures the time). Each path
-(plain Lookahead with each inner-state policy, an ``outer`` optimizer,
-``slow_dtype``, adaptive alpha, a replica mean, fragments, a delayed compressed exchange) is compiled as a jitted, donated
-optimizer-only step and its HLO is read: the non-sync step must do what plain
-Lookahead does, one extra read of the slow weights; everything that changes only
-at a sync is written by a ``conditional``.
+Structure, not timing (``benchmarks/overhead.py`` measures the time). Each path (plain Lookahead with each
+inner-state policy, an ``outer`` optimizer, ``slow_dtype``, adaptive alpha, a replica mean: full precision,
+int4, top-k, eager or weighted; fragments, a delayed compressed exchange) is compiled as a jitted, donated
+optimizer-only step and its HLO is read: the non-sync step must do what plain Lookahead does, one extra read of
+the slow weights; everything that changes only at a sync is written by a ``conditional``.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmarks.overhead import optimizer_step, tree_bytes  # the step the overhead benchmark times
@@ -27,6 +27,12 @@ from tests.helpers import jit_and_count_traces
 N = 1 << 18
 SMALL = 64 * 1024  # bytes: scalars and bookkeeping, far below one param leaf
 ADAM = lambda: optax.adam(1e-3)
+
+
+def nesterov(**exchange):
+  """DiLoCo's outer optimizer: ``replica_mean("replica", **exchange)``, then Nesterov momentum."""
+  return optax.chain(replica_mean("replica", **exchange), optax.sgd(0.7, momentum=0.9, nesterov=True))
+
 
 # name: (optimizer, params dtype, extra temporaries allowed, in param copies)
 PATHS = {
@@ -58,6 +64,23 @@ PATHS = {
     jnp.float32,
     2,
   ),
+  # int4 with error feedback: as DiLoCo's all-reduce, the pseudo-gradient (plus residual) and the mean.
+  "replica mean int4 EF": (
+    lambda: lookahead(ADAM(), 5, outer=nesterov(dtype="int4", error_feedback=True)),
+    jnp.float32,
+    2,
+  ),
+  # top-k (with error feedback): DiLoCo's 2 plus top-k's dense scatters, flat float32 per leaf, of the mean and
+  # of what this replica sent (for its residual); 3 without error feedback.
+  "replica mean top-k": (
+    lambda: lookahead(ADAM(), 5, outer=nesterov(top_k=0.02, error_feedback=True)),
+    jnp.float32,
+    4,
+  ),
+  # eager: 4.0 measured while the stored mean and share are copied on every step (KNOWN below)
+  "replica mean eager": (lambda: lookahead(ADAM(), 5, outer=nesterov(eager=True)), jnp.float32, 4),
+  # DiLoCo's exchange, the step passing a replica_weight: as "replica mean (DiLoCo)"
+  "replica mean weighted": (lambda: diloco(ADAM(), 5, axis_name="replica"), jnp.float32, 2),
   "fragments": (lambda: lookahead(ADAM(), 5, 0.5, schedule=streaming(2)), jnp.float32, 0),
   "fragments, outer": (
     lambda: lookahead(ADAM(), 5, outer=optax.sgd(0.7, momentum=0.9, nesterov=True), schedule=streaming(2)),
@@ -66,6 +89,19 @@ PATHS = {
   ),
 }
 REPLICAS = "replica mean"  # paths whose step runs inside shard_map over a replica axis
+# (test, path) that fail today, reported, with what the HLO shows; strict: once fixed the test passes and the entry goes
+KNOWN = {
+  (test, "replica mean eager"): "the stored mean and share of an eager replica mean are copied in the no-sync branch "
+  "and again after the conditional, on every step: in the sync branch their new values are not ordered after the "
+  "update's read of the old ones, so XLA cannot write them in place"
+  for test in ("copies", "sync-only state")
+}
+
+
+def paths(test: str) -> list:
+  """Every path, those of KNOWN for ``test`` marked as expected to fail (strictly)."""
+  known = lambda name: pytest.mark.xfail(strict=True, reason=KNOWN[test, name])
+  return [pytest.param(n, marks=known(n)) if (test, n) in KNOWN else n for n in sorted(PATHS)]
 
 
 def make_params(n: int, dtype):
@@ -76,8 +112,14 @@ def make_params(n: int, dtype):
 
 
 def per_replica(name) -> bool:
-  """A compressed exchange keeps a residual per replica: params and state are laid out as per-device blocks."""
-  return "int8" in name
+  """A compressed exchange keeps a residual per replica (an eager one, this replica's share of the mean): params
+  and state are laid out as per-device blocks."""
+  return any(word in name for word in ("int8", "int4", "top-k", "eager"))
+
+
+def weighted(name) -> bool:
+  """The step passes ``replica_weight`` (a fourth, not donated, argument: the tokens this replica processed)."""
+  return "weighted" in name
 
 
 @functools.cache
@@ -103,8 +145,8 @@ def step_for(name, tx, args=None):
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   @functools.partial(jax.shard_map, mesh=replica_mesh(), in_specs=specs, out_specs=out_specs)
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
+  def step(params, state, grads, *weight):
+    updates, state = tx.update(grads, state, params, **({"replica_weight": weight[0]} if weight else {}))
     return optax.apply_updates(params, updates), state
 
   return step
@@ -116,7 +158,7 @@ def inputs(name, tx, n, dtype):
   if per_replica(name):
     params = jax.tree.map(lambda x: x[None], params)
   grads = jax.tree.map(lambda x: (1e-3 * jnp.ones_like(x)).astype(dtype), params)
-  args = (params, tx.init(params), grads)
+  args = (params, tx.init(params), grads) + ((jnp.float32(3.0),) if weighted(name) else ())
   if not per_replica(name):
     return args
   shardings = jax.tree.map(lambda spec: jax.sharding.NamedSharding(replica_mesh(), spec), block_specs(args))
@@ -127,9 +169,10 @@ def inputs(name, tx, n, dtype):
 def compiled(name):
   build, dtype, _ = PATHS[name]
   tx = build()
-  params, state, grads = inputs(name, tx, N, dtype)
+  args = inputs(name, tx, N, dtype)
+  params, state = args[:2]
   outputs = jax.eval_shape(lambda p, s: (p, s), params, state)
-  return step_for(name, tx, (params, state, grads)).lower(params, state, grads).compile(), params, state, outputs
+  return step_for(name, tx, args).lower(*args).compile(), params, state, outputs
 
 
 def entry(text: str) -> list[str]:
@@ -151,7 +194,7 @@ def param_sized(line: str, params) -> bool:
   return bool(shape) and shape.group(1) != "" and eval("*".join(shape.group(1).split(",")) or "1") >= smallest
 
 
-@pytest.mark.parametrize("name", sorted(PATHS))
+@pytest.mark.parametrize("name", paths("copies"))
 def test_no_copies_of_donated_buffers_outside_the_sync_branch(name):
   exe, params, _, _ = compiled(name)
   copies = [line for line in entry(exe.as_text()) if " copy(" in line and param_sized(line, params)]
@@ -172,7 +215,7 @@ def test_temporaries(name):
     assert temp > bare + (extra_copies - 1) * tree_bytes(params), "the bound is not tight: update PATHS"
 
 
-@pytest.mark.parametrize("name", sorted(PATHS))
+@pytest.mark.parametrize("name", paths("sync-only state"))
 def test_sync_only_state_is_written_only_by_a_conditional(name):
   """Slow weights, outer state (and a reset or interpolated inner state) come out of a sync branch."""
   exe, params, _, outputs = compiled(name)
@@ -240,10 +283,12 @@ def test_state_is_inner_state_plus_one_copy_of_the_slow_weights(name):
   expected = inner_bytes + slow_bytes
   if "interpolate" in name:
     expected += inner_bytes  # the snapshot of the inner state at the last sync
-  if "outer" in name or "DiLoCo" in name or "streaming" in name:
+  if any(word in name for word in ("outer", "DiLoCo", "streaming", "EF", "top-k", "eager", "weighted")):
     expected += slow_bytes  # Nesterov's momentum, in the slow weights' dtype
-  if "int8" in name:
+  if any(word in name for word in ("int8", "EF", "top-k")):
     expected += tree_bytes(params)  # the error-feedback residual, float32
+  if "eager" in name:
+    expected += 2 * tree_bytes(params)  # the last round's mean and this replica's share of it
   assert expected <= tree_bytes(state) <= expected + 64  # + count, syncs, alpha
 
 
@@ -260,10 +305,31 @@ def test_the_step_has_no_side_effects(name):
     assert count_primitive(jaxpr.jaxpr, callback) == 0, callback
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(PATHS) if REPLICAS not in n])
+def replica_steps(name, steps):
+  """``jit_and_count_traces`` for a path run inside shard_map: ``steps`` calls of its donated step (step_for)."""
+  build, dtype, _ = PATHS[name]
+  tx, traces = build(), []
+  counted = optax.GradientTransformationExtraArgs(tx.init, lambda *a, **k: (traces.append(1), tx.update(*a, **k))[1])
+  params, state, *rest = inputs(name, counted, 1 << 12, dtype)
+  step = step_for(name, counted, (params, state, *rest))
+  # placed as the step returns them (P("replica", None) where inputs wrote P("replica"): to jit, another sharding)
+  returned = jax.eval_shape(step_for(name, tx, (params, state, *rest)), params, state, *rest)
+  params, state = jax.device_put(
+    (params, state), jax.tree.map(lambda x: NamedSharding(replica_mesh(), x.sharding.spec), returned)
+  )
+  for _ in range(steps):
+    params, state = step(params, state, *rest)
+  return len(traces), step._cache_size(), state
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
 def test_one_compile_for_every_step(name):
   build, dtype, _ = PATHS[name]
-  traces, executables, state = jit_and_count_traces(build(), make_params(1 << 12, dtype), 23)
+  if REPLICAS in name:
+    traces, executables, state = replica_steps(name, 23)
+  else:
+    traces, executables, state = jit_and_count_traces(build(), make_params(1 << 12, dtype), 23)
   # syncs after 23 steps at k=5: 4; with 2 fragments it counts fragment syncs, 4 of fragment 0 (steps 4, 9,
   # 14, 19) and 5 of fragment 1 (steps 1, 6, 11, 16, 21).
-  assert (traces, executables, int(state.syncs)) == (1, 1, 9 if "fragments" in name else 4)
+  fragments = "fragments" in name or "streaming" in name
+  assert (traces, executables, int(state.syncs)) == (1, 1, 9 if fragments else 4)

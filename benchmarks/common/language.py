@@ -135,12 +135,14 @@ METRICS = dict(
 
 
 def finals(apply, g: grid.Grid, d: dict, weights=lambda w: w, replicas: int = 1) -> dict:
-  """``{"main": {train_loss, val_loss, test_loss, final_train_loss}}`` of a grid's final weights.
+  """``{name: {train_loss, val_loss, test_loss, final_train_loss}}`` of a grid's final weights of each name.
 
   ``weights`` picks the weights to evaluate from a run's; ``replicas`` divides the
   training loss when a run sums it over replicas.
   """
-  losses = grid.map_runs(lambda w, d: split_losses(apply, weights(w), d), g.weights["main"], d)
+  train_loss = tuning.tail_mean(g.losses) / replicas
+  evaluate = lambda w, d: split_losses(apply, weights(w), d)
   return {
-    "main": {f"{k}_loss": v for k, v in losses.items()} | {"final_train_loss": tuning.tail_mean(g.losses) / replicas}
+    name: {f"{k}_loss": v for k, v in grid.map_runs(evaluate, w, d).items()} | {"final_train_loss": train_loss}
+    for name, w in g.weights.items()
   }

@@ -36,9 +36,11 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
   )
 
 
-def add_selection(parser: argparse.ArgumentParser, flag: str, names, help: str) -> None:
-  """``flag NAME [NAME ...]``: which of ``names`` (tasks, experiments) to run, all by default."""
-  parser.add_argument(flag, nargs="+", default=list(names), choices=list(names), help=help)
+def add_selection(parser: argparse.ArgumentParser, flag: str, names, help: str, default=None) -> None:
+  """``flag NAME [NAME ...]``: which of ``names`` (tasks, experiments) to run, ``default`` (all) when not given."""
+  parser.add_argument(
+    flag, nargs="+", default=list(names if default is None else default), choices=list(names), help=help
+  )
 
 
 def add_run_arguments(

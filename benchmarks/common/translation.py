@@ -218,9 +218,8 @@ learning rate warmed up over the first 10 % of the steps (``schedule``), the val
 
 
 def finals(cfg: dict, prob: grid.Problem, g: grid.Grid) -> dict:
-  """Validation and test loss and exact match of a grid's final weights (``tuning.Task.finals``)."""
-  out = grid.map_runs(from_config(cfg).test_metrics, g.weights["main"], prob.data)
-  return {"main": out | {"train_loss": tuning.tail_mean(g.losses)}}
+  """Validation and test loss and exact match of a grid's final weights of each name (``tuning.Task.finals``)."""
+  return tuning.final_metrics(from_config(cfg).test_metrics, prob, g)
 
 
 METRICS = dict(

@@ -78,7 +78,9 @@ class Task(NamedTuple):
   """``(cfg, problem, Grid) -> {weights name: {metric: [runs]}}``: metrics of the final weights."""
   methods: dict | None = None
   """``method -> (family, weights)`` for the methods that are not a family of their own (Polyak: ``polyak_of``): the
-  program that trains it and which of its weights to evaluate; any other method is its own family, on ``"main"``."""
+  program that trains it and which of its weights to evaluate; any other method is its own family, on ``"main"``.
+  ``weights`` may be a tuple of names: then each name is a setting of the method (``"variant"``), on each of its rates
+  ``cfg["grids"][method]`` (a subset of the family's; default all), the budget their product (``method_settings``)."""
   paper_table: tuple = ([], {})
   """``(column headers, {method: cells})``: the paper's numbers, printed beside the main table ("-" for a method
   the paper does not report)."""
@@ -90,8 +92,8 @@ class Task(NamedTuple):
   """Metric of the learning-rate sensitivity view, if not ``select``."""
 
 
-def family_of(task: Task, method: str) -> tuple[str, str]:
-  """``(family, weights name)`` of a method of ``task``."""
+def family_of(task: Task, method: str) -> tuple[str, str | tuple]:
+  """``(family, weights name or names)`` of a method of ``task``."""
   return (task.methods or {}).get(method, (method, "main"))
 
 
@@ -172,9 +174,23 @@ def settings(family: str, cfg: dict) -> list[dict]:
   return out
 
 
+def method_settings(task: Task, method: str, cfg: dict) -> list[dict]:
+  """The settings of ``method``: its family's, or for a method with several weights names (``Task.methods``) each
+  name (``"variant"``) on each of the family's settings at the method's own rates."""
+  family, names = family_of(task, method)
+  if isinstance(names, str):
+    return settings(family, cfg)
+  return [dict(s, variant=name) for name in names for s in settings(family, cfg) if _on_grid(s, method, cfg)]
+
+
+def _on_grid(setting: dict, method: str, cfg: dict) -> bool:
+  lrs = cfg["grids"].get(method)
+  return lrs is None or any(np.isclose(setting["lr"], lr) for lr in lrs)
+
+
 def check_budget(task: Task, cfg: dict) -> int:
   """The tuning budget (settings per method), the same for every method of ``cfg["methods"]``, or a ValueError."""
-  budgets = {m: sum(s["eligible"] for s in settings(family_of(task, m)[0], cfg)) for m in cfg["methods"]}
+  budgets = {m: sum(s["eligible"] for s in method_settings(task, m, cfg)) for m in cfg["methods"]}
   if len(set(budgets.values())) != 1:
     raise ValueError(f"{task.name}: every method needs the same number of tuning settings, got {budgets}.")
   return next(iter(budgets.values()))
@@ -204,7 +220,13 @@ def run_task(task: Task, cfg: dict, seeds: Sequence[int], log: Callable[[str], N
           task, problem, family, dict(cfg, variant=variant), sets, seeds, result, log
         )
       for method, method_rows in rows.items():
-        method_rows += _rows(sets, len(seeds), *trained[family, variant], family_of(task, method)[1])
+        names = family_of(task, method)[1]
+        if isinstance(names, str):
+          method_rows += _rows(sets, len(seeds), *trained[family, variant], names)
+          continue
+        for name in names:  # the method's settings: each of its weights names on its own rates
+          found = zip(sets, _rows(sets, len(seeds), *trained[family, variant], name))
+          method_rows += [dict(row, variant=name) for s, row in found if _on_grid(s, method, cfg)]
     for method, method_rows in rows.items():
       result["methods"][method] = {
         "family": family,

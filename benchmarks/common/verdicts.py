@@ -11,7 +11,9 @@ from benchmarks.common.tuning import Metric, Task
 
 
 def setting_label(row: dict) -> str:
-  return f"lr {row['lr']:g}" + (f", alpha {row['alpha']:g}" if row.get("alpha") is not None else "")
+  """``"lr 0.01, alpha 0.5"``: a row's rate, alpha and variant (SNOO's outer setting, an averaging method's)."""
+  alpha = f", alpha {row['alpha']:g}" if row.get("alpha") is not None else ""
+  return f"lr {row['lr']:g}" + alpha + (f", {row['variant']}" if row.get("variant") else "")
 
 
 def grid_text(method: str, cfg: dict) -> str:
@@ -53,12 +55,14 @@ def difference(row: dict, metric: Metric) -> str:
   return f"{metric.scale * row['diff']:+.{metric.digits}f} [{lo:+.{metric.digits}f}, {hi:+.{metric.digits}f}]"
 
 
-def verdict_table(tasks: dict, summary: dict, markdown: bool = False, wrapped: str = "Lookahead") -> str:
-  """Per task and pair: inner optimizer vs ``wrapped``, each tuned, mean ± std over seeds, the verdict, the paper."""
+def verdict_table(
+  tasks: dict, summary: dict, markdown: bool = False, wrapped: str = "Lookahead", baseline: str = "inner optimizer"
+) -> str:
+  """Per task and pair: ``baseline`` vs ``wrapped``, each tuned, mean ± std over seeds, the verdict, the paper."""
   headers = [
     "task",
     "metric",
-    "inner optimizer (tuned)",
+    f"{baseline} (tuned)",
     f"{wrapped} (tuned)",
     "difference [95% CI]",
     "Welch p",
@@ -293,7 +297,13 @@ PROTOCOL = [
 
 
 def write_document(
-  path: str, title: str, intro: list[str], tasks: dict, summary: dict, wrapped: str = "Lookahead"
+  path: str,
+  title: str,
+  intro: list[str],
+  tasks: dict,
+  summary: dict,
+  wrapped: str = "Lookahead",
+  baseline: str = "inner optimizer",
 ) -> str:
   """A markdown report: intro, protocol, verdict table, timing, environment, then one section per task.
 
@@ -316,7 +326,7 @@ def write_document(
     "",
     "## Verdicts",
     "",
-    verdict_table({n: t for n, (t, _) in tasks.items()}, summary, markdown=True, wrapped=wrapped),
+    verdict_table({n: t for n, (t, _) in tasks.items()}, summary, markdown=True, wrapped=wrapped, baseline=baseline),
     "",
     *timing_lines(summary),
     "",

@@ -8,7 +8,7 @@ import time
 
 from benchmarks import outer
 from benchmarks.common import report, tuning, verdicts
-from benchmarks.outer import diloco, snoo
+from benchmarks.outer import alternatives, diloco, snoo
 
 EXPERIMENTS = {
   "snoo": (
@@ -21,9 +21,20 @@ EXPERIMENTS = {
     "DiLoCo against synchronous data parallelism, tuned alike",
     "DiLoCo",
   ),
+  "alternatives": (
+    alternatives.TASKS,
+    "Lookahead or something else? AdamW, its wrappers and averages of its weights, tuned alike",
+    "alternative",
+  ),
 }
 """Experiment -> ({task name: (Task, full config, quick config)}, title, what is compared with the inner optimizer)."""
-EXTRAS = {"diloco": diloco.extras_section}
+EXTRAS = {"diloco": diloco.extras_section, "alternatives": alternatives.extras_section}
+MODULES = {"snoo": snoo, "diloco": diloco, "alternatives": alternatives}
+"""The module of each experiment: the second paragraph of its docstring opens the report."""
+BASELINE = {"alternatives": "baseline"}
+"""What the verdict table calls the first method of a pair, where not "inner optimizer"."""
+DEFAULT = ("snoo", "diloco")
+"""What runs without --experiments (alternatives retrains AdamW, Lookahead and SNOO: run it by name)."""
 
 
 def run(experiment: str, *, quick: bool = False, seeds: int = 5, out: str | None = None, log=print) -> dict:
@@ -48,15 +59,25 @@ def write_report(experiment: str, summary: dict, out: str) -> str:
   intro = [
     f"Regenerate with `{command}`; every number below comes from `{experiment}.json` of that run.",
     "",
-    " ".join((snoo if experiment == "snoo" else diloco).__doc__.split("\n\n")[1].split()),
+    " ".join(MODULES[experiment].__doc__.split("\n\n")[1].split()),
   ]
   by_name = {t.name: (t, EXTRAS.get(experiment)) for t, _, _ in tasks.values()}
-  return verdicts.write_document(os.path.join(out, f"{experiment}.md"), title, intro, by_name, summary, wrapped)
+  return verdicts.write_document(
+    os.path.join(out, f"{experiment}.md"),
+    title,
+    intro,
+    by_name,
+    summary,
+    wrapped,
+    BASELINE.get(experiment, "inner optimizer"),
+  )
 
 
 def main(argv=None) -> dict:
   parser = report.parser("python -m benchmarks.outer", outer.__doc__)
-  report.add_selection(parser, "--experiments", EXPERIMENTS, "experiments to run (default: all)")
+  report.add_selection(
+    parser, "--experiments", EXPERIMENTS, f"experiments to run (default: {' '.join(DEFAULT)})", default=DEFAULT
+  )
   report.add_run_arguments(
     parser, quick="tiny models, a few steps, 2-point grids", seeds=5, unit="setting", folder="outer", reports="reports"
   )
@@ -74,7 +95,12 @@ def main(argv=None) -> dict:
   for experiment, summary in summaries.items():
     tasks, title, wrapped = EXPERIMENTS[experiment]
     print(f"\n{title}: tuned against tuned, mean ± std over seeds; verdict: Welch's t-test at level 0.05.")
-    print(verdicts.verdict_table({t.name: t for t, _, _ in tasks.values()}, summary, wrapped=wrapped))
+    baseline = BASELINE.get(experiment, "inner optimizer")
+    print(
+      verdicts.verdict_table({t.name: t for t, _, _ in tasks.values()}, summary, wrapped=wrapped, baseline=baseline)
+    )
+    if experiment == "alternatives":
+      print("\n".join(alternatives.summary_lines(summary)))
     for line in verdicts.timing_lines(summary):
       print(line)
   print(

@@ -8,7 +8,14 @@ and Streaming DiLoCo with F = 2 and 4 fragments (each fragment syncs once per
 30 steps, staggered, so at most one fragment is exchanged per step). Each
 DiLoCo variant exchanges its pseudo-gradients in float32, bfloat16,
 float8_e4m3fn or int8 (per-row scales), the compressed ones with and without
-error feedback; one more row adds the overlapped exchange (``delay=1``).
+error feedback (EF); one more row adds the overlapped exchange (``delay=1``).
+Going further down, DiLoCo (F = 1, every codec) and F = 4 (a selection) also
+exchange in int4 (per-row scales, two values a byte) and sparsified: each
+replica sends only the top 2 % or 1 % of each leaf's entries by magnitude
+(``top2%``), as float32, int8 or int4 values (one scale per leaf) with their
+int32 positions, with and without EF. Eager rows (``eager=True``, Kale et al.
+2025) apply this replica's own pseudo-gradient at once and the exchanged mean
+one round late, so the exchange can overlap a whole cycle.
 
 Bytes come from the program each replica runs (its jaxpr with the replica axis
 bound): every collective's operand sizes and dtypes, those inside a fragment's
@@ -17,8 +24,11 @@ replica sends under ring algorithms: ``2 (M-1)/M`` times the operand of an
 all-reduce (the float32 exchange), ``(M-1)/M`` times that of an all-to-all and
 ``M-1`` times that of an all-gather (a compressed exchange reduce-scatters a
 matrix's compressed rows by an all-to-all, averages its block in float32 and
-all-gathers the compressed means; vectors are all-gathered whole). Peak is the
-most any single step sends.
+all-gathers the compressed means; vectors, and every top-k exchange, are
+all-gathered whole). Every round of the exchange also all-reduces two float32
+(the weight present, the count of replicas left out) and all-gathers one
+float32 weight per replica: 24 bytes sent per replica per sync, counted. Peak
+is the most any single step sends.
 
 Tuning: none per variant. Data parallelism and every DiLoCo variant run at the
 learning rate tuned for DP-AdamW and DiLoCo-H30(AdamW) in the DiLoCo experiment
@@ -27,6 +37,17 @@ variant inherits DiLoCo's setting, which if anything favours the float32
 baseline it was tuned for. 3 seeds; each variant is compared with the float32
 exchange at the same F (and DiLoCo with data parallelism) by Welch's two-sided
 t-test at level 0.05.
+
+Three more DiLoCo runs (float32 exchange) lose a replica for a while: replica
+0's gradient is NaN at one step in mid-cycle (step 310), so its params and AdamW
+moments turn NaN. The library leaves a replica with a non-finite
+pseudo-gradient out of the mean; right after each sync a replica whose params
+are not all finite restarts from the slow weights (the resume recipe), either
+with its non-finite inner-optimizer moments zeroed ("resumed") or with its
+params only ("params reset only"). The third run exchanges by a plain
+``jax.lax.pmean``, as an exchange that averages every replica would, with the
+same recipe. Final losses are those of the slow weights (replica 0's); the
+training loss is the mean over replicas of the last steps' losses.
 """
 
 from __future__ import annotations
@@ -38,42 +59,104 @@ import time
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import grid, jaxpr, report, stats
+from benchmarks.common import grid, jaxpr, report, stats, timing
 from benchmarks.outer import diloco as dl
-from lookahead_optax import diloco
+from lookahead_optax import ReplicaMeanState, lookahead, replica_mean, streaming
 
 H = 30
 LR = {"DP": 0.01, "DiLoCo": 0.005}
 """Learning rates tuned for DP-AdamW and DiLoCo-H30(AdamW) in ``results/outer/diloco.md``."""
 EXCHANGES = ("float32", "bfloat16", "bfloat16+EF", "float8_e4m3fn", "float8_e4m3fn+EF", "int8", "int8+EF")
+LOW_BITS = (
+  "int4",
+  "int4+EF",
+  "top2%",
+  "top2%+EF",
+  "top2% int8+EF",
+  "top2% int4",
+  "top2% int4+EF",
+  "top1%+EF",
+  "top1% int4+EF",
+)
+"""Exchanges below 8 bits a value: ``topP% [dtype]`` sends the top P % of each leaf's entries (float32 by default)."""
+ORDER = EXCHANGES + LOW_BITS
+FAULTS = ("resume", "params", "pmean")
+"""A replica's gradient NaN at one step: left out and resumed (params and moments), left out and resumed (params
+only), or averaged in by a plain ``pmean``."""
+FAULTY_REPLICA = 0
 
-FULL = dict(dl.FULL, k=H, eval_every=60, fragments=(1, 2, 4), exchanges=EXCHANGES, delayed=True)
-QUICK = dict(dl.QUICK, k=5, eval_every=10, fragments=(1, 2), exchanges=("float32", "int8+EF"), delayed=False)
+FULL = dict(
+  dl.FULL,
+  k=H,
+  eval_every=60,
+  fragments=(1, 2, 4),
+  exchanges=EXCHANGES,
+  low_bits={1: LOW_BITS, 4: ("int4+EF", "top2%+EF", "top2% int4+EF", "top1% int4+EF")},
+  eager=(1, 4),
+  delayed=True,
+  fault_step=310,
+)
+QUICK = dict(
+  dl.QUICK,
+  k=5,
+  eval_every=10,
+  fragments=(1, 2),
+  exchanges=("float32", "int8+EF"),
+  low_bits={1: ("int4+EF", "top2% int4+EF")},
+  eager=(2,),
+  delayed=False,
+  fault_step=16,
+)
 
 
 class Method(NamedTuple):
-  """One row: data parallelism (``fragments`` 0) or a DiLoCo variant."""
+  """One row: data parallelism (``fragments`` 0) or a DiLoCo variant, optionally with a replica gone bad."""
 
   fragments: int
   exchange: str = "float32"
   delay: int = 0
+  eager: bool = False
+  fault: str = ""
 
   @property
   def name(self) -> str:
     if self.fragments == 0:
       return "DP"
     kind = "DiLoCo" if self.fragments == 1 else f"Streaming F={self.fragments}"
-    return f"{kind}, {self.exchange}" + (", delay 1" if self.delay else "")
+    fault = {
+      "resume": ", NaN replica excluded + resumed",
+      "params": ", NaN replica excluded, params reset only",
+      "pmean": ", NaN replica in a plain pmean",
+    }
+    return (
+      f"{kind}, {self.exchange}"
+      + (", delay 1" if self.delay else "")
+      + (", eager" if self.eager else "")
+      + (fault[self.fault] if self.fault else "")
+    )
+
+
+def codec(exchange: str) -> tuple[str | None, bool, float | None]:
+  """``(dtype, error_feedback, top_k)`` of an exchange name such as ``"int8+EF"`` or ``"top2% int4+EF"``."""
+  spec, _, ef = exchange.partition("+")
+  fraction = None
+  if spec.startswith("top"):
+    head, _, spec = spec.partition(" ")
+    fraction = float(head[3:-1]) / 100
+  return (None if spec in ("", "float32") else spec), bool(ef), fraction
 
 
 def methods(cfg: dict) -> list[Method]:
   rows = [Method(0)] + [Method(f, e) for f in cfg["fragments"] for e in cfg["exchanges"]]
+  rows += [Method(int(f), e) for f, ex in cfg["low_bits"].items() for e in ex]
   if cfg["delayed"]:
     rows.append(Method(max(cfg["fragments"]), cfg["exchanges"][-1], delay=1))
-  return rows
+  rows += [Method(f, "int8+EF", eager=True) for f in cfg["eager"]]
+  return rows + [Method(1, fault=fault) for fault in FAULTS]
 
 
 def per_replica(method: Method, lr, cfg: dict) -> optax.GradientTransformation:
@@ -81,18 +164,13 @@ def per_replica(method: Method, lr, cfg: dict) -> optax.GradientTransformation:
   adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, weight_decay=cfg["weight_decay"])
   if method.fragments == 0:
     return optax.chain(dl.all_reduce_gradients(dl.AXIS), adamw)
-  dtype, _, ef = method.exchange.partition("+")
-  return diloco(
-    adamw,
-    cfg["k"],
-    0.7,
-    0.9,
-    axis_name=dl.AXIS,
-    fragments=method.fragments,
-    communication_dtype=None if dtype == "float32" else dtype,
-    error_feedback=bool(ef),
-    delay=method.delay or None,
-  )
+  dtype, ef, fraction = codec(method.exchange)
+  if method.fault == "pmean":
+    exchange = dl.all_reduce_gradients(dl.AXIS)  # every replica averaged in, whatever it holds
+  else:
+    exchange = replica_mean(dl.AXIS, dtype=dtype, error_feedback=ef, top_k=fraction, eager=method.eager)
+  outer = optax.chain(exchange, optax.sgd(0.7, momentum=0.9, nesterov=True))
+  return lookahead(adamw, cfg["k"], outer=outer, schedule=streaming(method.fragments, delay=method.delay))
 
 
 def sync_steps(fragments: int, k: int, steps: int) -> list[list[int]]:
@@ -130,6 +208,67 @@ def communication(method: Method, params, cfg: dict) -> dict:
   }
 
 
+def resumed(params, state, moments: bool):
+  """The resume recipe on every replica (leading axis): right after a sync, a replica whose params are not all
+  finite takes the slow weights as params; with ``moments``, its inner optimizer's non-finite entries become 0."""
+  finite = jax.vmap(lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)])))(params)
+  bad = (state.count == 0) & ~finite
+  pick = lambda new, old: jnp.where(bad.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+  params = jax.tree.map(lambda s, p: pick(s.astype(p.dtype), p), state.slow, params)
+  if moments:
+    zeroed = lambda x: pick(jnp.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0), x)
+    inner = jax.tree.map(lambda x: zeroed(x) if jnp.issubdtype(x.dtype, jnp.inexact) else x, state.inner_state)
+    state = state._replace(inner_state=inner)
+  return params, state
+
+
+def excluded(state) -> jax.Array:
+  """How many rounds left a replica out (summed over replicas and fragments); 0 without a replica mean."""
+  is_mean = lambda x: isinstance(x, ReplicaMeanState)
+  counts = [x.excluded[0] for x in jax.tree.leaves(state, is_leaf=is_mean) if is_mean(x)]
+  return sum(counts, jnp.zeros((), jnp.int32))
+
+
+def train_with_fault(prob: grid.Problem, method: Method, lr: float, cfg: dict, seeds) -> tuple[grid.Grid, np.ndarray]:
+  """Trains ``method`` over ``seeds`` with replica ``FAULTY_REPLICA``'s gradient NaN at step ``cfg["fault_step"]``
+  and the resume recipe after every step; returns the grid (curves: training loss per ``eval_every`` steps) and
+  the rounds that left a replica out, per seed."""
+  tx = dl.replicated(per_replica(method, lr, cfg))
+  steps, every, t_bad = cfg["steps"], cfg["eval_every"], cfg["fault_step"]
+  params = jax.tree.map(lambda *xs: jnp.stack(xs), *[prob.init(s) for s in seeds])
+
+  def run(params, seed, data):
+    key = jax.random.key(seed)
+
+    def step(carry, t):
+      params, state = carry
+      loss, grads = jax.value_and_grad(prob.loss)(params, prob.batch(data, key, t))
+      nan = lambda g: g.at[FAULTY_REPLICA].set(jnp.where(t == t_bad, jnp.nan, g[FAULTY_REPLICA]))
+      updates, state = tx.update(jax.tree.map(nan, grads), state, params)
+      return resumed(optax.apply_updates(params, updates), state, moments=method.fault != "params"), loss
+
+    (params, state), losses = jax.lax.scan(step, (params, tx.init(params)), jnp.arange(steps))
+    return grid.main_weights(params, state), losses, excluded(state)
+
+  program = jax.jit(jax.vmap(run, in_axes=(0, 0, None)))
+  (weights, losses, left_out), compile_s, run_s = timing.compile_then_run(
+    program, params, jnp.asarray(seeds, jnp.int32), prob.data
+  )
+  losses = np.asarray(losses)
+  curve = losses.reshape(len(seeds), steps // every, every).mean(-1) / cfg["replicas"]
+  g = grid.Grid(
+    {"lr": np.full(len(seeds), lr, np.float32)},
+    np.asarray(seeds),
+    every * (1 + np.arange(steps // every)),
+    {"main": {"train_loss": curve}},
+    losses,
+    weights,
+    compile_s,
+    run_s,
+  )
+  return g, np.asarray(left_out)
+
+
 def run(cfg: dict, seeds, log=print) -> dict:
   """Trains every method over ``seeds``; returns losses, curves and bytes per method."""
   prob = dl.problem(cfg)
@@ -143,15 +282,20 @@ def run(cfg: dict, seeds, log=print) -> dict:
   }
   for method in methods(cfg):
     lr = LR["DP" if method.fragments == 0 else "DiLoCo"]
-    hparams, run_seeds = grid.settings_by_seeds([{"lr": lr}], seeds)
-    g = grid.train_grid(
-      prob,
-      lambda hp, method=method: dl.replicated(per_replica(method, hp["lr"], cfg)),
-      hparams,
-      run_seeds,
-      cfg["steps"],
-      cfg["eval_every"],
-    )
+    extra = {}
+    if method.fault:
+      g, left_out = train_with_fault(prob, method, lr, cfg, list(seeds))
+      extra = {"excluded_rounds": left_out, "curve_metric": "train_loss"}
+    else:
+      hparams, run_seeds = grid.settings_by_seeds([{"lr": lr}], seeds)
+      g = grid.train_grid(
+        prob,
+        lambda hp, method=method: dl.replicated(per_replica(method, hp["lr"], cfg)),
+        hparams,
+        run_seeds,
+        cfg["steps"],
+        cfg["eval_every"],
+      )
     finals = dl.finals(cfg, prob, g)["main"]
     results["methods"][method.name] = dict(
       method._asdict(),
@@ -159,10 +303,12 @@ def run(cfg: dict, seeds, log=print) -> dict:
       **communication(method, params, cfg),
       val_loss=finals["val_loss"],
       test_loss=finals["test_loss"],
+      final_train_loss=finals["final_train_loss"],
       eval_steps=g.eval_steps,
-      curve=g.curves["main"]["val_loss"],
+      curve=g.curves["main"]["train_loss" if method.fault else "val_loss"],
       compile_seconds=g.compile_seconds,
       run_seconds=g.run_seconds,
+      **extra,
     )
     row = results["methods"][method.name]
     log(
@@ -174,41 +320,58 @@ def run(cfg: dict, seeds, log=print) -> dict:
   return results
 
 
+def method_of(row: dict) -> Method:
+  """The method of a result row (rows written before eager and faults existed lack those fields)."""
+  return Method(row["fragments"], row["exchange"], row["delay"], row.get("eager", False), row.get("fault", ""))
+
+
 def reference(method: Method) -> str:
   """What a row is tested against: float32 DiLoCo for a float32 row (data parallelism for DiLoCo itself),
-  the float32 exchange at the same F for a compressed or delayed one; nothing for data parallelism."""
+  the float32 exchange at the same F for a compressed, delayed, eager or faulty one; nothing for data parallelism."""
   if method.fragments == 0:
     return ""
-  if method.exchange == "float32" and not method.delay:
+  if method == Method(method.fragments):
     return "DP" if method.fragments == 1 else Method(1).name
   return Method(method.fragments).name
 
 
 def in_order(res: dict) -> list[tuple[str, dict]]:
   """The methods of a result as :func:`methods` lists them (the JSON keeps them sorted by name)."""
-  key = lambda item: (item[1]["fragments"], EXCHANGES.index(item[1]["exchange"]), item[1]["delay"])
+
+  def key(item):
+    m = method_of(item[1])
+    return (m.fault != "", m.fragments, ORDER.index(m.exchange), m.delay, m.eager, (("",) + FAULTS).index(m.fault))
+
   return sorted(res["methods"].items(), key=key)
+
+
+def verdict(res: dict, row: dict) -> str:
+  """Welch's test of the row's validation loss against its reference; a run with NaN losses is said diverged."""
+  ref = reference(method_of(row))
+  if not ref:
+    return ""
+  bad = int(np.sum(~np.isfinite(row["val_loss"])))
+  if bad:
+    return f"diverged: NaN in {bad} of {len(row['val_loss'])} seeds"
+  c = stats.compare(row["val_loss"], res["methods"][ref]["val_loss"], higher_is_better=False)
+  return f"{c.verdict} {ref} ({c.diff:+.4f}, p = {c.p:.3f})"
 
 
 def table_rows(res: dict) -> list[list]:
   rows, dp = [], res["methods"]["DP"]
   for name, row in in_order(res):
-    ref = reference(Method(row["fragments"], row["exchange"], row["delay"]))
-    if ref:
-      c = stats.compare(row["val_loss"], res["methods"][ref]["val_loss"], higher_is_better=False)
-      verdict = f"{c.verdict} {ref} ({c.diff:+.4f}, p = {c.p:.3f})"
-    else:
-      verdict = ""
+    if row.get("fault"):
+      continue
     rows.append(
       [
         name,
         report.mean_std(row["val_loss"], digits=4),
         report.mean_std(row["test_loss"], digits=4),
-        f"{row['total_sent_bytes'] / 1e6:.2f}",
+        f"{row['total_sent_bytes'] / 1e6:.3f}",
         f"{row['total_sent_bytes'] / dp['total_sent_bytes']:.4f}",
         f"{row['peak_sent_bytes'] / 1e3:.1f}",
         f"{row['peak_sent_bytes'] / dp['peak_sent_bytes']:.3f}",
-        verdict,
+        verdict(res, row),
       ]
     )
   return rows
@@ -224,26 +387,75 @@ HEADERS = [
   "vs DP",
   "val loss against",
 ]
+FAULT_HEADERS = [
+  "method",
+  "val loss",
+  "test loss",
+  "final train loss",
+  "rounds a replica was left out",
+  "val loss against",
+]
+
+
+def fault_rows(res: dict) -> list[list]:
+  faulty = [(name, row) for name, row in in_order(res) if row.get("fault")]
+  mean_std = lambda v: report.mean_std(v, digits=4) if np.all(np.isfinite(v)) else "NaN"
+  return [
+    [
+      name,
+      mean_std(row["val_loss"]),
+      mean_std(row["test_loss"]),
+      mean_std(row["final_train_loss"]),
+      "n/a (no exclusion)" if row["fault"] == "pmean" else ", ".join(str(int(x)) for x in row["excluded_rounds"]),
+      verdict(res, row),
+    ]
+    for name, row in faulty
+  ]
+
+
+def knee(res: dict) -> list[str]:
+  """Per F: the compressed exchanges that lose to float32 at the same F, and the cheapest one that does not."""
+  lines = []
+  for f in sorted({row["fragments"] for row in res["methods"].values()} - {0}):
+    rows = [(n, r) for n, r in in_order(res) if r["fragments"] == f and not r.get("fault") and n != Method(f).name]
+    losing = [n.split(", ", 1)[1] for n, r in rows if verdict(res, r).startswith(("loses", "diverged"))]
+    holding = [(r["total_sent_bytes"], n.split(", ", 1)[1]) for n, r in rows if verdict(res, r).startswith("ties")]
+    holding += [(r["total_sent_bytes"], n.split(", ", 1)[1]) for n, r in rows if verdict(res, r).startswith("beats")]
+    cheapest = min(holding, default=None)
+    kind = "DiLoCo" if f == 1 else f"Streaming F={f}"
+    lines.append(
+      f"- {kind}: losing to float32 at the same F: {'; '.join(losing) or 'none'}. Cheapest exchange that does not "
+      + (f"lose: {cheapest[1]} ({cheapest[0] / 1e6:.3f} MB in all)." if cheapest else "lose: none.")
+    )
+  return lines
 
 
 def figure(res: dict, path: str) -> str:
   plt = report.pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
   markers = {0: "s", 1: "o", 2: "^", 4: "D"}
-  colors = {e: plt.get_cmap("tab10")(i) for i, e in enumerate(EXCHANGES)}
-  for name, row in in_order(res):
-    loss = np.asarray(row["val_loss"])
-    filled = "+EF" in row["exchange"] or row["fragments"] == 0
-    spread = 1.0 + 0.05 * (EXCHANGES.index(row["exchange"]) - 3) if row["fragments"] else 1.0
-    for ax, key in zip(axes, ("total_sent_bytes", "peak_sent_bytes")):
+  codecs = list(dict.fromkeys(e.partition("+")[0] for e in ORDER))  # one color a codec, filled with EF
+  colors = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(codecs)}
+  shown = [(n, r) for n, r in in_order(res) if not r.get("fault") and np.all(np.isfinite(r["val_loss"]))]
+  for ax, key in zip(axes, ("total_sent_bytes", "peak_sent_bytes")):
+    # Rows with the same bytes are spread by a few percent along the byte axis, in table order.
+    same, near = {}, lambda v: float(f"{v:.2g}")
+    for name, row in shown:
+      same.setdefault(near(row[key]), []).append(name)
+    for name, row in shown:
+      group = same[near(row[key])]
+      spread = 1.0 + 0.04 * (group.index(name) - (len(group) - 1) / 2)
+      loss = np.asarray(row["val_loss"])
+      m = method_of(row)
       ax.errorbar(
         row[key] * spread,
         loss.mean(),
         yerr=loss.std(),
-        marker=markers.get(row["fragments"], "x"),
-        color="black" if row["fragments"] == 0 else colors.get(row["exchange"], "gray"),
-        mfc=None if filled else "white",
-        ms=7 if row["delay"] == 0 else 11,
+        marker=markers.get(m.fragments, "x"),
+        color="black" if m.fragments == 0 else colors.get(m.exchange.partition("+")[0], "gray"),
+        mfc=None if "+EF" in m.exchange or m.fragments == 0 else "white",
+        mec="black" if m.eager else None,
+        ms=11 if m.delay or m.eager else 7,
         ls="none",
         capsize=2,
         label=name,
@@ -252,23 +464,19 @@ def figure(res: dict, path: str) -> str:
   axes[1].set(xscale="log", xlabel="peak bytes sent per replica in one step", ylabel="validation loss (nats/char)")
   for ax in axes:
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
-  axes[1].legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  axes[1].legend(fontsize=5.5, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   return report.save_figure(fig, path)
 
 
 def write_report(res: dict, out: str, command: str) -> str:
   cfg = res["config"]
-  intro = " ".join(__doc__.split("\n\n")[1].split())
+  paragraphs = [" ".join(p.split()) for p in __doc__.split("\n\n")[1:]]
   lines = [
     "# Streaming DiLoCo: validation loss against bytes exchanged",
     "",
     f"Regenerate with `{command}`; every number below comes from `streaming.json` of that run.",
     "",
-    intro,
-    "",
-    " ".join(__doc__.split("\n\n")[2].split()),
-    "",
-    " ".join(__doc__.split("\n\n")[3].split()),
+    "\n\n".join(paragraphs[:-1]),
     "",
     f"Setting: {res['params']:,} params, {cfg['replicas']} replicas x {cfg['replica_batch']} windows of "
     f"{cfg['seq_len']} characters per step, {cfg['steps']} steps, H = {cfg['k']}, outer Nesterov (0.7, 0.9); "
@@ -277,10 +485,21 @@ def write_report(res: dict, out: str, command: str) -> str:
     "",
     report.markdown_table(HEADERS, table_rows(res)),
     "",
+    "Where compression starts to cost loss (Welch's test against float32 at the same F, level 0.05):",
+    "",
+    *knee(res),
+    "",
     "![loss against bytes](streaming_bytes.png)",
     "",
-    "Figure: mean ± std over seeds; exchanges with equal bytes are spread by a few percent along the byte "
-    "axis so that they do not hide each other.",
+    "Figure: mean ± std over seeds; open markers: no error feedback; large markers: delay 1 (plain edge) or eager "
+    "(black edge); rows with equal bytes are spread by a few percent along the byte axis so that they do not hide "
+    "each other. The runs with a replica gone bad are not drawn.",
+    "",
+    "## A replica gone bad",
+    "",
+    paragraphs[-1].replace("step 310", f"step {cfg['fault_step']}"),
+    "",
+    report.markdown_table(FAULT_HEADERS, fault_rows(res)),
     "",
     f"Environment: {', '.join(f'{k} {v}' for k, v in res['environment'].items())}.",
   ]
@@ -290,7 +509,7 @@ def write_report(res: dict, out: str, command: str) -> str:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.outer.streaming", description=__doc__.split("\n\n")[0])
   report.add_run_arguments(
-    parser, quick="tiny model, a few steps, 5 methods", seeds=3, unit="method", folder="outer", reports="report"
+    parser, quick="tiny model, a few steps, 11 methods", seeds=3, unit="method", folder="outer", reports="report"
   )
   args = parser.parse_args(argv)
   out = args.out or report.results_dir("quick_outer" if args.quick else "outer")
@@ -310,6 +529,8 @@ def main(argv=None) -> dict:
     "verdicts: Welch's t-test at level 0.05."
   )
   print(report.text_table(HEADERS, table_rows(res)))
+  print("\n".join(["", *knee(res), "", "A replica's gradient NaN at one step:"]))
+  print(report.text_table(FAULT_HEADERS, fault_rows(res)))
   print(f"Wall time {time.perf_counter() - start:.0f} s. Report: {path}")
   return res
 

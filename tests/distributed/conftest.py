@@ -39,3 +39,8 @@ def diloco_results():
 @pytest.fixture(scope="session")
 def streaming_results():
   return Results("streaming_checks.py")
+
+
+@pytest.fixture(scope="session")
+def exchange_results():
+  return Results("streaming_checks.py", "exchange")

@@ -14,12 +14,17 @@ taken from the weights the step starts from, and the fast weights land on ``(1 -
 
 Each training case is compiled once; its compiled program is also read (``hlo_placed``): the collectives,
 where they sit and what they carry, and what the step does outside its conditionals.
+
+With the argument ``exchange`` (``python streaming_checks.py exchange``) it compiles instead, on 4 of the
+devices, DiLoCo steps whose exchange is int8, int4, top-k or eager, and reads what their collectives carry and
+what depends on them; nothing is trained.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 import traceback
 
@@ -31,8 +36,15 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lookahead_optax import ReplicaMeanState, diloco
-from tests.compiled import HLO_COLLECTIVES, collective_inputs_depend_on, hlo_computations, hlo_nbytes, hlo_placed
+from lookahead_optax import ReplicaMeanState, diloco, lookahead, replica_mean, streaming
+from tests.compiled import (
+  HLO_COLLECTIVES,
+  collective_inputs_depend_on,
+  collective_results_reach,
+  hlo_computations,
+  hlo_nbytes,
+  hlo_placed,
+)
 from tests.references import reference_compress, reference_mean
 
 K, STEPS = 4, 10  # every fragment syncs at least twice; the run ends mid-cycle
@@ -382,18 +394,97 @@ def check_gloo_reference():
   return out | {"fast": {k: v.tolist() for k, v in fast.items()}, "slow": {k: v.tolist() for k, v in slow.items()}}
 
 
-def checks():
-  yield from check_training()
-  yield "delay_dependency/delay1", lambda: check_delay_dependency(2, "int8", 1)
-  yield "delay_dependency/delay0", lambda: check_delay_dependency(2, "int8", 0)
-  yield "gloo_reference", check_gloo_reference
+# ------------------------------------------------ the exchange's paths, compiled
+# DiLoCo (F=1) with ``optax.chain(replica_mean("replica", dtype, error_feedback, top_k, eager), Nesterov)`` on 4
+# of the 8 devices. Only the compiled step is read: what its collectives carry, and what depends on what.
+
+EXCHANGE_REPLICAS = 4
+# Three matrices that go by reduce-scatter over 4 replicas (c's 30 rows pad to 32), a vector and a scalar.
+EXCHANGE_SHAPES = {"a": (256, 64), "b": (96, 128), "c": (30, 32), "v": (300,), "s": ()}
+# name: (dtype, top_k); a compressed or sparse exchange keeps its error-feedback residual
+EXCHANGES = {
+  "float32": (None, None),
+  "int8": ("int8", None),
+  "int4": ("int4", None),
+  "top_k": (None, 0.02),
+  "top_k_int8": ("int8", 0.02),
+  "top_k_int4": ("int4", 0.02),
+}
+# name: (dtype, top_k, eager, delay); the last two are controls, where the dependence walks must find something
+EAGER_CASES = {
+  "eager/int4/delay1": ("int4", None, True, 1),
+  "eager/top_k_int8/delay1": ("int8", 0.02, True, 1),
+  "eager/int4/delay0": ("int4", None, True, 0),
+  "not_eager/int4/delay1": ("int4", None, False, 1),
+}
 
 
-def main():
+def exchange_opt(dtype, top_k, eager=False, delay=0):
+  compressed = dtype is not None or top_k is not None
+  exchange = replica_mean("replica", dtype=dtype, error_feedback=compressed, top_k=top_k, eager=eager)
+  outer = optax.chain(exchange, optax.sgd(LR, momentum=MU, nesterov=True))
+  return lookahead(INNER(), K, outer=outer, schedule=streaming(1, delay=delay, **({"mixing": MIXING} if delay else {})))
+
+
+def exchange_step(opt):
+  """``opt``'s step under typed shard_map on 4 devices, per-replica specs, returning ``(updates, state)``; its args."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:EXCHANGE_REPLICAS]), ("replica",))
+  spec = P("replica")
+  smap = lambda f: jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec)
+
+  def body(params, state, grads):
+    updates, state = opt.update(*squeeze((grads, state, params)))
+    return expand(updates), expand(state)
+
+  params = stacked(make_problem(EXCHANGE_SHAPES, 1, 1)[0], EXCHANGE_REPLICAS)
+  params = jax.device_put(jax.tree.map(jnp.asarray, params), NamedSharding(mesh, spec))
+  state = jax.jit(smap(lambda p: expand(opt.init(squeeze(p)))))(params)
+  return smap(body), (params, state, params)
+
+
+def check_exchange(dtype, top_k) -> dict:
+  """The collectives of the compiled, donated step: op, operands, bytes and the branches they run in."""
+  step, args = exchange_step(exchange_opt(dtype, top_k))
+  text = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile().as_text()
+  collectives = [
+    {"op": p.instruction.op, "branches": p.branches, "operands": p.operands, "wire_bytes": hlo_nbytes(p.operands)}
+    for p in hlo_placed(text)
+    if p.instruction.op in HLO_COLLECTIVES
+  ]
+  return {"collectives": collectives}
+
+
+def check_eager(dtype, top_k, eager, delay) -> dict:
+  """Which collectives' inputs depend on the gradient; which collectives' results reach the returned updates."""
+  step, args = exchange_step(exchange_opt(dtype, top_k, eager, delay))
+  jaxpr = jax.make_jaxpr(step)(*args)
+  updates = range(len(jax.tree.leaves(args[0])))  # the step's first outputs
+  return {
+    "depends_on_gradient": collective_inputs_depend_on(step, args, argnum=2),
+    "updates_wait_for": collective_results_reach(jaxpr.jaxpr, updates),
+  }
+
+
+def checks(group):
+  if group == "training":
+    yield from check_training()
+    yield "delay_dependency/delay1", lambda: check_delay_dependency(2, "int8", 1)
+    yield "delay_dependency/delay0", lambda: check_delay_dependency(2, "int8", 0)
+    yield "gloo_reference", check_gloo_reference
+  elif group == "exchange":
+    for name, (dtype, top_k) in EXCHANGES.items():
+      yield f"exchange/{name}", functools.partial(check_exchange, dtype, top_k)
+    for name, case in EAGER_CASES.items():
+      yield name, functools.partial(check_eager, *case)
+  else:
+    raise ValueError(f"unknown group {group!r}")
+
+
+def main(group):
   assert jax.device_count() == 8, f"expected 8 simulated devices, got {jax.device_count()}"
   results = {"device_count": jax.device_count()}
   try:
-    for name, fn in checks():
+    for name, fn in checks(group):
       start = time.process_time()
       try:
         results[name] = fn()
@@ -406,4 +497,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1] if len(sys.argv) > 1 else "training")
