@@ -297,10 +297,12 @@ def check_explicit_sharding():
 # ------------------------------------------------------------------- DiLoCo
 
 
-def reference_diloco(inner, params, xs, ys, steps, k, lr, mu):
+def reference_diloco(inner, params, xs, ys, steps, k, lr, mu, bad=()):
   """DiLoCo as the paper writes it: M replica copies in a Python loop, a hand-written Nesterov outer step.
 
-  Returns per step the slow weights and the list of M fast weights.
+  ``bad``: (step, replica) pairs whose gradient is NaN; at a sync a replica whose fast weights are not finite
+  is left out of the mean (with none left, the slow weights and momentum stay). Returns per step the slow
+  weights and the list of M fast weights.
   """
   m_count = xs.shape[0]
   grad = jax.jit(jax.grad(mlp_loss))
@@ -312,12 +314,18 @@ def reference_diloco(inner, params, xs, ys, steps, k, lr, mu):
   slow_hist, fast_hist = [], []
   for t in range(steps):
     for m in range(m_count):
-      updates, states[m] = inner_update(grad(fasts[m], xs[m], ys[m]), states[m], fasts[m])
+      g = grad(fasts[m], xs[m], ys[m])
+      if (t, m) in bad:
+        g = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), g)
+      updates, states[m] = inner_update(g, states[m], fasts[m])
       fasts[m] = jax.tree.map(lambda a, u: a + u, fasts[m], updates)
     if (t + 1) % k == 0:
-      delta = jax.tree.map(lambda s, *f: sum(s - fi for fi in f) / m_count, phi, *fasts)
-      momentum = jax.tree.map(lambda b, d: mu * b + d, momentum, delta)
-      phi = jax.tree.map(lambda s, b, d: s - lr * (d + mu * b), phi, momentum, delta)
+      ok = [all(bool(np.isfinite(np.asarray(a)).all()) for a in jax.tree.leaves(f)) for f in fasts]
+      if any(ok):
+        present = [f for f, good in zip(fasts, ok) if good]
+        delta = jax.tree.map(lambda s, *f: sum(s - fi for fi in f) / len(present), phi, *present)
+        momentum = jax.tree.map(lambda b, d: mu * b + d, momentum, delta)
+        phi = jax.tree.map(lambda s, b, d: s - lr * (d + mu * b), phi, momentum, delta)
       fasts = [phi] * m_count
     slow_hist.append(phi)
     fast_hist.append(list(fasts))
@@ -426,6 +434,41 @@ def check_diloco_pmap():
   out = diloco_metrics(slow_hist, fast_hist, ref_slow, ref_fast)
   out.update(hlo_collectives(pstep.lower(p, state, xs, ys).compile().as_text()))
   return out
+
+
+BAD = {(1, 2), (4, 5)}  # (step, replica): a NaN gradient, in two different cycles
+
+
+def check_diloco_bad_replica_pmap():
+  """A replica whose gradient goes NaN is left out of that sync; it resumes from the slow weights (the guide's
+  recipe) and takes part again. Inner SGD (no state to carry the NaN); against reference_diloco with ``bad``."""
+  n = jax.device_count()
+  inner = optax.sgd(0.05)
+  nesterov = optax.sgd(NESTEROV_LR, momentum=NESTEROV_MU, nesterov=True)
+  opt = lookahead(inner, K, outer=optax.chain(replica_mean("replica"), nesterov))
+  params, xs, ys = diloco_problem()
+
+  def step(params, state, x, y, poisoned):
+    g = jax.tree.map(lambda a: jnp.where(poisoned, jnp.nan, a), jax.grad(mlp_loss)(params, x, y))
+    updates, state = opt.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(params)]))
+    resume = (state.count == 0) & ~finite  # right after a sync: back on the slow weights
+    return jax.tree.map(lambda a, s: jnp.where(resume, s, a), params, state.slow), state
+
+  pstep = jax.pmap(step, axis_name="replica")
+  p = replicated(params, n)
+  state = jax.pmap(opt.init, axis_name="replica")(p)
+  slow_diff, fast_diff, excluded, finite = 0.0, 0.0, [], True
+  ref_slow, ref_fast = reference_diloco(inner, params, xs, ys, STEPS, K, NESTEROV_LR, NESTEROV_MU, bad=BAD)
+  for t in range(STEPS):
+    p, state = pstep(p, state, xs, ys, jnp.asarray([(t, m) in BAD for m in range(n)]))
+    slow_diff = max(slow_diff, max_diff(jax.tree.map(lambda a: a[0], state.slow), ref_slow[t]))
+    if (t + 1) % K == 0:
+      fast_diff = max(fast_diff, max(max_diff(jax.tree.map(lambda a: a[m], p), ref_fast[t][m]) for m in range(n)))
+      excluded.append(int(state.outer_state[0].excluded[0]))
+      finite &= all(bool(np.isfinite(np.asarray(a)).all()) for a in jax.tree.leaves(p))
+  return {"slow_diff": slow_diff, "fast_diff_at_syncs": fast_diff, "excluded_at_syncs": excluded, "finite": finite}
 
 
 def check_outer_state_fsdp(axis_type):
@@ -548,6 +591,7 @@ def checks(group):
     yield "diloco/shard_map", lambda: check_diloco_shard_map(check_vma=False)
     yield "diloco/shard_map_check_vma", lambda: check_diloco_shard_map(check_vma=True)
     yield "diloco/pmap", check_diloco_pmap
+    yield "diloco/bad_replica_pmap", check_diloco_bad_replica_pmap
     yield "diloco/outer_state_fsdp_auto", lambda: check_outer_state_fsdp(jax.sharding.AxisType.Auto)
     yield "diloco/outer_state_fsdp_explicit", lambda: check_outer_state_fsdp(jax.sharding.AxisType.Explicit)
   else:

@@ -25,6 +25,7 @@ PROCESS_ID, PORT, OUT = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{PORT}", num_processes=2, process_id=PROCESS_ID, initialization_timeout=300)
 
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import streaming_checks  # noqa: E402
@@ -36,6 +37,7 @@ from multidevice_checks import make_problem, mlp_loss  # noqa: E402
 from lookahead_optax import diloco, lookahead  # noqa: E402
 
 K, LOOKAHEAD_STEPS, DILOCO_STEPS = 3, 13, 7
+BAD = ((1, 2),)  # (step, replica): a NaN gradient on replica 2 (on the second process) in the first cycle
 
 
 def host(x):
@@ -65,19 +67,27 @@ def lookahead_run(mesh):
   }
 
 
-def diloco_run(mesh):
+def diloco_run(mesh, inner=None, bad=(), name="diloco"):
+  """DiLoCo on the blocks of each replica. ``bad``: (step, replica) pairs with a NaN gradient; right after a sync
+  a replica whose params are not finite takes the slow weights (the guide's recipe)."""
   n = jax.device_count()
   params, x, y = make_problem(batch=8 * n, seed=1)
-  opt = diloco(optax.adam(0.02), k=K, outer_learning_rate=0.7, outer_momentum=0.9, axis_name="data")
+  inner = optax.adam(0.02) if inner is None else inner
+  opt = diloco(inner, k=K, outer_learning_rate=0.7, outer_momentum=0.9, axis_name="data")
   spec = NamedSharding(mesh, P("data"))
   # The optimizer runs on each replica's blocks (leading axis of size 1), params and state alike; only the
   # model sees the block's one slice. Slicing the donated state instead makes XLA copy it at every step.
   local = lambda tree: jax.tree.map(lambda a: a[0], tree)
 
-  def body(params, state, x, y):
+  def body(params, state, x, y, t):
     grads = jax.grad(lambda q: mlp_loss(local(q), x[0], y[0]))(params)
+    poisoned = jnp.any(jnp.asarray([(t == s) & (jax.lax.axis_index("data") == m) for s, m in bad] or [False]))
+    grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
     updates, state = opt.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+    params = optax.apply_updates(params, updates)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(params)]))
+    resume = (state.count == 0) & ~finite
+    return jax.tree.map(lambda a, s: jnp.where(resume, s, a), params, state.slow), state
 
   global_array = lambda a: jax.make_array_from_callback(a.shape, spec, lambda idx: np.asarray(a)[idx])
   p = jax.tree.map(lambda a: global_array(np.stack([np.asarray(a)] * n)), params)
@@ -85,13 +95,13 @@ def diloco_run(mesh):
   specs = jax.tree.map(lambda a: P("data") if a.ndim else P(), jax.eval_shape(opt.init, p))  # scalars: shared
   state = jax.jit(jax.shard_map(opt.init, mesh=mesh, in_specs=P("data"), out_specs=specs))(p)
   step = jax.jit(
-    jax.shard_map(body, mesh=mesh, in_specs=(P("data"), specs, P("data"), P("data")), out_specs=(P("data"), specs))
+    jax.shard_map(body, mesh=mesh, in_specs=(P("data"), specs, P("data"), P("data"), P()), out_specs=(P("data"), specs))
   )
-  for _ in range(DILOCO_STEPS):
-    p, state = step(p, state, xs, ys)
+  for t in range(DILOCO_STEPS):
+    p, state = step(p, state, xs, ys, jnp.int32(t))
   gather = lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True))
-  return {f"diloco/fast/{k}": gather(v) for k, v in p.items()} | {
-    f"diloco/slow/{k}": gather(v) for k, v in state.slow.items()
+  return {f"{name}/fast/{k}": gather(v) for k, v in p.items()} | {
+    f"{name}/slow/{k}": gather(v) for k, v in state.slow.items()
   }
 
 
@@ -106,7 +116,8 @@ def streaming_run(mesh):
 def main():
   assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  np.savez(OUT, **lookahead_run(mesh), **diloco_run(mesh), **streaming_run(mesh))
+  bad = diloco_run(mesh, optax.sgd(0.05), BAD, "diloco_bad")
+  np.savez(OUT, **lookahead_run(mesh), **diloco_run(mesh), **bad, **streaming_run(mesh))
   jax.distributed.shutdown()
 
 

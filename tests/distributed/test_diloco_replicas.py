@@ -60,3 +60,12 @@ def test_outer_state_sharded_like_params_under_fsdp(diloco_results, axis_type):
     assert out["init"] == [], out["init"]
   else:  # Auto mode, jitted init: zero-initialised leaves are left to the compiler; the slow copy follows
     assert not [m for m in out["init"] if m.startswith(".slow")], out["init"]
+
+
+def test_a_bad_replica_is_left_out_and_resumes(diloco_results):
+  """8 simulated devices under pmap: NaN gradients on replica 2 (first cycle) and replica 5 (second cycle); each
+  sync averages the others, every replica restarts from the slow weights, against the reference loop."""
+  out = diloco_results["diloco/bad_replica_pmap"]
+  assert out["slow_diff"] <= TOL and out["fast_diff_at_syncs"] <= TOL
+  assert out["excluded_at_syncs"][:2] == [1, 2]  # one exclusion per bad cycle, counted on every replica
+  assert out["finite"]

@@ -42,7 +42,7 @@ def outputs(tmp_path_factory):
 def test_processes_end_bitwise_identical(outputs):
   a, b = outputs
   assert sorted(a) == sorted(b)
-  assert {k.split("/")[0] for k in a} == {"lookahead", "diloco", "streaming"}
+  assert {k.split("/")[0] for k in a} == {"lookahead", "diloco", "diloco_bad", "streaming"}
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
@@ -74,6 +74,21 @@ def test_diloco_equals_reference_loop(outputs):
       np.testing.assert_allclose(slow[0], slows[-1][name], rtol=0, atol=TOL, err_msg=name)
       for m in range(4):
         np.testing.assert_allclose(out[f"diloco/fast/{name}"][m], fasts[-1][m][name], rtol=0, atol=TOL, err_msg=name)
+
+
+def test_diloco_with_a_bad_replica_equals_reference_loop(outputs):
+  params, x, y = md.make_problem(batch=8 * 4, seed=1)
+  slows, fasts = md.reference_diloco(
+    optax.sgd(0.05), params, x.reshape(4, -1, 16), y.reshape(4, -1, 4), steps=7, k=3, lr=0.7, mu=0.9, bad={(1, 2)}
+  )
+  for out in outputs:
+    for name in params:
+      slow = out[f"diloco_bad/slow/{name}"]
+      assert np.isfinite(slow).all() and (slow == slow[:1]).all(), name
+      np.testing.assert_allclose(slow[0], slows[-1][name], rtol=0, atol=TOL, err_msg=name)
+      for m in range(4):
+        fast = out[f"diloco_bad/fast/{name}"][m]
+        np.testing.assert_allclose(fast, fasts[-1][m][name], rtol=0, atol=TOL, err_msg=f"{name}, replica {m}")
 
 
 def test_streaming_diloco_equals_single_process_run(outputs, streaming_results):
