@@ -23,6 +23,16 @@ def small():
   return small_params()
 
 
+@pytest.fixture
+def x64():
+  """float64 on for one test (jax_enable_x64 is global: restored after)."""
+  jax.config.update("jax_enable_x64", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
 def pytest_configure(config):
   # A placement warning where nothing is misplaced is a false alarm: fail the test that sees it.
   config.addinivalue_line("filterwarnings", "error::lookahead_optax.LookaheadPlacementWarning")

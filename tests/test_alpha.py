@@ -171,16 +171,6 @@ def test_schedule_receives_the_number_of_completed_syncs():
 # ------------------------------------------------------------------ precision and range
 
 
-@pytest.fixture
-def x64():
-  """float64 on for one test (jax_enable_x64 is global: restored after)."""
-  jax.config.update("jax_enable_x64", True)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_enable_x64", False)
-
-
 @pytest.mark.parametrize("policy", ["maintain", "interpolate"])
 @pytest.mark.parametrize("how", ["constant", "schedule", "injected"])
 def test_float64_matches_algorithm_1_at_1e_12(x64, how, policy):

@@ -26,16 +26,6 @@ K, LR, MU, STEPS = 5, 0.05, 0.9, 23
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 
 
-@pytest.fixture
-def x64():
-  """float64 on for one test (jax_enable_x64 is global: restored after)."""
-  jax.config.update("jax_enable_x64", True)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_enable_x64", False)
-
-
 def problem(n: int = 6, seed: int = 3):
   """A quadratic with gradient ``A x - b`` (numpy, float64) and its start."""
   rng = np.random.default_rng(seed)

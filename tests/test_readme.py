@@ -18,13 +18,11 @@ import glob
 import json
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import pytest
 
-from tests.distributed.multidevice_utils import device_env, free_port
+from tests.distributed.multidevice_utils import run_processes
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 PAGES = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs", "**", "*.md"), recursive=True))
@@ -116,32 +114,16 @@ def _run_processes(code: str, run: dict, tmp_path) -> list[str]:
   script, checker = tmp_path / "block.py", tmp_path / "check.py"
   script.write_text(code)
   checker.write_text(CHECK)
-  env = device_env(run["devices"])
-  env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-  env["NPROC"] = str(2 * run["devices"])
-  if run["processes"] > 1:
-    env["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{free_port()}"
-  procs = [
-    subprocess.Popen(
-      [sys.executable, str(checker), str(script)],
-      env=env | ({"PROCESS_ID": str(i)} if run["processes"] > 1 else {}),
-      cwd=tmp_path,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for i in range(run["processes"])
-  ]
-  try:
-    logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, f"process {i} of {run['processes']} exited with {p.returncode}:\n{logs[i][-4000:]}"
-  return logs
+  path = os.pathsep.join([REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
+  def extra_env(i, port):
+    env = {"PYTHONPATH": path, "NPROC": str(2 * run["devices"])}
+    if run["processes"] > 1:
+      env |= {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "PROCESS_ID": str(i)}
+    return env
+
+  argv = lambda i, port: [str(checker), str(script)]
+  return run_processes(argv, run["processes"], run["devices"], TIMEOUT, extra_env=extra_env, cwd=tmp_path)
 
 
 @pytest.mark.parametrize("page,index,code,run", BLOCKS, ids=[_label(page, i, run) for page, i, _, run in BLOCKS])

@@ -88,19 +88,31 @@ def free_port() -> int:
 
 
 def run_processes(
-  argv: Callable[[int, int], list[str]], processes: int = 2, devices: int = 1, timeout: float = 600
+  argv: Callable[[int, int], list[str]],
+  processes: int = 2,
+  devices: int = 1,
+  timeout: float = 600,
+  *,
+  extra_env: Callable[[int, int], dict] | None = None,
+  cwd=ROOT,
 ) -> list[str]:
   """Start ``python *argv(process_id, port)`` ``processes`` times, each with ``devices`` CPU devices.
 
-  The processes share one coordinator port; each one's stdout and stderr come
-  back, in process order. All are killed if any runs past ``timeout`` seconds,
-  and a process that exits with an error fails with its output.
+  The processes share one coordinator port; ``extra_env(process_id, port)``
+  adds to each one's environment. Each one's stdout and stderr come back, in
+  process order. All are killed if any runs past ``timeout`` seconds, and a
+  process that exits with an error fails with its output.
   """
   port = free_port()
   env = device_env(devices)
   procs = [
     subprocess.Popen(
-      [sys.executable, *argv(i, port)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+      [sys.executable, *argv(i, port)],
+      env=env | (extra_env(i, port) if extra_env else {}),
+      cwd=cwd,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
     )
     for i in range(processes)
   ]
