@@ -9,7 +9,7 @@ state donated) of:
 - ``lookahead(inner, k=5)`` (``inner_state_policy`` maintain; with Adam also
   reset and interpolate) and ``optax.lookahead(inner)`` (params wrapped in
   ``optax.LookaheadParams``);
-- ``snoo(adam, k=5)``;
+- ``snoo(adam, k=5)`` and ``snoo(adam)`` at its default ``k=20``;
 - ``lookahead(adam, k=5, slow_dtype=jnp.float32)`` on bfloat16 params, against
   Adam on bfloat16 params.
 
@@ -98,6 +98,7 @@ IMPLS = [
   Impl("lookahead(adam), reset", "adam", lambda k: lookahead(_adam(), k, inner_state_policy="reset")),
   Impl("lookahead(adam), interpolate", "adam", lambda k: lookahead(_adam(), k, inner_state_policy="interpolate")),
   Impl("snoo(adam)", "adam", lambda k: snoo(_adam(), k)),
+  Impl("snoo(adam), default k=20", "adam", lambda k: snoo(_adam())),
   Impl("optax.lookahead(adam)", "adam", lambda k: optax.lookahead(_adam(), k, 0.5), _optax_params, False),
   Impl("sgd+momentum", "sgd+momentum", lambda k: _momentum(), library=False),
   Impl("lookahead(sgd+momentum)", "sgd+momentum", lambda k: lookahead(_momentum(), k)),
@@ -254,14 +255,19 @@ class Progress:
       print(f"[{time.perf_counter() - self.start:7.1f} s] {message}", flush=True)
 
 
+SNOO_K = 20
+"""``snoo``'s default sync period (the "default k" row)."""
+
+
 def block_steps(runs, k: int, args) -> int:
-  """Steps per timed block: ``--steps``, or enough for about ``--block-ms`` of the first run; a multiple of ``k``."""
+  """Steps per timed block: ``--steps``, or enough for about ``--block-ms`` of the first run; whole cycles."""
   if args.steps:
     steps = args.steps
   else:
     lo, hi = max(args.min_steps, 1), max(args.min_steps, 20_000)
     steps, runs[0]["args"] = timing.steps_for(runs[0]["fn"], runs[0]["args"], args.block_ms / 1e3, lo, hi)
-  return k * max(1, math.ceil(steps / k))  # whole cycles: every block holds the same number of syncs
+  cycle = math.lcm(k, SNOO_K)  # whole cycles of every run (SNOO at its default k too): the same syncs per block
+  return cycle * max(1, math.ceil(steps / cycle))
 
 
 def rounds_for(n: int, args) -> int:
@@ -522,7 +528,7 @@ def targets(sizes, replica_size: int | None) -> list[Target]:
     if n in (1_000_000, 8_000_000):
       out.append(Target("lookahead(sgd+momentum) / sgd+momentum", n, 1.20, "sgd+momentum", "lookahead(sgd+momentum)"))
   if 8_000_000 in sizes:
-    out.append(Target("snoo(adam,k=5) / adam", 8_000_000, 1.15, impl="snoo(adam)"))
+    out.append(Target("snoo(adam), default k=20 / adam", 8_000_000, 1.15, impl="snoo(adam), default k=20"))
     out.append(
       Target(
         "lookahead(adam, slow_dtype=float32) / adam, bfloat16 params",

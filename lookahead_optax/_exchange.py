@@ -62,7 +62,7 @@ from jax.typing import DTypeLike
 
 from lookahead_optax import _compression
 from lookahead_optax._compression import compress, decompress
-from lookahead_optax._tree import vary_as
+from lookahead_optax._tree import unfolded_true, vary_as
 
 
 def _moved(collective, values):
@@ -317,7 +317,10 @@ def make(
       return mean, new_state
     own = jax.tree.map(lambda u: jnp.where(finite, u, 0) / jnp.asarray(replicas, u.dtype), updates)
     now = jax.tree.map(lambda o, m, s: o + (m - s), own, state.mean, state.sent)
-    return now, new_state._replace(mean=mean, sent=own)
+    # The new mean and share, made to depend on ``now``: XLA reads the stored ones first and then overwrites
+    # them in place, instead of copying both on every step.
+    later = lambda x, n: jnp.where(unfolded_true(rnd.total), x, n).astype(x.dtype)
+    return now, new_state._replace(mean=jax.tree.map(later, mean, now), sent=jax.tree.map(later, own, now))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -38,7 +38,16 @@ from jax.typing import DTypeLike
 
 from lookahead_optax import _alpha, _exchange, _placement, _policy, _streaming
 from lookahead_optax._config import AlphaLike, Config, make_config
-from lookahead_optax._tree import cast_like, fill, is_concrete, is_inexact, map_inexact, mask_like, vary_like
+from lookahead_optax._tree import (
+  cast_like,
+  fill,
+  is_concrete,
+  is_inexact,
+  map_inexact,
+  mask_like,
+  unfolded_true,
+  vary_like,
+)
 
 
 class LookaheadState(NamedTuple):
@@ -494,12 +503,12 @@ def at_most_one(index, branches, operands):
 def after(tree, syncs):
   """``tree`` unchanged, read only after the staged sync branch (which produced ``syncs``).
 
-  Multiplying by a 1 that XLA cannot fold (``syncs >= 0``) makes the inner
-  step depend on the branch: it then overwrites the inner state in place after
-  the branch has read it, instead of XLA copying the state to keep both.
+  Selected by a predicate XLA cannot fold (:func:`lookahead_optax._tree.unfolded_true`), the tree depends on
+  the branch: the inner step then overwrites the inner state in place after the branch has read it, instead
+  of XLA copying the state to keep both.
   """
-  one = syncs >= 0
-  return jax.tree.map(lambda x: x * one.astype(x.dtype) if is_inexact(x) else x, tree)
+  one = unfolded_true(syncs)
+  return jax.tree.map(lambda x: jnp.where(one, x, 0).astype(x.dtype) if is_inexact(x) else x, tree)
 
 
 def landing_updates(sync, params, inner_updates, target):
@@ -517,25 +526,37 @@ def commit(cfg: Config, index, ids, params, updates, exact, slow, inner_state, s
   it is taken from that sum, the expression ``optax.apply_updates`` evaluates
   (XLA shares it with the caller's), so fast == slow bitwise; the other slow
   weights already hold their new value (staged). With fragments, the branch of
-  fragment ``j`` writes fragment ``j``'s leaves. Non-sync steps neither read nor
+  fragment ``j`` writes fragment ``j``'s leaves. The inner state enters the
+  branch only under a policy that changes it. Non-sync steps neither read nor
   write anything here.
   """
   n = cfg.n_fragments
-  stored = (slow, inner_state, slow_inner_state, jnp.zeros((), jnp.int32))
+  policy = cfg.policy != "maintain"
+  states = (inner_state, slow_inner_state) if policy else ()
+  stored = (slow, states, jnp.zeros((), jnp.int32))
   if n > 1 and not any(jax.tree.leaves(exact)):
-    return stored  # nothing to write: the staged branch holds every new slow weight (policy is maintain)
-  landed = map_inexact(lambda p, u, s, e: (p + u).astype(p.dtype) if e else s, params, updates, slow, exact)
+    return slow, inner_state, slow_inner_state, stored[-1]  # the staged branch holds every new slow weight
+  new_params = map_inexact(lambda p, u: (p + u).astype(p.dtype), params, updates)  # what the caller computes
+  unfolded = lambda x, other: jnp.where(unfolded_true(index), x, other).astype(x.dtype)  # x, after ``other``
 
   def at_sync(j, operands):
-    slow, inner_state, slow_inner_state, _ = operands
-    new_slow = landed if n == 1 else _streaming.merge(slow, {j: _streaming.mask(landed, ids, j)}, ids)
-    policy = _policy.at_sync(
-      cfg.policy, inner_state, slow_inner_state, alpha, params, fresh=lambda: cfg.inner.init(params)
-    )
+    slow, states, _ = operands
+    # Where exact, a new value equal to the new params rather than that sum itself: else XLA keeps two buffers
+    # of one value and copies the slow weights on every step. Elsewhere the slow weights as they are, made to
+    # depend on the new params when the inner state passes through: the landing, which reads the inner
+    # state, is then ordered before this branch, and the inner state passes through in place.
+    keep = (lambda s, p: unfolded(s, p.astype(s.dtype))) if policy else (lambda s, p: s)
+    written = map_inexact(lambda p, s, e: unfolded(p, 0) if e else keep(s, p), new_params, slow, exact)
+    new_slow = written if n == 1 else _streaming.merge(slow, {j: _streaming.mask(written, ids, j)}, ids)
+    if policy:
+      inner, snapshot = states
+      states = _policy.at_sync(cfg.policy, inner, snapshot, alpha, params, fresh=lambda: cfg.inner.init(params))
     report = _alpha.report_out_of_range(cfg.caller, alpha) if _alpha.varies(cfg.alpha) else stored[-1]
-    return cast_like((new_slow, *policy, report), stored)
+    return cast_like((new_slow, states, report), stored)
 
-  return at_most_one(index, [functools.partial(at_sync, j) for j in range(n)], stored)
+  slow, states, report = at_most_one(index, [functools.partial(at_sync, j) for j in range(n)], stored)
+  inner_state, slow_inner_state = states if policy else (inner_state, slow_inner_state)
+  return slow, inner_state, slow_inner_state, report
 
 
 def sync_now(cfg: Config, state: LookaheadState, params, grads=None):

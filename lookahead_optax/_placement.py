@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 import warnings
 
@@ -135,30 +134,29 @@ def check_then_sync(cfg, state, params, exact, ids, checked: bool):
 
   ``wrong`` (int32, one per floating leaf) is 1 where a leaf checked at this
   update differs from its slow weights. The check runs once per cycle
-  (``checked``): a ``lax.switch`` on the fragment that synced at the previous
-  update (with one fragment: on ``count == 0``) compares that fragment's
-  params with its slow weights. The sync decision is computed inside every
-  branch, so everything downstream (the landing, which overwrites the params in
-  place) is ordered after the comparison and no buffer is copied for it. No
-  host is called: the flags go into the state (``LookaheadState.misplaced``).
+  (``checked``), in a ``lax.cond`` taken at the update after a sync (with one
+  fragment: on ``count == 0``): it compares the leaves of the fragment that
+  synced with their slow weights, on a sample of each (:func:`samples`), all
+  leaves in one pass. The sync decision is computed inside both branches, so
+  everything downstream (the landing, which overwrites the params in place)
+  is ordered after the comparison and no buffer is copied for it. No host is
+  called: the flags go into the state (``LookaheadState.misplaced``).
   """
   k, n = cfg.k, cfg.n_fragments
   decide = lambda count: _streaming.syncing(count, k, n)
   pairs = list(zip(*(jax.tree.leaves(t) for t in (map_inexact(lambda p: p, params), state.slow, exact))))
   # No flag raised, typed like the flags a check computes from the params (per replica under shard_map).
   none = vary_as(jnp.zeros((len(pairs),), jnp.int32), [x for pair in pairs for x in pair[:2]] + [state.misplaced])
-  if not checked:
+  if not checked or not pairs:
     return decide(state.count), none
   previous = _streaming.syncing((jnp.minimum(state.count, k - 1) + k - 1) % k, k, n)
 
-  def check(j, count):
-    wrong = [_differs(p, s, e) if ids[i] == j else jnp.zeros((), bool) for i, (p, s, e) in enumerate(pairs)]
-    # & previous == j: under vmap a switch runs every branch, so the flags themselves must say when to count.
-    wrong = (jnp.stack(wrong) if wrong else jnp.zeros((0,), bool)) & (previous == j)
+  def check(count):
+    # & ids == previous: under vmap a cond runs both branches, so the flags themselves say what to count.
+    wrong = _differ(pairs) & (jnp.asarray(ids) == previous)
     return decide(count), cast_like(wrong.astype(jnp.int32), none)
 
-  branches = [functools.partial(check, j) for j in range(n)] + [lambda count: (decide(count), none)]
-  return jax.lax.switch(previous, branches, state.count)
+  return jax.lax.cond(previous < n, check, lambda count: (decide(count), none), state.count)
 
 
 def report(state, name: str = "lookahead") -> None:
@@ -183,7 +181,7 @@ def report(state, name: str = "lookahead") -> None:
     _report_placement(name, _leaf_names(state.slow), counts)
 
 
-SAMPLE = 256
+SAMPLE = 32
 """The placement check compares between this many and twice this many evenly spaced elements of a large leaf."""
 
 
@@ -199,19 +197,34 @@ def sample(x):
   return flat[::stride]
 
 
-def _differs(p, s, exact):
-  """Do the params differ from the slow weights more than a sync's landing allows (on a sample of each leaf)?
+def replicated(x):
+  """``x`` whole on every device: a sample of a leaf sharded over an explicit mesh, gathered to be stacked."""
+  sharding = jax.typeof(x).sharding
+  if sharding.mesh.empty or all(axis is None for axis in sharding.spec):
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
+def _differ(pairs):
+  """Per ``(params, slow, exact)`` leaf: do the params differ from the slow weights more than a landing allows?
 
   Exactly where the slow weights are ``params + updates``; elsewhere (another
   slow dtype, replicas) the landing rounds once or twice, by at most a few
-  units in the last place of the sample's largest value.
+  units in the last place of the sample's largest value. Every leaf's sample
+  goes into one padded ``(leaves, samples)`` array, compared in one pass in a
+  dtype that holds every leaf exactly: one small kernel, not one per leaf.
   """
-  p, s = sample(p), sample(s)
-  if exact:
-    return jnp.max(jnp.abs(p - s)) > 0  # NaNs compare as equal
-  scale = jnp.max(jnp.abs(s)).astype(jnp.float32)
-  tol = 4 * jnp.finfo(p.dtype).eps * jnp.maximum(scale, jnp.finfo(p.dtype).tiny)
-  return jnp.max(jnp.abs(p - s.astype(p.dtype)).astype(jnp.float32)) > tol
+  width = max(sample(p).size for p, _, _ in pairs)
+  dtype = jnp.result_type(*(p.dtype for p, _, _ in pairs))
+  padded = lambda x, like: jnp.pad(replicated(sample(x)).astype(like.dtype).astype(dtype), (0, width - sample(x).size))
+  # The slow weights as the landing rounds them: in the params' dtype.
+  p = jnp.stack([padded(p_, p_) for p_, _, _ in pairs])
+  s = jnp.stack([padded(s_, p_) for p_, s_, _ in pairs])
+  exact = jnp.array([bool(e) for _, _, e in pairs])
+  eps = jnp.array([4 * float(jnp.finfo(p_.dtype).eps) for p_, _, _ in pairs], jnp.float32)
+  tiny = jnp.array([float(jnp.finfo(p_.dtype).tiny) for p_, _, _ in pairs], jnp.float32)
+  tol = jnp.where(exact, 0.0, eps * jnp.maximum(jnp.max(jnp.abs(s), axis=1).astype(jnp.float32), tiny))
+  return jnp.max(jnp.abs(p - s), axis=1).astype(jnp.float32) > tol  # NaNs compare as equal
 
 
 def _leaf_names(tree) -> tuple:

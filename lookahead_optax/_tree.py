@@ -32,6 +32,16 @@ def is_concrete(tree) -> bool:
   )
 
 
+def unfolded_true(token) -> jax.Array:
+  """``True``, computed from a scalar ``token`` of the step that is never below 0 (or NaN), so XLA cannot fold it.
+
+  ``jnp.where(unfolded_true(t), x, y)`` is ``x`` bit for bit but depends on
+  ``y``: XLA then computes ``y`` first, and may write ``x`` over a buffer that
+  ``y`` read (in place) instead of copying that buffer.
+  """
+  return jnp.logical_not(token < 0)
+
+
 def mask_like(params, tree):
   """``tree`` (shaped like ``params``) with ``MaskedNode()`` where params are not floating point."""
   return map_inexact(lambda p, x: x, params, tree)

@@ -23,6 +23,7 @@ from lookahead_optax import (
   slow_params,
   snoo,
 )
+from lookahead_optax._placement import SAMPLE
 from tests.compiled import count_primitive, input_shapes
 from tests.helpers import make_params, quadratic_grad, replica_grad
 
@@ -125,7 +126,8 @@ def test_the_check_reads_a_sample_of_each_leaf():
   _, state = opt.update(jax.tree.map(jnp.zeros_like, params), state, moved)
   assert state.misplaced.tolist() == [1, 1]
   reduced = input_shapes(jax.make_jaxpr(opt.update)(params, state, params).jaxpr, "reduce_max")
-  assert (5,) in reduced and max(math.prod(shape) for shape in reduced) <= 2 * 256  # the big leaf: a sample
+  # one (leaves, sample) array: the big leaf is read as a sample of at most 2 * SAMPLE elements, the small one whole
+  assert reduced and max(math.prod(shape) for shape in reduced) <= 2 * (2 * SAMPLE)
 
 
 def test_under_vmap_the_step_is_the_same_program_for_any_number_of_runs():
