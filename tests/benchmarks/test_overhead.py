@@ -19,7 +19,8 @@ def test_overhead_cli_writes_results(tmp_path):
   assert [(r["group"], r["impl"]) for r in rows] == [(i.group, i.name) for i in overhead.IMPLS]
   for row in rows:
     assert row["ms"] > 0 and row["temp_bytes"] >= 0 and row["argument_bytes"] > 0
-    assert row["steps"] == 5 and row["rounds"] == 2 and len(row["times_ms"]) == 2  # 3 steps rounded up to k=5
+    # 3 steps rounded up to whole cycles of k=5 and of SNOO's default k=20
+    assert row["steps"] == 20 and row["rounds"] == 2 and len(row["times_ms"]) == 2
     assert row["params"] == 8 * 15**2 + 6 * 15 + 1  # the MLP of width 15 is the nearest to 2000 params
     assert row["effects"] == 0, row["impl"]  # no lookahead path puts an effect in the step's jaxpr
     assert set(row["hlo"]) == {"entry", "branches"}
