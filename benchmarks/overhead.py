@@ -259,15 +259,14 @@ SNOO_K = 20
 """``snoo``'s default sync period (the "default k" row)."""
 
 
-def block_steps(runs, k: int, args) -> int:
-  """Steps per timed block: ``--steps``, or enough for about ``--block-ms`` of the first run; whole cycles."""
+def block_steps(runs, cycle: int, args) -> int:
+  """Steps per timed block: ``--steps``, or enough for about ``--block-ms`` of the first run; whole ``cycle``s."""
   if args.steps:
     steps = args.steps
   else:
     lo, hi = max(args.min_steps, 1), max(args.min_steps, 20_000)
     steps, runs[0]["args"] = timing.steps_for(runs[0]["fn"], runs[0]["args"], args.block_ms / 1e3, lo, hi)
-  cycle = math.lcm(k, SNOO_K)  # whole cycles of every run (SNOO at its default k too): the same syncs per block
-  return cycle * max(1, math.ceil(steps / cycle))
+  return cycle * max(1, math.ceil(steps / cycle))  # every block holds the same number of syncs
 
 
 def rounds_for(n: int, args) -> int:
@@ -297,7 +296,7 @@ def bench_size(n: int, k: int, args, progress) -> list[dict]:
         "params": param_count(raw),
       }
     )
-  steps = block_steps(runs, k, args)
+  steps = block_steps(runs, math.lcm(k, SNOO_K), args)  # whole cycles of every run, SNOO at its default k too
   rounds = rounds_for(n, args)
   progress(f"{n:,} params: compiled {len(runs)} steps; {rounds} rounds of {steps} steps each")
   timing.interleaved(runs, rounds, steps, seed=n, on_round=lambda r: progress(f"{n:,} params: round {r + 1}/{rounds}"))

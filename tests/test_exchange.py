@@ -21,7 +21,7 @@ import pytest
 
 from lookahead_optax import ReplicaMeanState, _compression, _exchange, lookahead, replica_mean
 from lookahead_optax._compression import compress, decompress
-from tests.compiled import collective_results_reach, count_primitive
+from tests.compiled import collective_results_reach, count_primitive, input_shapes
 from tests.helpers import make_params, replica_grad, replica_step, stack_replicas
 from tests.references import (
   reference_block_rows,
@@ -168,6 +168,18 @@ def test_compressed_mean_matches_numpy(replicas, dtype):
     np.testing.assert_allclose(mean[k][0], reference_mean(sent, dtype), rtol=1e-6, atol=1e-7, err_msg=k)
     if k != "scalar":  # the compression shows (a scalar scaled to the format's top value travels exactly)
       assert not np.allclose(mean[k][0], np.mean(x, axis=0), rtol=1e-6, atol=1e-7), k
+
+
+@pytest.mark.parametrize("top_k", [None, 0.25])
+def test_compressed_mean_adds_the_replicas_element_wise(top_k):
+  """No reduction over the gathered replica axis: it is one element-wise sum (XLA:CPU took seconds on a
+  reduction over that major axis of a leaf of a few million values)."""
+  replicas = 4
+  xs = replicas_of(SHAPES, replicas, seed=4)
+  tx = replica_mean("replica", dtype="int8", top_k=top_k)
+  jaxpr = jax.make_jaxpr(jax.vmap(lambda u, s: tx.update(u, s), axis_name="replica"))(xs, jax.vmap(tx.init)(xs))
+  reduced = input_shapes(jaxpr.jaxpr, "reduce_sum")
+  assert not [shape for shape in reduced if shape[:1] == (replicas,) and len(shape) > 1], reduced
 
 
 @pytest.mark.parametrize("replicas", [2, 4])
