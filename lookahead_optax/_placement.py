@@ -136,7 +136,7 @@ def check_then_sync(cfg, state, params, exact, ids, checked: bool):
   update differs from its slow weights. The check runs once per cycle
   (``checked``), in a ``lax.cond`` taken at the update after a sync (with one
   fragment: on ``count == 0``): it compares the leaves of the fragment that
-  synced with their slow weights, on a sample of each (:func:`samples`), all
+  synced with their slow weights, on a sample of each (:func:`sample`), all
   leaves in one pass. The sync decision is computed inside both branches, so
   everything downstream (the landing, which overwrites the params in place)
   is ordered after the comparison and no buffer is copied for it. No host is
@@ -216,10 +216,13 @@ def _differ(pairs):
   """
   width = max(sample(p).size for p, _, _ in pairs)
   dtype = jnp.result_type(*(p.dtype for p, _, _ in pairs))
-  padded = lambda x, like: jnp.pad(replicated(sample(x)).astype(like.dtype).astype(dtype), (0, width - sample(x).size))
-  # The slow weights as the landing rounds them: in the params' dtype.
-  p = jnp.stack([padded(p_, p_) for p_, _, _ in pairs])
-  s = jnp.stack([padded(s_, p_) for p_, s_, _ in pairs])
+
+  def row(x, like):  # a leaf's sample in the params' dtype (as the landing rounds), padded to the widest
+    x = replicated(sample(x)).astype(like.dtype).astype(dtype)
+    return jnp.pad(x, (0, width - x.size))
+
+  p = jnp.stack([row(p_, p_) for p_, _, _ in pairs])
+  s = jnp.stack([row(s_, p_) for p_, s_, _ in pairs])
   exact = jnp.array([bool(e) for _, _, e in pairs])
   eps = jnp.array([4 * float(jnp.finfo(p_.dtype).eps) for p_, _, _ in pairs], jnp.float32)
   tiny = jnp.array([float(jnp.finfo(p_.dtype).tiny) for p_, _, _ in pairs], jnp.float32)
