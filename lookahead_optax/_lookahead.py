@@ -204,8 +204,8 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
     grads = mask_like(params, updates)
     state = state._replace(alpha_state=_alpha.observe_gradient(cfg.alpha, state.alpha_state, grads))
     leaves = describe(cfg, params, state)
-    index, wrong = _placement.check_then_sync(cfg, state, params, *leaves, checked=not cfg.schedule.delay)
-    state = state._replace(misplaced=state.misplaced + wrong)
+    index, misplaced = _placement.check_then_sync(cfg, state, params, *leaves, checked=not cfg.schedule.delay)
+    state = state._replace(misplaced=misplaced)
     extra_args = dict(extra_args)
     outer_args = {"replica_weight": extra_args.pop("replica_weight")} if "replica_weight" in extra_args else {}
     inner_step = lambda inner_state: cfg.inner.update(updates, inner_state, params, **extra_args)
@@ -238,29 +238,27 @@ def step(cfg: Config, state: LookaheadState, params, grads, index, inner_step, s
   (a :func:`replica_mean`'s ``replica_weight``). Returns ``(updates, new_state)``.
   """
   exact, ids = leaves
-  sync = index < cfg.n_fragments  # the sync decision: fragment ``index`` syncs at this step
-  if is_fused(cfg, exact):  # the slow step is element-wise: fused into the inner step's loop
+  fused = is_fused(cfg, exact)
+  if fused:  # the slow step is element-wise: fused into the inner step's loop
     inner_updates, inner_state = inner_step(state.inner_state)
     delta = pseudo_gradient(params, state.slow, fast_weights(params, inner_updates))
     step_, alpha = alpha_step(cfg, state.syncs, delta, grads, inner_state, state.alpha_state, params)
     target = fused_landing(cfg, params, inner_updates, delta, step_)
-    slow, outer_state = state.slow, state.outer_state
+    slow, outer_state, syncs = state.slow, state.outer_state, state.syncs
   else:  # staged: the slow step in a branch taken only at a sync, before the inner step
-    (slow, outer_state, alpha), done = staged_sync(cfg, index, ids, state, params, grads, inner_step, outer_args)
-    inner_updates, inner_state = inner_step(after(state.inner_state, done))
+    (slow, outer_state, alpha), syncs = staged_sync(cfg, index, ids, state, params, grads, inner_step, outer_args)
+    inner_updates, inner_state = inner_step(after(state.inner_state, syncs))
     target = map_inexact(lambda p, u, s: staged_landing(schedule, p, u, s), params, inner_updates, slow)
   updates = landing_updates(leaf_flags(index, ids, params), params, inner_updates, target)
-  slow, inner_state, slow_inner_state, report = commit(
-    cfg, index, ids, params, updates, exact, slow, inner_state, state.slow_inner_state, alpha
-  )
+  stored = Written(slow, inner_state, state.slow_inner_state, syncs, alpha if not fused else state.alpha)
+  written, report = commit(cfg, index, ids, params, updates, exact, stored, alpha if fused else None)
+  # The next count, made to depend on the committed sync counter: every other reader of the stored count
+  # comes first, and it is overwritten in place (else XLA copies it).
+  count = jnp.where(unfolded_true(written.syncs) & (state.count < cfg.k - 1), state.count + 1, 0)
   return updates, state._replace(
-    count=jnp.where(state.count >= cfg.k - 1, 0, state.count + 1).astype(jnp.int32) + report,
-    syncs=jnp.where(sync, optax.safe_increment(state.syncs), state.syncs),
-    alpha=jax.tree.map(lambda a, last: jnp.where(sync, a, last), alpha, state.alpha),
-    slow=slow,
-    inner_state=inner_state,
-    slow_inner_state=slow_inner_state,
+    count=(count + report).astype(jnp.int32),
     outer_state=outer_state,
+    **written._asdict(),
   )
 
 
@@ -516,31 +514,52 @@ def landing_updates(sync, params, inner_updates, target):
   return fill(map_inexact(lambda p, s, u, t: jnp.where(s, t, u), params, sync, inner_updates, target), inner_updates)
 
 
-def commit(cfg: Config, index, ids, params, updates, exact, slow, inner_state, slow_inner_state, alpha):
-  """What changes only at a sync, in one conditional per fragment: the slow weights and the inner-state policy.
+class Written(NamedTuple):
+  """The fields of :class:`LookaheadState` that a sync writes (:func:`commit`) and a non-sync step keeps."""
 
-  Also returns an int32 zero, the result of the report of a scheduled or
-  injected alpha outside [0, 1] (:func:`lookahead_optax._alpha.report_out_of_range`).
+  slow: optax.Params
+  inner_state: optax.OptState
+  slow_inner_state: optax.OptState
+  syncs: jax.Array
+  alpha: jax.Array | optax.EmptyState
+
+
+def commit(cfg: Config, index, ids, params, updates, exact, stored: Written, alpha=None):
+  """What changes only at a sync, in one conditional per fragment: :class:`Written` and an int32 zero.
+
+  The zero is the result of the report of a scheduled or injected alpha
+  outside [0, 1] (:func:`lookahead_optax._alpha.report_out_of_range`), or a
+  Python 0 when alpha cannot leave [0, 1].
 
   Where the slow weight is exactly ``params + updates`` (:func:`exact_leaves`)
   it is taken from that sum, the expression ``optax.apply_updates`` evaluates
   (XLA shares it with the caller's), so fast == slow bitwise; the other slow
   weights already hold their new value (staged). With fragments, the branch of
   fragment ``j`` writes fragment ``j``'s leaves. The inner state enters the
-  branch only under a policy that changes it. Non-sync steps neither read nor
-  write anything here.
+  branch only under a policy that changes it. A fused step (``alpha`` given:
+  the alpha used) also counts the sync and stores ``alpha`` here; a staged
+  step did both in its sync branch. Non-sync steps neither read nor write
+  anything here.
   """
   n = cfg.n_fragments
   policy = cfg.policy != "maintain"
-  states = (inner_state, slow_inner_state) if policy else ()
-  stored = (slow, states, jnp.zeros((), jnp.int32))
+  reports = _alpha.varies(cfg.alpha)
+  counters = alpha is not None
+  used = stored.alpha if alpha is None else alpha  # the alpha of this sync (a staged step stored it already)
   if n > 1 and not any(jax.tree.leaves(exact)):
-    return slow, inner_state, slow_inner_state, stored[-1]  # the staged branch holds every new slow weight
+    return stored, 0  # the staged branch holds every new slow weight and counter
   new_params = map_inexact(lambda p, u: (p + u).astype(p.dtype), params, updates)  # what the caller computes
   unfolded = lambda x, other: jnp.where(unfolded_true(index), x, other).astype(x.dtype)  # x, after ``other``
+  # Into the branches goes only what a sync may change; the rest passes around them.
+  operands = (
+    stored.slow,
+    (stored.inner_state, stored.slow_inner_state) if policy else (),
+    (stored.syncs, stored.alpha) if counters else (),
+    jnp.zeros((), jnp.int32) if reports else (),
+  )
 
   def at_sync(j, operands):
-    slow, states, _ = operands
+    slow, states, counts, report = operands
     # Where exact, a new value equal to the new params rather than that sum itself: else XLA keeps two buffers
     # of one value and copies the slow weights on every step. Elsewhere the slow weights as they are, made to
     # depend on the new params when the inner state passes through: the landing, which reads the inner
@@ -550,13 +569,20 @@ def commit(cfg: Config, index, ids, params, updates, exact, slow, inner_state, s
     new_slow = written if n == 1 else _streaming.merge(slow, {j: _streaming.mask(written, ids, j)}, ids)
     if policy:
       inner, snapshot = states
-      states = _policy.at_sync(cfg.policy, inner, snapshot, alpha, params, fresh=lambda: cfg.inner.init(params))
-    report = _alpha.report_out_of_range(cfg.caller, alpha) if _alpha.varies(cfg.alpha) else stored[-1]
-    return cast_like((new_slow, states, report), stored)
+      states = _policy.at_sync(cfg.policy, inner, snapshot, used, params, fresh=lambda: cfg.inner.init(params))
+    if counters:
+      counts = (optax.safe_increment(counts[0]), alpha)
+    if reports:
+      report = _alpha.report_out_of_range(cfg.caller, used)
+    return cast_like((new_slow, states, counts, report), operands)
 
-  slow, states, report = at_most_one(index, [functools.partial(at_sync, j) for j in range(n)], stored)
-  inner_state, slow_inner_state = states if policy else (inner_state, slow_inner_state)
-  return slow, inner_state, slow_inner_state, report
+  slow, states, counts, report = at_most_one(index, [functools.partial(at_sync, j) for j in range(n)], operands)
+  written = stored._replace(slow=slow)
+  if policy:
+    written = written._replace(inner_state=states[0], slow_inner_state=states[1])
+  if counters:
+    written = written._replace(syncs=counts[0], alpha=counts[1])
+  return written, report if reports else 0
 
 
 def sync_now(cfg: Config, state: LookaheadState, params, grads=None):

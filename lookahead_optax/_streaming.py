@@ -205,6 +205,8 @@ def syncing(count_, k, n: int):
   A count at or beyond ``k - 1`` (``k`` lowered mid-cycle, e.g. injected) is read as ``k - 1``: the
   cycle ends at this step.
   """
+  if n == 1:  # the plain schedule: the cycle's last step
+    return jnp.where(count_ >= k - 1, 0, 1).astype(jnp.int32)
   count_ = jnp.minimum(count_, k - 1)
   j = jnp.arange(n)
   due = (count_ - (j * k) // n) % k == k - 1
