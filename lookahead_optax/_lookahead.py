@@ -42,7 +42,6 @@ from lookahead_optax._tree import (
   cast_like,
   fill,
   is_concrete,
-  is_inexact,
   map_inexact,
   mask_like,
   unfolded_true,
@@ -506,7 +505,8 @@ def after(tree, syncs):
   of XLA copying the state to keep both.
   """
   one = unfolded_true(syncs)
-  return jax.tree.map(lambda x: jnp.where(one, x, 0).astype(x.dtype) if is_inexact(x) else x, tree)
+  numeric = lambda x: hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.number)  # not a key, not a bool
+  return jax.tree.map(lambda x: jnp.where(one, x, 0).astype(x.dtype) if numeric(x) else x, tree)
 
 
 def landing_updates(sync, params, inner_updates, target):
@@ -554,7 +554,7 @@ def commit(cfg: Config, index, ids, params, updates, exact, stored: Written, alp
   operands = (
     stored.slow,
     (stored.inner_state, stored.slow_inner_state) if policy else (),
-    (stored.syncs, stored.alpha) if counters else (),
+    (stored.syncs, stored.alpha),  # written by a fused step; else through, to order the next count after
     jnp.zeros((), jnp.int32) if reports else (),
   )
 
@@ -580,9 +580,7 @@ def commit(cfg: Config, index, ids, params, updates, exact, stored: Written, alp
   written = stored._replace(slow=slow)
   if policy:
     written = written._replace(inner_state=states[0], slow_inner_state=states[1])
-  if counters:
-    written = written._replace(syncs=counts[0], alpha=counts[1])
-  return written, report if reports else 0
+  return written._replace(syncs=counts[0], alpha=counts[1]), report if reports else 0
 
 
 def sync_now(cfg: Config, state: LookaheadState, params, grads=None):
