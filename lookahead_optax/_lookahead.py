@@ -13,8 +13,9 @@ pipeline of module-level functions read top to bottom:
 3. the landing: element-wise ``where(sync, land on the new slow weights, inner
    updates)`` (:func:`landing_updates`), which XLA fuses into the inner
    optimizer's own loop;
-4. :func:`commit`: one ``lax.cond`` that writes what changes only at a sync,
-   the slow weights and the inner-state policy.
+4. :func:`commit`: one ``lax.cond`` that writes what changes only at a sync
+   (:class:`Written`): the slow weights, the inner-state policy and the sync
+   counter.
 
 Where the slow step runs is decided by one rule, :func:`is_fused`: element-wise
 in every step (plain alpha), or in a branch taken only at a sync
@@ -236,7 +237,7 @@ def step(cfg: Config, state: LookaheadState, params, grads, index, inner_step, s
   zero inner step. ``outer_args``: extra keyword arguments of ``outer.update``
   (a :func:`replica_mean`'s ``replica_weight``). Returns ``(updates, new_state)``.
   """
-  exact, ids = leaves
+  exact, ids = leaves  # and fragment ``index`` syncs at this step; none does when ``index == F``
   fused = is_fused(cfg, exact)
   if fused:  # the slow step is element-wise: fused into the inner step's loop
     inner_updates, inner_state = inner_step(state.inner_state)
