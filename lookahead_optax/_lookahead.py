@@ -71,7 +71,7 @@ class LookaheadState(NamedTuple):
   """Adaptive alpha's squared-gradient EMA when it keeps one; else ``EmptyState()``."""
   misplaced: jax.Array
   """Per floating-point leaf (``jax.tree.leaves`` order), the cycles whose first update found the params away
-  from the slow weights (int32; all 0 in a correct loop). Reported as a :class:`LookaheadPlacementWarning`
+  from the slow weights (int32, saturating at its maximum; all 0 in a correct loop). Reported as a :class:`LookaheadPlacementWarning`
   where the host reads the state."""
 
 

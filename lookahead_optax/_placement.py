@@ -156,7 +156,7 @@ def check_then_sync(cfg, state, params, exact, ids, checked: bool):
     wrong = _differ(pairs)
     if n > 1:  # only the leaves of the fragment that synced
       wrong &= jnp.asarray(ids) == previous(state.count)
-    return counts + wrong.astype(counts.dtype)
+    return jnp.minimum(counts, jnp.iinfo(counts.dtype).max - 1) + wrong.astype(counts.dtype)  # saturates: >= 0
 
   misplaced = jax.lax.cond(starts(state.count), check, lambda counts: counts, misplaced)
   # The sync decision reads the counts (always >= 0): everything downstream, the landing that overwrites the

@@ -107,6 +107,24 @@ def test_params_changed_outside_the_optimizer_are_reported_at_the_next_eager_upd
     opt.update({"w": jnp.ones(3)}, state, params)  # reported when the host next hands the state in
 
 
+def test_the_counts_saturate_and_the_syncs_go_on():
+  """A count at the int32 maximum stays there, and the steps after it still sync on schedule."""
+  opt = lookahead(optax.sgd(0.1), k=2, alpha=0.5)
+  params = {"w": jnp.zeros(3)}
+  top = jnp.iinfo(jnp.int32).max
+  state = opt.init(params)._replace(misplaced=jnp.array([top - 1], jnp.int32))
+  step = jax.jit(opt.update)
+  grads = {"w": jnp.ones(3)}
+  for _ in range(3):  # three cycles, each begun away from the slow weights
+    params = {"w": params["w"] + 1.0}
+    for _ in range(2):
+      updates, state = step(grads, state, params)
+      params = optax.apply_updates(params, updates)
+    assert int(state.misplaced[0]) == top
+    assert int(state.count) == 0 and bool(jnp.all(params["w"] == state.slow["w"]))  # synced, landed
+  assert int(state.syncs) == 3
+
+
 def test_the_check_runs_once_per_cycle():
   """Params changed in the middle of a cycle are not compared (the check costs one pass per cycle)."""
   opt = lookahead(optax.sgd(0.1), k=4)
