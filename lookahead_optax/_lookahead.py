@@ -71,8 +71,8 @@ class LookaheadState(NamedTuple):
   """Adaptive alpha's squared-gradient EMA when it keeps one; else ``EmptyState()``."""
   misplaced: jax.Array
   """Per floating-point leaf (``jax.tree.leaves`` order), the cycles whose first update found the params away
-  from the slow weights (int32, saturating at its maximum; all 0 in a correct loop). Reported as a :class:`LookaheadPlacementWarning`
-  where the host reads the state."""
+  from the slow weights (int32, saturating at its maximum; all 0 in a correct loop). Reported as a
+  :class:`LookaheadPlacementWarning` where the host reads the state."""
 
 
 def lookahead(
@@ -250,8 +250,8 @@ def step(cfg: Config, state: LookaheadState, params, grads, index, inner_step, s
     inner_updates, inner_state = inner_step(after(state.inner_state, syncs))
     target = map_inexact(lambda p, u, s: staged_landing(schedule, p, u, s), params, inner_updates, slow)
   updates = landing_updates(leaf_flags(index, ids, params), params, inner_updates, target)
-  stored = Written(slow, inner_state, state.slow_inner_state, syncs, alpha if not fused else state.alpha)
-  written, report = commit(cfg, index, ids, params, updates, exact, stored, alpha if fused else None)
+  stored = Written(slow, inner_state, state.slow_inner_state, syncs, state.alpha)
+  written, report = commit(cfg, index, ids, params, updates, exact, stored, alpha, counted=not fused)
   # The next count, made to depend on the committed sync counter: every other reader of the stored count
   # comes first, and it is overwritten in place (else XLA copies it).
   count = jnp.where(unfolded_true(written.syncs) & (state.count < cfg.k - 1), state.count + 1, 0)
@@ -511,7 +511,7 @@ def after(tree, syncs):
 
 
 def landing_updates(sync, params, inner_updates, target):
-  """``where(sync, target, inner updates)`` element-wise, ``sync`` per leaf; non-floating leaves keep the inner updates."""
+  """``where(sync, target, inner updates)`` element-wise, ``sync`` per leaf; other leaves keep the inner updates."""
   return fill(map_inexact(lambda p, s, u, t: jnp.where(s, t, u), params, sync, inner_updates, target), inner_updates)
 
 
@@ -525,7 +525,7 @@ class Written(NamedTuple):
   alpha: jax.Array | optax.EmptyState
 
 
-def commit(cfg: Config, index, ids, params, updates, exact, stored: Written, alpha=None):
+def commit(cfg: Config, index, ids, params, updates, exact, stored: Written, alpha, counted: bool):
   """What changes only at a sync, in one conditional per fragment: :class:`Written` and an int32 zero.
 
   The zero is the result of the report of a scheduled or injected alpha
@@ -537,25 +537,23 @@ def commit(cfg: Config, index, ids, params, updates, exact, stored: Written, alp
   (XLA shares it with the caller's), so fast == slow bitwise; the other slow
   weights already hold their new value (staged). With fragments, the branch of
   fragment ``j`` writes fragment ``j``'s leaves. The inner state enters the
-  branch only under a policy that changes it. A fused step (``alpha`` given:
-  the alpha used) also counts the sync and stores ``alpha`` here; a staged
-  step did both in its sync branch. Non-sync steps neither read nor write
+  branch only under a policy that changes it. The branch also stores
+  ``alpha``, the alpha of this sync, and counts the sync unless the staged
+  branch ``counted`` it already. Non-sync steps neither read nor write
   anything here.
   """
   n = cfg.n_fragments
   policy = cfg.policy != "maintain"
   reports = _alpha.varies(cfg.alpha)
-  counters = alpha is not None
-  used = stored.alpha if alpha is None else alpha  # the alpha of this sync (a staged step stored it already)
   if n > 1 and not any(jax.tree.leaves(exact)):
-    return stored, 0  # the staged branch holds every new slow weight and counter
+    return stored._replace(alpha=alpha), 0  # the staged branch holds every new slow weight and counter
   new_params = map_inexact(lambda p, u: (p + u).astype(p.dtype), params, updates)  # what the caller computes
   unfolded = lambda x, other: jnp.where(unfolded_true(index), x, other).astype(x.dtype)  # x, after ``other``
   # Into the branches goes only what a sync may change; the rest passes around them.
   operands = (
     stored.slow,
     (stored.inner_state, stored.slow_inner_state) if policy else (),
-    (stored.syncs, stored.alpha),  # written by a fused step; else through, to order the next count after
+    (stored.syncs, stored.alpha),  # the next count is ordered after the branch through them
     jnp.zeros((), jnp.int32) if reports else (),
   )
 
@@ -570,11 +568,10 @@ def commit(cfg: Config, index, ids, params, updates, exact, stored: Written, alp
     new_slow = written if n == 1 else _streaming.merge(slow, {j: _streaming.mask(written, ids, j)}, ids)
     if policy:
       inner, snapshot = states
-      states = _policy.at_sync(cfg.policy, inner, snapshot, used, params, fresh=lambda: cfg.inner.init(params))
-    if counters:
-      counts = (optax.safe_increment(counts[0]), alpha)
+      states = _policy.at_sync(cfg.policy, inner, snapshot, alpha, params, fresh=lambda: cfg.inner.init(params))
+    counts = (counts[0] if counted else optax.safe_increment(counts[0]), alpha)
     if reports:
-      report = _alpha.report_out_of_range(cfg.caller, used)
+      report = _alpha.report_out_of_range(cfg.caller, alpha)
     return cast_like((new_slow, states, counts, report), operands)
 
   slow, states, counts, report = at_most_one(index, [functools.partial(at_sync, j) for j in range(n)], operands)

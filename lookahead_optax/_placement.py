@@ -148,17 +148,17 @@ def check_then_sync(cfg, state, params, exact, ids, checked: bool):
     return decide(state.count), state.misplaced
   # Typed like the counts a check computes from the params (per replica under shard_map).
   misplaced = vary_as(state.misplaced, [x for pair in pairs for x in pair[:2]] + [state.misplaced])
-  previous = lambda count: _streaming.syncing((jnp.minimum(count, k - 1) + k - 1) % k, k, n)
-
-  starts = lambda count: count == 0 if n == 1 else previous(count) < n  # a cycle (or a fragment's) starts here
+  # The fragment that synced at the previous update (``F``: none): its leaves are checked at this one.
+  previous = _streaming.syncing((jnp.minimum(state.count, k - 1) + k - 1) % k, k, n)
 
   def check(counts):
     wrong = _differ(pairs)
     if n > 1:  # only the leaves of the fragment that synced
-      wrong &= jnp.asarray(ids) == previous(state.count)
+      wrong &= jnp.asarray(ids) == previous
     return jnp.minimum(counts, jnp.iinfo(counts.dtype).max - 1) + wrong.astype(counts.dtype)  # saturates: >= 0
 
-  misplaced = jax.lax.cond(starts(state.count), check, lambda counts: counts, misplaced)
+  starts = previous < n  # a cycle (or a fragment's) starts at this update
+  misplaced = jax.lax.cond(starts, check, lambda counts: counts, misplaced)
   # The sync decision reads the counts (always >= 0): everything downstream, the landing that overwrites the
   # params in place included, is ordered after the comparison, and no buffer is copied for it.
   return jnp.where(unfolded_true(misplaced[0]), decide(state.count), n).astype(jnp.int32), misplaced
