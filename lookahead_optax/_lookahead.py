@@ -1,9 +1,10 @@
 """The Lookahead combinator: k fast steps of any optax optimizer, then one slow step.
 
 ``update_fn`` checks its arguments, decides which fragment (if any) syncs at
-this step (:func:`lookahead_optax._placement.check_then_sync`, after the
-once-per-cycle placement check) and hands over to :func:`step`, a short
-pipeline of module-level functions read top to bottom:
+this step (:func:`lookahead_optax._streaming.syncing`, read after the
+once-per-cycle placement check, :func:`lookahead_optax._placement.check`) and
+hands over to :func:`step`, a short pipeline of module-level functions read
+top to bottom:
 
 1. the inner step, ``inner.update``: the inner updates, and the fast weights
    ``params + updates`` (:func:`fast_weights`);
@@ -204,8 +205,10 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
     grads = mask_like(params, updates)
     state = state._replace(alpha_state=_alpha.observe_gradient(cfg.alpha, state.alpha_state, grads))
     leaves = describe(cfg, params, state)
-    index, misplaced = _placement.check_then_sync(cfg, state, params, *leaves, checked=not cfg.schedule.delay)
-    state = state._replace(misplaced=misplaced)
+    index = _streaming.syncing(state.count, cfg.k, cfg.n_fragments)  # the sync decision: which fragment (F: none)
+    if not cfg.schedule.delay:  # (a delayed exchange lands off the slow weights: nothing to check)
+      state = state._replace(misplaced=_placement.check(cfg, state, params, *leaves))
+      index = _placement.after(state.misplaced, index)  # decided after the check, which reads the params
     extra_args = dict(extra_args)
     outer_args = {"replica_weight": extra_args.pop("replica_weight")} if "replica_weight" in extra_args else {}
     inner_step = lambda inner_state: cfg.inner.update(updates, inner_state, params, **extra_args)

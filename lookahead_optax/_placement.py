@@ -130,38 +130,45 @@ def check_update(cfg, updates, state, params) -> None:
     )
 
 
-def check_then_sync(cfg, state, params, exact, ids, checked: bool):
-  """``(index, misplaced)``: the fragment that syncs at this update (``F`` when none does), and the new counts.
+def check(cfg, state, params, exact, ids):
+  """``state.misplaced`` plus 1 for each leaf checked at this update that differs from its slow weights.
 
-  ``misplaced`` is ``state.misplaced`` plus 1 for each leaf checked at this
-  update that differs from its slow weights. The check runs once per cycle
-  (``checked``), in a ``lax.cond`` taken at the update after a sync (with one
-  fragment: on ``count == 0``): it compares the leaves of the fragment that
-  synced with their slow weights, on a sample of each (:func:`sample`), all
-  leaves in one pass. No host is called: the flags go into the state
-  (``LookaheadState.misplaced``).
+  The check runs once per cycle, in a ``lax.cond`` taken at the update after
+  a sync (with one fragment: on ``count == 0``): it compares the leaves of the
+  fragment that synced with their slow weights, on a sample of each
+  (:func:`sample`), all leaves in one pass. No host is called: the counts go
+  into the state (``LookaheadState.misplaced``). The sync decision is read
+  after them (:func:`after`).
   """
   k, n = cfg.k, cfg.n_fragments
-  decide = lambda count: _streaming.syncing(count, k, n)
   pairs = list(zip(*(jax.tree.leaves(t) for t in (map_inexact(lambda p: p, params), state.slow, exact))))
-  if not checked or not pairs:
-    return decide(state.count), state.misplaced
+  if not pairs:
+    return state.misplaced
   # Typed like the counts a check computes from the params (per replica under shard_map).
   misplaced = vary_as(state.misplaced, [x for pair in pairs for x in pair[:2]] + [state.misplaced])
   # The fragment that synced at the previous update (``F``: none): its leaves are checked at this one.
   previous = _streaming.syncing((jnp.minimum(state.count, k - 1) + k - 1) % k, k, n)
 
-  def check(counts):
+  def counted(counts):
     wrong = _differ(pairs)
     if n > 1:  # only the leaves of the fragment that synced
       wrong &= jnp.asarray(ids) == previous
     return jnp.minimum(counts, jnp.iinfo(counts.dtype).max - 1) + wrong.astype(counts.dtype)  # saturates: >= 0
 
   starts = previous < n  # a cycle (or a fragment's) starts at this update
-  misplaced = jax.lax.cond(starts, check, lambda counts: counts, misplaced)
-  # The sync decision reads the counts (always >= 0): everything downstream, the landing that overwrites the
-  # params in place included, is ordered after the comparison, and no buffer is copied for it.
-  return jnp.where(unfolded_true(misplaced[0]), decide(state.count), n).astype(jnp.int32), misplaced
+  return jax.lax.cond(starts, counted, lambda counts: counts, misplaced)
+
+
+def after(counts, index):
+  """``index`` (the sync decision), read after the check that produced ``counts`` (always >= 0).
+
+  Everything downstream of the decision, the landing that overwrites the
+  params in place included, is then ordered after the comparison that reads
+  the params, and no buffer is copied for it.
+  """
+  if counts.shape[0] == 0:
+    return index
+  return jnp.where(unfolded_true(counts[0]), index, 0).astype(index.dtype)
 
 
 def report(state, name: str = "lookahead") -> None:
