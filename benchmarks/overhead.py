@@ -11,7 +11,10 @@ state donated) of:
   ``optax.LookaheadParams``);
 - ``snoo(adam, k=5)`` and ``snoo(adam)`` at its default ``k=20``;
 - ``lookahead(adam, k=5, slow_dtype=jnp.float32)`` on bfloat16 params, against
-  Adam on bfloat16 params.
+  Adam on bfloat16 params;
+- two references per group: the inner optimizer plus one element-wise read of
+  a params-sized copy (:func:`one_more_read`, the floor of a step between
+  syncs), and lookahead with ``k=10⁹``, whose timed steps never sync.
 
 Then, at the largest size, SNOO, DiLoCo and Streaming DiLoCo under
 ``shard_map``, one replica per local device, in two layouts (their non-sync
