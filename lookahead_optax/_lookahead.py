@@ -46,6 +46,7 @@ from lookahead_optax._tree import (
   is_concrete,
   map_inexact,
   mask_like,
+  ordered_after,
   unfolded_true,
   vary_like,
 )
@@ -208,7 +209,7 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
     index = _streaming.syncing(state.count, cfg.k, cfg.n_fragments)  # the sync decision: which fragment (F: none)
     if not cfg.schedule.delay:  # (a delayed exchange lands off the slow weights: nothing to check)
       state = state._replace(misplaced=_placement.check(cfg, state, params, *leaves))
-      index = _placement.after(state.misplaced, index)  # decided after the check, which reads the params
+      index = ordered_after(state.misplaced, index)  # decided after the check, which reads the params
     extra_args = dict(extra_args)
     outer_args = {"replica_weight": extra_args.pop("replica_weight")} if "replica_weight" in extra_args else {}
     inner_step = lambda inner_state: cfg.inner.update(updates, inner_state, params, **extra_args)
@@ -250,7 +251,8 @@ def step(cfg: Config, state: LookaheadState, params, grads, index, inner_step, s
     slow, outer_state, syncs = state.slow, state.outer_state, state.syncs
   else:  # staged: the slow step in a branch taken only at a sync, before the inner step
     (slow, outer_state, alpha), syncs = staged_sync(cfg, index, ids, state, params, grads, inner_step, outer_args)
-    inner_updates, inner_state = inner_step(after(state.inner_state, syncs))
+    # The inner state, read after the branch: the inner step then overwrites it in place (else XLA copies it).
+    inner_updates, inner_state = inner_step(ordered_after(syncs, state.inner_state))
     target = map_inexact(lambda p, u, s: staged_landing(schedule, p, u, s), params, inner_updates, slow)
   updates = landing_updates(leaf_flags(index, ids, params), params, inner_updates, target)
   stored = Written(slow, inner_state, state.slow_inner_state, syncs, state.alpha)
@@ -470,7 +472,7 @@ def staged_sync(cfg: Config, index, ids, state: LookaheadState, params, grads, i
   wait for this step's gradient), then the fragment's slow step. Returns a
   :class:`SlowStep`: new at a sync, the stored one otherwise. The inner state
   is updated, as on every step, by the inner step that follows (ordered after
-  the branch with :func:`after`, so that every buffer is updated in place).
+  the branch with :func:`lookahead_optax._tree.ordered_after`, so that every buffer is updated in place).
   """
 
   def at_sync(j, operands):
@@ -499,18 +501,6 @@ def at_most_one(index, branches, operands):
   for j, branch in enumerate(branches):
     operands = jax.lax.cond(index == j, branch, lambda x: x, operands)
   return operands
-
-
-def after(tree, syncs):
-  """``tree`` unchanged, read only after the staged sync branch (which produced ``syncs``).
-
-  Selected by a predicate XLA cannot fold (:func:`lookahead_optax._tree.unfolded_true`), the tree depends on
-  the branch: the inner step then overwrites the inner state in place after the branch has read it, instead
-  of XLA copying the state to keep both.
-  """
-  one = unfolded_true(syncs)
-  numeric = lambda x: hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.number)  # not a key, not a bool
-  return jax.tree.map(lambda x: jnp.where(one, x, 0).astype(x.dtype) if numeric(x) else x, tree)
 
 
 def landing_updates(sync, params, inner_updates, target):

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from lookahead_optax import _streaming
-from lookahead_optax._tree import is_inexact, map_inexact, unfolded_true, vary_as
+from lookahead_optax._tree import is_inexact, map_inexact, vary_as
 
 
 class LookaheadPlacementWarning(UserWarning):
@@ -138,7 +138,8 @@ def check(cfg, state, params, exact, ids):
   fragment that synced with their slow weights, on a sample of each
   (:func:`sample`), all leaves in one pass. No host is called: the counts go
   into the state (``LookaheadState.misplaced``). The sync decision is read
-  after them (:func:`after`).
+  after them, so that the landing, which overwrites the params in place,
+  comes after the comparison that reads them.
   """
   k, n = cfg.k, cfg.n_fragments
   pairs = list(zip(*(jax.tree.leaves(t) for t in (map_inexact(lambda p: p, params), state.slow, exact))))
@@ -157,18 +158,6 @@ def check(cfg, state, params, exact, ids):
 
   starts = previous < n  # a cycle (or a fragment's) starts at this update
   return jax.lax.cond(starts, counted, lambda counts: counts, misplaced)
-
-
-def after(counts, index):
-  """``index`` (the sync decision), read after the check that produced ``counts`` (always >= 0).
-
-  Everything downstream of the decision, the landing that overwrites the
-  params in place included, is then ordered after the comparison that reads
-  the params, and no buffer is copied for it.
-  """
-  if counts.shape[0] == 0:
-    return index
-  return jnp.where(unfolded_true(counts[0]), index, 0).astype(index.dtype)
 
 
 def report(state, name: str = "lookahead") -> None:

@@ -42,6 +42,22 @@ def unfolded_true(token) -> jax.Array:
   return jnp.logical_not(token < 0)
 
 
+def ordered_after(token, tree):
+  """``tree`` unchanged, computed after ``token`` (an array of the step whose values are never below 0).
+
+  Each numeric leaf is selected by :func:`unfolded_true` of the token's first
+  element, so it depends on the token: XLA orders every reader of the result
+  after the computation of the token (and can then update buffers in place
+  instead of copying them). Keys and booleans pass as they are; an empty
+  token orders nothing.
+  """
+  if token.size == 0:
+    return tree
+  one = unfolded_true(token.ravel()[0])
+  numeric = lambda x: hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.number)  # not a key, not a bool
+  return jax.tree.map(lambda x: jnp.where(one, x, 0).astype(x.dtype) if numeric(x) else x, tree)
+
+
 def mask_like(params, tree):
   """``tree`` (shaped like ``params``) with ``MaskedNode()`` where params are not floating point."""
   return map_inexact(lambda p, x: x, params, tree)
