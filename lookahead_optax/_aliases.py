@@ -8,7 +8,7 @@ from typing import Any
 import optax
 from jax.typing import DTypeLike
 
-from lookahead_optax import _exchange, _streaming
+from lookahead_optax import _exchange, _outer, _streaming
 from lookahead_optax._config import check_number, make_config
 from lookahead_optax._lookahead import build
 
@@ -72,7 +72,7 @@ def ranger(
 def _nesterov(caller: str, outer_learning_rate, outer_momentum) -> optax.GradientTransformation:
   check_number(caller, "outer_learning_rate", outer_learning_rate, 0.0, float("inf"), low_open=True, schedule=True)
   check_number(caller, "outer_momentum", outer_momentum, 0.0, 1.0, high_open=True)
-  return optax.sgd(outer_learning_rate, momentum=outer_momentum, nesterov=True)
+  return _outer.nesterov(outer_learning_rate, outer_momentum)
 
 
 def snoo(
@@ -95,8 +95,12 @@ def snoo(
 
   ``outer_momentum=0`` with ``outer_learning_rate=alpha`` is plain Lookahead.
   The inner learning rate belongs to ``inner``; SNOO has no ``alpha`` (the
-  outer optimizer takes the slow step). It is
-  ``lookahead(inner, k, outer=optax.sgd(outer_learning_rate, outer_momentum, nesterov=True))``.
+  outer optimizer takes the slow step). It computes what
+  ``lookahead(inner, k, outer=optax.sgd(outer_learning_rate, outer_momentum, nesterov=True))``
+  computes (same state; the same values up to float rounding), and its sync
+  holds no params-sized buffer besides the state: the pseudo-gradient is
+  computed twice, once for the momentum and once for the slow weights, each
+  written in place.
 
   Args:
     inner: the inner (fast) optimizer, e.g. ``optax.adamw(...)``.

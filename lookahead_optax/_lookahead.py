@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import DTypeLike
 
-from lookahead_optax import _alpha, _exchange, _placement, _policy, _streaming
+from lookahead_optax import _alpha, _exchange, _outer, _placement, _policy, _streaming
 from lookahead_optax._config import AlphaLike, Config, make_config
 from lookahead_optax._tree import (
   cast_like,
@@ -212,7 +212,10 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
       index = ordered_after(state.misplaced, index)  # decided after the check, which reads the params
     extra_args = dict(extra_args)
     outer_args = {"replica_weight": extra_args.pop("replica_weight")} if "replica_weight" in extra_args else {}
-    inner_step = lambda inner_state: cfg.inner.update(updates, inner_state, params, **extra_args)
+    # ``order``: what the staged sync applies to the inputs to compute the inner step a second time (see slow_step).
+    inner_step = lambda inner_state, order=lambda x: x: cfg.inner.update(
+      *order((updates, inner_state, params)), **extra_args
+    )
     return step(cfg, state, params, grads, index, inner_step, cfg.schedule, leaves, outer_args)
 
   compiled_update = jax.jit(traced_update)
@@ -378,19 +381,32 @@ def alpha_step(cfg: Config, syncs, delta, grads, inner_state, alpha_state, param
   return jax.tree.map(lambda d: (-alpha * d).astype(d.dtype), delta), alpha
 
 
-def slow_step(cfg: Config, syncs, delta, grads, inner_state, alpha_state, outer_state, slow, params, outer_args):
+def slow_step(cfg: Config, syncs, pseudo, grads, inner_state, alpha_state, outer_state, slow, params, outer_args):
   r"""The slow step from the pseudo-gradient: ``(step, outer_state, alpha)``; the new slow weights are ``slow + step``.
+
+  ``pseudo(order)`` is the pseudo-gradient :math:`\Delta`, computed from
+  inputs passed through ``order`` (the identity, or
+  :func:`lookahead_optax._tree.ordered_after` for a second computation of the
+  same values that XLA does not share with the first).
 
   Plain Lookahead: :math:`\mathrm{step} = -\alpha\Delta`, and ``alpha`` is the
   step size used. With ``outer``: ``step, outer_state = outer.update(delta,
   outer_state, slow)`` (a :func:`replica_mean` in it averages ``delta`` over
-  the replicas), and there is no alpha (``EmptyState()``).
+  the replicas), and there is no alpha (``EmptyState()``). :func:`snoo`'s
+  Nesterov step takes its updates from a second computation of ``delta``
+  (:meth:`lookahead_optax._outer.NesterovUpdate.split`): XLA then computes it in
+  each of the two loops that write the momentum and the slow weights, instead
+  of keeping it in a params-sized buffer between them.
   """
-  if cfg.outer is not None:
-    step, outer_state = cfg.outer.update(delta, outer_state, slow, **outer_args)
-    return step, outer_state, optax.EmptyState()
-  step, alpha = alpha_step(cfg, syncs, delta, grads, inner_state, alpha_state, params)
-  return step, outer_state, alpha
+  delta = pseudo(lambda tree: tree)
+  if cfg.outer is None:
+    step, alpha = alpha_step(cfg, syncs, delta, grads, inner_state, alpha_state, params)
+    return step, outer_state, alpha
+  if isinstance(update := cfg.outer.update, _outer.NesterovUpdate):
+    step, outer_state = update.split(delta, lambda: pseudo(functools.partial(ordered_after, syncs)), outer_state)
+  else:
+    step, outer_state = update(delta, outer_state, slow, **outer_args)
+  return step, outer_state, optax.EmptyState()
 
 
 def new_slow_weights(slow, step):
@@ -435,7 +451,16 @@ class SlowStep(NamedTuple):
 
 
 def fragment_sync(
-  cfg: Config, j: int, ids, state: LookaheadState, current: SlowStep, params, fast, grads, inner_state, outer_args
+  cfg: Config,
+  j: int,
+  ids,
+  state: LookaheadState,
+  current: SlowStep,
+  params,
+  fast,
+  grads,
+  inner_state,
+  outer_args,
 ):
   """Fragment ``j``'s slow step (all params when there is one fragment): ``current`` with fragment ``j`` updated.
 
@@ -447,11 +472,20 @@ def fragment_sync(
   """
   one = cfg.n_fragments == 1
   part = (lambda tree: tree) if one else (lambda tree: _streaming.mask(tree, ids, j))
-  delta = part(pseudo_gradient(params, current.slow, fast))
+  pseudo = lambda order: part(pseudo_gradient(order(params), order(current.slow), fast(order)))
   per_fragment = cfg.outer is not None and not one
   outer_state = current.outer_state[j] if per_fragment else current.outer_state
   step, new_outer_state, alpha = slow_step(
-    cfg, state.syncs, delta, grads, inner_state, state.alpha_state, outer_state, part(current.slow), params, outer_args
+    cfg,
+    state.syncs,
+    pseudo,
+    grads,
+    inner_state,
+    state.alpha_state,
+    outer_state,
+    part(current.slow),
+    params,
+    outer_args,
   )
   if (empty := _exchange.empty_round(new_outer_state)) is not None:  # no replica present: nothing moves
     step = jax.tree.map(lambda u: u * jnp.logical_not(empty).astype(u.dtype), step)  # 0 (the mean is 0, finite)
@@ -477,11 +511,13 @@ def staged_sync(cfg: Config, index, ids, state: LookaheadState, params, grads, i
 
   def at_sync(j, operands):
     current, syncs = operands
+    # The fast weights, from inputs passed through ``order`` (see slow_step).
     if cfg.schedule.delay:
-      fast, inner_state = map_inexact(lambda p: p, params), state.inner_state
+      inner_state = state.inner_state
+      fast = lambda order: map_inexact(lambda p: p, order(params))
     else:
-      inner_updates, inner_state = inner_step(state.inner_state)
-      fast = fast_weights(params, inner_updates)
+      inner_state = inner_step(state.inner_state)[1]
+      fast = lambda order: fast_weights(order(params), inner_step(state.inner_state, order)[0])
     new = fragment_sync(cfg, j, ids, state, current, params, fast, grads, inner_state, outer_args)
     return cast_like((new, optax.safe_increment(syncs)), operands)
 
@@ -583,7 +619,7 @@ def sync_now(cfg: Config, state: LookaheadState, params, grads=None):
   rounded to the params' dtype.
   """
   grads = mask_like(params, grads) if grads is not None else map_inexact(jnp.zeros_like, params)
-  zero_step = lambda inner_state: (map_inexact(jnp.zeros_like, params), inner_state)
+  zero_step = lambda inner_state, order=None: (map_inexact(jnp.zeros_like, params), inner_state)
   leaves = describe(cfg, params, state)
   for j in range(cfg.n_fragments):
     _, state = step(cfg, state, params, grads, jnp.int32(j), zero_step, _streaming.EVERY_STEP, leaves, {})
