@@ -12,9 +12,12 @@ state donated) of:
 - ``snoo(adam, k=5)`` and ``snoo(adam)`` at its default ``k=20``;
 - ``lookahead(adam, k=5, slow_dtype=jnp.float32)`` on bfloat16 params, against
   Adam on bfloat16 params;
-- two references per group: the inner optimizer plus one element-wise read of
-  a params-sized copy (:func:`one_more_read`, the floor of a step between
-  syncs), and lookahead with ``k=10⁹``, whose timed steps never sync.
+- three references per group: the inner optimizer plus one element-wise read
+  of a params-sized copy (:func:`one_more_read`, the floor of a step between
+  syncs); lookahead with ``k=10⁹``, whose timed steps never sync; and
+  Lookahead scheduled by Python (:class:`Scheduled`: ``k - 1`` bare inner steps,
+  then one program that syncs, with no conditional), what a cycle costs when
+  only the sync's own work is added.
 
 Then, at the largest size, SNOO, DiLoCo and Streaming DiLoCo under
 ``shard_map``, one replica per local device, in two layouts (their non-sync
@@ -87,7 +90,7 @@ class Impl(NamedTuple):
 
   name: str
   group: str
-  build: Callable[[int], optax.GradientTransformation]
+  build: Callable[[int], optax.GradientTransformation | Scheduled]
   wrap: Callable = lambda p: p
   library: bool = True
   """A lookahead_optax path (its jaxpr's effects are counted); False for the bare step and optax.lookahead."""
@@ -122,18 +125,73 @@ def one_more_read(inner: optax.GradientTransformation, dtype=None) -> optax.Grad
   return optax.GradientTransformation(init, update)
 
 
+class Scheduled(NamedTuple):
+  """Lookahead scheduled by Python: a reference for what a sync must cost, not a library path.
+
+  ``k - 1`` calls of a program that is the bare inner step, then one call of a
+  program that is the sync: the inner step, the slow step
+  ``slow + alpha * ((params + updates) - slow)``, and the result returned as both
+  the params and the slow weights (a second buffer, which XLA writes with a
+  copy). No conditional, counter or check runs in either program: the least a
+  step that keeps separate slow weights costs on the machine, on average over a
+  cycle. :func:`optimizer_step` makes its step (:class:`Alternating`).
+  """
+
+  inner: optax.GradientTransformation
+  k: int
+  alpha: float = 0.5
+
+  def init(self, params):
+    return self.inner.init(params), jax.tree.map(jnp.copy, params)  # (inner state, slow weights)
+
+  def programs(self):
+    """The jitted, donated ``(params, (inner_state, slow), grads) -> (params, (inner_state, slow))`` pair."""
+
+    def plain(params, state, grads):
+      updates, inner_state = self.inner.update(grads, state[0], params)
+      return optax.apply_updates(params, updates), (inner_state, state[1])
+
+    def sync(params, state, grads):
+      updates, inner_state = self.inner.update(grads, state[0], params)
+      slow = jax.tree.map(lambda p, u, s: s + self.alpha * ((p + u) - s), params, updates, state[1])
+      return slow, (inner_state, slow)
+
+    return [jax.jit(f, donate_argnums=(0, 1)) for f in (plain, sync)]
+
+
+class Alternating:
+  """The step of a :class:`Scheduled` Lookahead: each ``k``-th call runs the sync program, the others the plain one.
+
+  ``lower`` and ``program`` give the sync program, for the compiled figures.
+  """
+
+  def __init__(self, scheduled: Scheduled):
+    self.plain, self.program = scheduled.programs()
+    self.k, self.calls = scheduled.k, 0
+
+  def __call__(self, params, state, grads):
+    self.calls += 1
+    return (self.program if self.calls % self.k == 0 else self.plain)(params, state, grads)
+
+  def lower(self, *args):
+    return self.program.lower(*args)
+
+
 _adam, _momentum = INNERS["adam"], INNERS["sgd+momentum"]
 FLOOR = "+ one read (floor)"
 """Suffix of the floor rows (:func:`one_more_read`)."""
 NEVER = 10**9
 NO_SYNC = "non-sync step (k=10⁹)"
 """Suffix of the rows whose timed steps never sync: a lookahead step between syncs."""
+SCHEDULED = "scheduled by Python (reference)"
+"""Suffix of the :class:`Scheduled` rows: a Lookahead with no conditional, the least a cycle costs."""
 
 IMPLS = [
   Impl("adam", "adam", lambda k: _adam(), library=False),
   Impl(f"adam {FLOOR}", "adam", lambda k: one_more_read(_adam()), library=False),
   Impl("lookahead(adam)", "adam", lambda k: lookahead(_adam(), k)),
   Impl(f"lookahead(adam) {NO_SYNC}", "adam", lambda k: lookahead(_adam(), NEVER)),
+  Impl(f"lookahead(adam) {SCHEDULED}", "adam", lambda k: Scheduled(_adam(), k), library=False),
   Impl("lookahead(adam), reset", "adam", lambda k: lookahead(_adam(), k, inner_state_policy="reset")),
   Impl("lookahead(adam), interpolate", "adam", lambda k: lookahead(_adam(), k, inner_state_policy="interpolate")),
   Impl("snoo(adam)", "adam", lambda k: snoo(_adam(), k)),
@@ -143,6 +201,7 @@ IMPLS = [
   Impl(f"sgd+momentum {FLOOR}", "sgd+momentum", lambda k: one_more_read(_momentum()), library=False),
   Impl("lookahead(sgd+momentum)", "sgd+momentum", lambda k: lookahead(_momentum(), k)),
   Impl(f"lookahead(sgd+momentum) {NO_SYNC}", "sgd+momentum", lambda k: lookahead(_momentum(), NEVER)),
+  Impl(f"lookahead(sgd+momentum) {SCHEDULED}", "sgd+momentum", lambda k: Scheduled(_momentum(), k), library=False),
   Impl(
     "optax.lookahead(sgd+momentum)",
     "sgd+momentum",
@@ -166,6 +225,7 @@ BARE = {g: next(i.name for i in IMPLS if i.group == g) for g in GROUPS}
 OPTAX = {g: next((i.name for i in IMPLS if i.group == g and i.name.startswith("optax.")), None) for g in GROUPS}
 FLOORS = {g: next((i.name for i in IMPLS if i.group == g and FLOOR in i.name), None) for g in GROUPS}
 NON_SYNC = {g: next((i.name for i in IMPLS if i.group == g and i.name.endswith(NO_SYNC)), None) for g in GROUPS}
+SCHEDULES = {g: next((i.name for i in IMPLS if i.group == g and i.name.endswith(SCHEDULED)), None) for g in GROUPS}
 
 
 # ---------------------------------------------------------------- params and steps
@@ -202,8 +262,10 @@ def param_count(tree) -> int:
   return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
-def optimizer_step(tx: optax.GradientTransformation):
+def optimizer_step(tx: optax.GradientTransformation | Scheduled):
   """The jitted, donated optimizer-only step ``(params, state, grads) -> (params, state)``."""
+  if isinstance(tx, Scheduled):
+    return Alternating(tx)
 
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
@@ -280,9 +342,10 @@ def describe(jitted, *args) -> dict:
   loop calls its step, and not the ahead-of-time ``Compiled`` object.
   """
   compiled = jitted.lower(*args).compile()
+  program = jitted.program if isinstance(jitted, Alternating) else jitted  # a Scheduled reference: its sync
   return {
     **memory_of(compiled),
-    "effects": len(jax.make_jaxpr(jitted)(*args).effects),
+    "effects": len(jax.make_jaxpr(program)(*args).effects),
     "hlo": hlo_op_counts(compiled.as_text()),
   }
 
@@ -624,6 +687,7 @@ def judge(result: dict) -> list[dict]:
         "met": None if measured is None else bool(measured <= t.bound),
         "floor": ratio_of(FLOORS[t.group]) if beside and FLOORS[t.group] else None,
         "non_sync": ratio_of(NON_SYNC[t.group]) if beside and NON_SYNC[t.group] else None,
+        "scheduled": ratio_of(SCHEDULES[t.group]) if beside and SCHEDULES[t.group] else None,
       }
     )
   return out
@@ -651,7 +715,16 @@ def target_table(result: dict) -> str:
   verdict = lambda j: "not measured" if j["met"] is None else ("**met**" if j["met"] else "**MISSED**")
   cell = lambda x: "—" if x is None else f"{x:.3f}"
   return report.markdown_table(
-    ["target", "size", "bound", "measured", "verdict", "inner + one read (floor)", "lookahead's non-sync step"],
+    [
+      "target",
+      "size",
+      "bound",
+      "measured",
+      "verdict",
+      "inner + one read (floor)",
+      "lookahead's non-sync step",
+      "scheduled by Python (reference)",
+    ],
     [
       [
         j["target"],
@@ -661,6 +734,7 @@ def target_table(result: dict) -> str:
         verdict(j),
         cell(j.get("floor")),
         cell(j.get("non_sync")),
+        cell(j.get("scheduled")),
       ]
       for j in judge(result)
     ],
@@ -715,11 +789,14 @@ def write_markdown(path: str, result: dict) -> None:
     "",
     target_table(result),
     "",
-    "Beside a ratio to the bare inner step, two references from the same rounds: the inner optimizer plus one",
+    "Beside a ratio to the bare inner step, three references from the same rounds: the inner optimizer plus one",
     "element-wise read of a params-sized copy and nothing else (`one_more_read`: what a step costs that reads the",
-    "slow weights once and never writes them), and lookahead with k = 10⁹, whose timed steps never sync. A",
-    "lookahead step between syncs costs about the floor; the rest of the measured ratio is the sync, one",
-    "step in k, which writes the slow weights.",
+    "slow weights once and never writes them); lookahead with k = 10⁹, whose timed steps never sync; and",
+    "Lookahead scheduled by Python (`Scheduled`): k − 1 calls of the bare inner step, then one call of a program",
+    "that takes the inner step and the slow step and returns the result as both the params and the slow",
+    "weights. It has no conditional, counter or check: what a cycle costs, on average per step, when only the",
+    "sync's own arithmetic and the write of the slow weights are added to the inner steps. A lookahead step",
+    "between syncs costs about the floor; the rest of the measured ratio is the sync, one step in k.",
     "",
     "## Ratios per size",
     "",

@@ -54,6 +54,16 @@ class NesterovUpdate:
 
 
 def nesterov(learning_rate: optax.ScalarOrSchedule, momentum: float) -> optax.GradientTransformationExtraArgs:
-  """``optax.sgd(learning_rate, momentum, nesterov=True)`` whose update also has :meth:`NesterovUpdate.split`."""
+  """``optax.sgd(learning_rate, momentum, nesterov=True)`` whose update also has :meth:`NesterovUpdate.split`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> tx = nesterov(0.5, 0.9)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> delta = {"w": jnp.array([1.0, -2.0])}
+    >>> updates, _ = tx.update.split(delta, lambda: delta, state)  # b = delta; u = -0.5 (delta + 0.9 b)
+    >>> updates["w"]
+    Array([-0.95,  1.9 ], dtype=float32)
+  """
   update = NesterovUpdate(learning_rate, momentum)
   return optax.GradientTransformationExtraArgs(update.sgd.init, update)

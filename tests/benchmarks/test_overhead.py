@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import overhead
 from benchmarks.common import timing
+from tests.references import reference_lookahead
 
 
 def test_overhead_cli_writes_results(tmp_path):
@@ -34,6 +35,7 @@ def test_overhead_cli_writes_results(tmp_path):
   # The Lookahead paths hold their sync-only work in conditionals; the bare step has none.
   by = {(r["group"], r["impl"]): r for r in rows}
   assert by[("adam", "adam")]["hlo"]["entry"]["conditional"] == 0
+  assert by[("adam", f"lookahead(adam) {overhead.SCHEDULED}")]["hlo"]["entry"]["conditional"] == 0
   assert by[("adam", "lookahead(adam)")]["hlo"]["entry"]["conditional"] >= 1
   # The slow weights: one more copy of the params in the state (4 bytes a param), twice that for interpolate.
   assert by[("adam", "lookahead(adam)")]["extra_state_bytes"] >= 4 * rows[0]["params"]
@@ -170,3 +172,21 @@ def test_parse_args_quick_and_errors():
   assert overhead.parse_args([]).sizes == list(overhead.SIZES)
   with pytest.raises(SystemExit):
     overhead.parse_args(["--k", "0"])
+
+
+@pytest.mark.parametrize("inner", ["adam", "sgd+momentum"])
+def test_the_scheduled_reference_is_algorithm_1(inner):
+  """The Python-scheduled reference row times a real Lookahead: Algorithm 1's fast weights, cycle after cycle."""
+  k, steps = 3, 8
+  params = {"w": jnp.linspace(-1.0, 2.0, 6).reshape(2, 3), "b": jnp.array([0.5, -0.25])}
+  grad = lambda p, t: jax.tree.map(lambda x: 2.0 * x + 0.1 * (t + 1), p)  # a quadratic, moving with t
+  make = overhead.INNERS[inner]
+  want_fast, want_slow = reference_lookahead(make(), k, 0.5, params, grad, steps)
+  reference = overhead.Scheduled(make(), k)
+  step = overhead.optimizer_step(reference)
+  p, state = jax.tree.map(jnp.copy, params), reference.init(params)
+  for t in range(steps):
+    p, state = step(p, state, grad(p, t))
+    chex.assert_trees_all_close(p, want_fast[t], rtol=1e-6, atol=1e-6, custom_message=f"fast weights, step {t}")
+    chex.assert_trees_all_close(state[1], want_slow[t], rtol=1e-6, atol=1e-6, custom_message=f"slow, step {t}")
+  assert step.calls == steps
