@@ -451,16 +451,7 @@ class SlowStep(NamedTuple):
 
 
 def fragment_sync(
-  cfg: Config,
-  j: int,
-  ids,
-  state: LookaheadState,
-  current: SlowStep,
-  params,
-  fast,
-  grads,
-  inner_state,
-  outer_args,
+  cfg: Config, j: int, ids, state: LookaheadState, current: SlowStep, params, fast, grads, inner_state, outer_args
 ):
   """Fragment ``j``'s slow step (all params when there is one fragment): ``current`` with fragment ``j`` updated.
 
@@ -468,7 +459,8 @@ def fragment_sync(
   merge: each fragment has its own outer state. A round of the replica mean
   with no replica present leaves the fragment's slow weights and outer state
   as they were: a zero step, and the stored outer state
-  (:func:`lookahead_optax._exchange.hold`).
+  (:func:`lookahead_optax._exchange.hold`). ``fast(order)``: the fast weights,
+  from inputs passed through ``order`` (see :func:`slow_step`).
   """
   one = cfg.n_fragments == 1
   part = (lambda tree: tree) if one else (lambda tree: _streaming.mask(tree, ids, j))
@@ -476,16 +468,7 @@ def fragment_sync(
   per_fragment = cfg.outer is not None and not one
   outer_state = current.outer_state[j] if per_fragment else current.outer_state
   step, new_outer_state, alpha = slow_step(
-    cfg,
-    state.syncs,
-    pseudo,
-    grads,
-    inner_state,
-    state.alpha_state,
-    outer_state,
-    part(current.slow),
-    params,
-    outer_args,
+    cfg, state.syncs, pseudo, grads, inner_state, state.alpha_state, outer_state, part(current.slow), params, outer_args
   )
   if (empty := _exchange.empty_round(new_outer_state)) is not None:  # no replica present: nothing moves
     step = jax.tree.map(lambda u: u * jnp.logical_not(empty).astype(u.dtype), step)  # 0 (the mean is 0, finite)
