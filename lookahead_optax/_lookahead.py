@@ -213,7 +213,7 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
     extra_args = dict(extra_args)
     outer_args = {"replica_weight": extra_args.pop("replica_weight")} if "replica_weight" in extra_args else {}
     # ``order``: what the staged sync applies to the inputs to compute the inner step a second time (see slow_step).
-    inner_step = lambda inner_state, order=lambda x: x: cfg.inner.update(
+    inner_step = lambda inner_state, order=unordered: cfg.inner.update(
       *order((updates, inner_state, params)), **extra_args
     )
     return step(cfg, state, params, grads, index, inner_step, cfg.schedule, leaves, outer_args)
@@ -398,7 +398,7 @@ def slow_step(cfg: Config, syncs, pseudo, grads, inner_state, alpha_state, outer
   each of the two loops that write the momentum and the slow weights, instead
   of keeping it in a params-sized buffer between them.
   """
-  delta = pseudo(lambda tree: tree)
+  delta = pseudo(unordered)
   if cfg.outer is None:
     step, alpha = alpha_step(cfg, syncs, delta, grads, inner_state, alpha_state, params)
     return step, outer_state, alpha
@@ -450,6 +450,11 @@ class SlowStep(NamedTuple):
   alpha: jax.Array | optax.EmptyState
 
 
+def unordered(tree):
+  """``tree`` as it is: the inputs of the first computation of a value (see :func:`slow_step`)."""
+  return tree
+
+
 def fragment_sync(
   cfg: Config, j: int, ids, state: LookaheadState, current: SlowStep, params, fast, grads, inner_state, outer_args
 ):
@@ -499,8 +504,9 @@ def staged_sync(cfg: Config, index, ids, state: LookaheadState, params, grads, i
       inner_state = state.inner_state
       fast = lambda order: map_inexact(lambda p: p, order(params))
     else:
-      inner_state = inner_step(state.inner_state)[1]
-      fast = lambda order: fast_weights(order(params), inner_step(state.inner_state, order)[0])
+      inner_updates, inner_state = inner_step(state.inner_state)
+      again = lambda order: inner_step(state.inner_state, order)[0]  # a second computation (snoo's split)
+      fast = lambda order: fast_weights(order(params), inner_updates if order is unordered else again(order))
     new = fragment_sync(cfg, j, ids, state, current, params, fast, grads, inner_state, outer_args)
     return cast_like((new, optax.safe_increment(syncs)), operands)
 
@@ -602,7 +608,7 @@ def sync_now(cfg: Config, state: LookaheadState, params, grads=None):
   rounded to the params' dtype.
   """
   grads = mask_like(params, grads) if grads is not None else map_inexact(jnp.zeros_like, params)
-  zero_step = lambda inner_state, order=None: (map_inexact(jnp.zeros_like, params), inner_state)
+  zero_step = lambda inner_state, order=unordered: (map_inexact(jnp.zeros_like, params), inner_state)
   leaves = describe(cfg, params, state)
   for j in range(cfg.n_fragments):
     _, state = step(cfg, state, params, grads, jnp.int32(j), zero_step, _streaming.EVERY_STEP, leaves, {})

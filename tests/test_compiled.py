@@ -49,6 +49,7 @@ PATHS = {
   ),
   # snoo's Nesterov outer step computes the pseudo-gradient twice, in place (lookahead_optax._outer).
   "outer (SNOO)": (lambda: snoo(ADAM(), 5), jnp.float32, 0),
+  "outer (SNOO) reset": (lambda: snoo(ADAM(), 5, inner_state_policy="reset"), jnp.float32, 0),
   "outer slow_dtype": (lambda: snoo(ADAM(), 5, slow_dtype=jnp.float32), jnp.bfloat16, 0),
   # Any other outer optimizer: the pseudo-gradient feeds both its state and the slow weights (as it feeds
   # adaptive alpha's sums and the slow weights, or the all-reduce): XLA keeps it inside the sync branch.
