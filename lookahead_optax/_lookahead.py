@@ -577,12 +577,16 @@ def commit(cfg: Config, index, ids, params, updates, exact, stored: Written, alp
 
   def at_sync(j, operands):
     slow, states, counts, report = operands
-    # Where exact, a new value equal to the new params rather than that sum itself: else XLA keeps two buffers
-    # of one value and copies the slow weights on every step. Elsewhere the slow weights as they are, made to
-    # depend on the new params when the inner state passes through: the landing, which reads the inner
-    # state, is then ordered before this branch, and the inner state passes through in place.
+    # Where exact, the new params. Fused, they are returned as they are: XLA copies them into the slow
+    # weights' buffer inside this branch with a plain copy, the cheapest write of a params-sized buffer.
+    # Staged, the slow weights come out of the staged branch, and XLA would instead copy them in the branch
+    # that does nothing, at every step: there a new value equal to the new params is computed.
+    # Elsewhere the slow weights as they are, made to depend on the new params when the inner state passes
+    # through: the landing, which reads the inner state, is then ordered before this branch, and the inner
+    # state passes through in place.
+    exact_slow = (lambda p: unfolded(p, 0)) if counted else (lambda p: p)
     keep = (lambda s, p: unfolded(s, p.astype(s.dtype))) if policy else (lambda s, p: s)
-    written = map_inexact(lambda p, s, e: unfolded(p, 0) if e else keep(s, p), new_params, slow, exact)
+    written = map_inexact(lambda p, s, e: exact_slow(p) if e else keep(s, p), new_params, slow, exact)
     new_slow = written if n == 1 else _streaming.merge(slow, {j: _streaming.mask(written, ids, j)}, ids)
     if policy:
       inner, snapshot = states
