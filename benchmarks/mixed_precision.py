@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import NamedTuple
 
 import jax
@@ -152,6 +153,7 @@ def main(argv=None):
   report.write_json(
     args.out + ".json",
     {
+      "command": " ".join(["python -m benchmarks.mixed_precision", *(sys.argv[1:] if argv is None else argv)]),
       "config": results["config"],
       "bf16_grid_floor": results["bf16_grid_floor"],
       "loss_at_step": summary,

@@ -195,7 +195,7 @@ PATHS = {
 
 def summary(fig2=None, fig3=None, fig4=None) -> dict:
   """The numbers the README quotes, JSON-ready."""
-  out = {"environment": report.environment()}
+  out = {"command": "python -m benchmarks.theory_figures", "environment": report.environment()}
   if fig3 is not None:
     # At matched steady-state loss: the best Lookahead alpha vs SGD, loss after T updates.
     rows = []

@@ -170,7 +170,7 @@ def inner_second_moment(inner_state) -> tuple[Any, jax.Array] | None:
 
 def init_alpha_state(rule, slow, inner_state):
   """The alpha state for ``rule`` (``optax.EmptyState()`` unless it keeps an EMA)."""
-  if not isinstance(rule, AdaptiveAlpha) or _uses_inner_fisher(rule, inner_state):
+  if not keeps_ema(rule, inner_state):
     return optax.EmptyState()
   if rule.fisher == "inner":
     raise ValueError(
@@ -179,6 +179,11 @@ def init_alpha_state(rule, slow, inner_state):
     )
   zeros = jax.tree.map(lambda s: jnp.zeros_like(s, dtype=jnp.real(s).dtype), slow)
   return AdaptiveAlphaState(fisher=zeros, count=jnp.zeros((), jnp.int32))
+
+
+def keeps_ema(rule, inner_state) -> bool:
+  """Does ``rule`` keep its own squared-gradient EMA in the state (:func:`init_alpha_state`)?"""
+  return isinstance(rule, AdaptiveAlpha) and not _uses_inner_fisher(rule, inner_state)
 
 
 def _uses_inner_fisher(rule: AdaptiveAlpha, inner_state) -> bool:
@@ -197,7 +202,7 @@ def observe_gradient(rule, alpha_state, grads):
   return AdaptiveAlphaState(fisher=fisher, count=optax.safe_increment(alpha_state.count))
 
 
-def alpha_at_sync(rule, syncs, alpha_state, inner_state, delta, grads, mask, dtype):
+def alpha_at_sync(rule, syncs, alpha_state, inner_state, delta, grads, mask, dtype, caller="lookahead"):
   """The alpha used at this sync, a scalar of ``dtype`` (that of the slow weights, :func:`alpha_dtype`).
 
   ``delta`` is the pseudo-gradient (slow - fast); ``delta`` and ``grads`` hold
@@ -216,8 +221,22 @@ def alpha_at_sync(rule, syncs, alpha_state, inner_state, delta, grads, mask, dty
     sums = _quadratic_sums(delta, grads, fisher, rule.eps)
     return jnp.clip(_from_sums(*sums), rule.alpha_low, 1.0).astype(dtype)
   if callable(rule):
-    return jnp.asarray(rule(syncs), dtype)
+    return scheduled(caller, rule, syncs, dtype)
   return jnp.asarray(rule, dtype)
+
+
+def scheduled(caller: str, schedule, syncs, dtype) -> jax.Array:
+  """An alpha schedule's value at ``syncs``: a real scalar, else a ValueError naming ``alpha``, at trace time."""
+  value = schedule(syncs)
+  try:
+    alpha = jnp.asarray(value)
+  except TypeError as e:
+    raise ValueError(f"{caller}: alpha={schedule!r}, a schedule, must return a number, got {value!r}.") from e
+  if alpha.shape or not (jnp.issubdtype(alpha.dtype, jnp.floating) or jnp.issubdtype(alpha.dtype, jnp.integer)):
+    raise ValueError(
+      f"{caller}: alpha={schedule!r}, a schedule, must return a real scalar, got {alpha.dtype}{list(alpha.shape)}."
+    )
+  return alpha.astype(dtype)
 
 
 def initial_alpha(slow) -> jax.Array:

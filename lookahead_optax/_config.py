@@ -133,6 +133,11 @@ def check_slow_dtype(caller: str, slow_dtype: Any) -> jnp.dtype:
     raise ValueError(f"{caller}: slow_dtype must be a floating dtype, got {slow_dtype!r}.") from e
   if not jnp.issubdtype(dtype, jnp.inexact):
     raise ValueError(f"{caller}: slow_dtype must be a floating dtype, got {slow_dtype!r}.")
+  if dtype.itemsize > jnp.dtype(jnp.result_type(dtype.type(0))).itemsize:
+    raise ValueError(
+      f"{caller}: slow_dtype={dtype.name} needs 64-bit JAX, which is off here (JAX would store "
+      f"{jnp.result_type(dtype.type(0))}). Enable it first: jax.config.update('jax_enable_x64', True)."
+    )
   return dtype
 
 

@@ -53,12 +53,14 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import operator
 from collections.abc import Hashable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import DTypeLike
 
@@ -278,12 +280,13 @@ def make(
   given = dtype
   dtype = _compression.check_dtype(caller, dtype, dtype_argument)
   if top_k is not None and (
-    isinstance(top_k, bool) or not isinstance(top_k, (int, float)) or not 0.0 < float(top_k) < 1.0
+    isinstance(top_k, (bool, np.bool_)) or not isinstance(top_k, numbers.Real) or not 0.0 < float(top_k) < 1.0
   ):
     raise ValueError(f"{caller}: top_k must be a fraction in (0, 1) or None, got {top_k!r}.")
   for name, flag in (("error_feedback", error_feedback), ("eager", eager)):
-    if not isinstance(flag, bool):
+    if not isinstance(flag, (bool, np.bool_)):
       raise ValueError(f"{caller}: {name} must be True or False, got {flag!r}.")
+  error_feedback, eager = bool(error_feedback), bool(eager)
   if error_feedback and dtype is None and top_k is None:
     raise ValueError(
       f"{caller}: error_feedback=True keeps what compression loses, but {dtype_argument}={given!r} and "
@@ -307,7 +310,8 @@ def make(
     replicas = replica_count(caller, axis_name)
     finite = all_finite(updates)
     weight = jnp.float32(1.0) if replica_weight is None else checked_weight(caller, replica_weight)
-    weight = jnp.where(finite, jnp.maximum(weight, 0.0), 0.0)
+    # A traced weight that is negative, NaN or infinite counts as absent: one replica cannot skew the mean.
+    weight = jnp.where(finite & jnp.isfinite(weight), jnp.maximum(weight, 0.0), 0.0)
     total, bad = jax.lax.psum(jnp.stack([weight, jnp.logical_not(finite).astype(jnp.float32)]), axis_name)
     rnd = Round(weight, jax.lax.all_gather(weight, axis_name), total, axis_name)
     residual = state.residual if error_feedback else None
@@ -349,8 +353,10 @@ def checked_weight(caller: str, weight: Any):
       f"{caller}: replica_weight must be one scalar per replica (inside the mapped function), got shape "
       f"{jnp.shape(weight)}."
     )
-  if not isinstance(weight, jax.core.Tracer) and float(weight) < 0:
-    raise ValueError(f"{caller}: replica_weight must be >= 0 (0: absent this round), got {float(weight)!r}.")
+  if not isinstance(weight, jax.core.Tracer) and not 0 <= float(weight) < math.inf:
+    raise ValueError(
+      f"{caller}: replica_weight must be a finite number >= 0 (0: absent this round), got {float(weight)!r}."
+    )
   return jnp.asarray(weight, jnp.float32)
 
 

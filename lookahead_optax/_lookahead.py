@@ -44,6 +44,7 @@ from lookahead_optax._tree import (
   cast_like,
   fill,
   is_concrete,
+  is_inexact,
   map_inexact,
   mask_like,
   ordered_after,
@@ -111,8 +112,9 @@ def lookahead(
   Contracts: right after each sync, ``optax.apply_updates(params, updates)`` is
   bitwise equal to the new slow weights (with ``slow_dtype`` or a replica mean:
   the slow weights rounded to the params' dtype, within one rounding);
-  ``alpha=1`` gives the inner optimizer's trajectory bit for bit; one trace
-  serves every step; the compiled step has no side effects. Lookahead must be
+  ``alpha=1`` gives the inner optimizer's trajectory bit for bit (with
+  fragments within float rounding; ``"reset"`` still restarts the moments);
+  one trace serves every step; the compiled step has no side effects. Lookahead must be
   the last transformation applied to the updates: at the first update of each
   cycle it checks that the params it receives are its slow weights, and warns
   (:class:`LookaheadPlacementWarning`) otherwise.
@@ -167,6 +169,7 @@ def build(cfg: Config) -> optax.GradientTransformationExtraArgs:
 
   def init_fn(params):
     _placement.check_plain(cfg.caller, "params", params)
+    check_params(cfg, params)
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
       return jax.eval_shape(init_fn, params)  # abstract params: the state's shapes, dtypes and shardings
     slow = map_inexact(lambda p: jnp.array(p, dtype=cfg.slow_dtype or p.dtype, copy=True), params)
@@ -292,6 +295,27 @@ def landed_as_the_caller_adds(cfg: Config, old: LookaheadState, new: LookaheadSt
   return new._replace(slow=map_inexact(landed, params, updates, new.slow, exact))
 
 
+def check_params(cfg: Config, params) -> None:
+  """At init: every leaf is an array, and ``slow_dtype`` is at least as wide as each floating leaf's dtype.
+
+  A Python float has no dtype to keep its slow weight in; a narrower slow dtype
+  would round away what the fast weights hold.
+  """
+  for path, p in jax.tree_util.tree_leaves_with_path(params):
+    where = f"params{jax.tree_util.keystr(path)}"
+    if isinstance(p, (float, complex)):
+      raise ValueError(
+        f"{cfg.caller}: {where} is a Python {type(p).__name__} ({p!r}): pass the params as arrays, e.g. "
+        "jax.tree.map(jnp.asarray, params), so that they and their slow weights have a dtype."
+      )
+    if cfg.slow_dtype is not None and is_inexact(p) and jnp.promote_types(p.dtype, cfg.slow_dtype) != cfg.slow_dtype:
+      raise ValueError(
+        f"{cfg.caller}: slow_dtype={cfg.slow_dtype.name} is narrower than {where}'s dtype {p.dtype}: the slow "
+        "weights would lose the precision the fast weights have. Use a slow_dtype at least as wide as the "
+        "params (e.g. float32 under bfloat16 params), or leave it out."
+      )
+
+
 def check_replica_weight(cfg: Config, state: LookaheadState, extra_args) -> None:
   """``replica_weight`` goes to the outer optimizer's replica mean: refused when there is none to take it."""
   if "replica_weight" in extra_args and not _exchange.in_state(state.outer_state):
@@ -376,7 +400,7 @@ def alpha_step(cfg: Config, syncs, delta, grads, inner_state, alpha_state, param
   r"""Plain Lookahead's slow step :math:`-\alpha\Delta` and the alpha used, in the slow weights' dtype."""
   dtype = _alpha.alpha_dtype(delta)
   alpha = _alpha.alpha_at_sync(
-    cfg.alpha, syncs, alpha_state, inner_state, delta, grads, lambda tree: mask_like(params, tree), dtype
+    cfg.alpha, syncs, alpha_state, inner_state, delta, grads, lambda tree: mask_like(params, tree), dtype, cfg.caller
   )
   return jax.tree.map(lambda d: (-alpha * d).astype(d.dtype), delta), alpha
 
@@ -608,14 +632,18 @@ def sync_now(cfg: Config, state: LookaheadState, params, grads=None):
 
   What :func:`lookahead_optax.force_sync` runs: :func:`step` once per fragment,
   landing on the new slow weights (a delayed schedule has no inner step to mix
-  in). Returns ``(new_state, new_params)``; the params are the slow weights,
-  rounded to the params' dtype.
+  in). The fragment that synced at the last update (with one fragment: all
+  params, when ``count == 0``) has no inner step to sync and is left as it is.
+  Returns ``(new_state, new_params)``; the params are the slow weights, rounded
+  to the params' dtype.
   """
   grads = mask_like(params, grads) if grads is not None else map_inexact(jnp.zeros_like, params)
   zero_step = lambda inner_state, order=unordered: (map_inexact(jnp.zeros_like, params), inner_state)
   leaves = describe(cfg, params, state)
-  for j in range(cfg.n_fragments):
-    _, state = step(cfg, state, params, grads, jnp.int32(j), zero_step, _streaming.EVERY_STEP, leaves, {})
+  n, synced = cfg.n_fragments, _streaming.synced_last(state.count, cfg.k, cfg.n_fragments)
+  for j in range(n):
+    index = jnp.where(synced == j, n, j).astype(jnp.int32)  # ``n``: no fragment syncs
+    _, state = step(cfg, state, params, grads, index, zero_step, _streaming.EVERY_STEP, leaves, {})
   landed = map_inexact(lambda p, s: rounded_to(p.dtype, s), params, state.slow)
   return state._replace(count=jnp.zeros_like(state.count)), fill(landed, params)
 

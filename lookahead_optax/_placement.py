@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lookahead_optax import _streaming
+from lookahead_optax import _alpha, _streaming
 from lookahead_optax._tree import is_inexact, map_inexact, vary_as
 
 
@@ -111,6 +111,15 @@ def check_update(cfg, updates, state, params) -> None:
   if has_outer != (cfg.outer is not None):
     was = "an outer optimizer (it has no alpha)" if has_outer else "alpha and no outer optimizer"
     raise ValueError(made_with(was) + f" This one has outer={cfg.outer!r}.")
+  ema = isinstance(state.alpha_state, _alpha.AdaptiveAlphaState)
+  if ema != _alpha.keeps_ema(cfg.alpha, state.inner_state):
+    was = (
+      "adaptive_alpha keeping its own gradient EMA"
+      if ema
+      else "no gradient EMA for alpha (a constant or scheduled alpha, an outer optimizer, or adaptive_alpha "
+      "reading the inner optimizer's second moment)"
+    )
+    raise ValueError(made_with(was) + f" This one has alpha={cfg.alpha!r}.")
   if str(jax.tree.structure(map_inexact(lambda p: 0, params))) != str(
     jax.tree.structure(jax.tree.map(lambda s: 0, state.slow))
   ):
@@ -148,7 +157,7 @@ def check(cfg, state, params, exact, ids):
   # Typed like the counts a check computes from the params (per replica under shard_map).
   misplaced = vary_as(state.misplaced, [x for pair in pairs for x in pair[:2]] + [state.misplaced])
   # The fragment that synced at the previous update (``F``: none): its leaves are checked at this one.
-  previous = _streaming.syncing((jnp.minimum(state.count, k - 1) + k - 1) % k, k, n)
+  previous = _streaming.synced_last(state.count, k, n)
 
   def counted(counts):
     wrong = _differ(pairs)
@@ -183,7 +192,7 @@ def report(state, name: str = "lookahead") -> None:
 
 
 SAMPLE = 32
-"""The placement check compares between this many and twice this many evenly spaced elements of a large leaf."""
+"""The placement check compares between this many and twice this many, less one, evenly spaced elements of a leaf."""
 
 
 def sample(x):

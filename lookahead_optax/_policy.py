@@ -79,11 +79,14 @@ def reset_moments(state, fresh, params):
 
 
 def interpolate_moments(state, snapshot, alpha, params):
-  r"""Moment buffers moved toward ``snapshot``: :math:`m \leftarrow m_0 + \alpha (m - m_0)`; all else kept."""
+  r"""Moment buffers moved toward ``snapshot``: :math:`m \leftarrow m_0 + \alpha (m - m_0)`; all else kept.
+
+  Evaluated as :math:`m + (1 - \alpha)(m_0 - m)`, which is ``m`` bit for bit at ``alpha=1``.
+  """
 
   def node(current, previous):
     return jax.tree.map(
-      lambda x, x0: (x0 + alpha * (x - x0)).astype(x.dtype) if is_inexact(x) else x, current, previous
+      lambda x, x0: (x + (1 - alpha) * (x0 - x)).astype(x.dtype) if is_inexact(x) else x, current, previous
     )
 
   return _map_moment_nodes(node, jax.tree.structure(params), state, snapshot)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lookahead_optax import _placement
@@ -118,8 +121,10 @@ def force_sync(
   the regular sync of an optimizer with ``k = j`` does at that point: the slow
   step (plain, scheduled or adaptive alpha, or the ``outer`` optimizer with its
   state; averaged over ``axis_name``), the params landing on the new slow
-  weights, the inner-state policy, the counters. Pure: the arguments are not
-  modified.
+  weights, the inner-state policy, the counters. Right after a sync
+  (:math:`j = 0`) there is nothing to sync: the state is kept as it is (with
+  fragments, that of the fragment that synced at the last update). Pure: the
+  arguments are not modified.
 
   ``tx`` is the optimizer that made ``opt_state`` (a lookahead, a chain holding
   one, a Flax ``TrainState.tx`` or ``nnx.Optimizer.tx``): ``force_sync`` runs
@@ -225,8 +230,9 @@ def resize_replicas(tree, replicas: int):
   """
   from lookahead_optax._exchange import ReplicaMeanState
 
-  if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+  if isinstance(replicas, (bool, np.bool_)) or not isinstance(replicas, numbers.Integral) or replicas < 1:
     raise ValueError(f"resize_replicas: replicas must be an int >= 1, got {replicas!r}.")
+  replicas = int(replicas)
   sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(tree)}
   if len(sizes) != 1 or None in sizes:
     raise ValueError(

@@ -116,17 +116,21 @@ def check_fragments(caller: str, fragments: Any, k: Any) -> None:
   if isinstance(fragments, numbers.Integral) and not isinstance(fragments, bool):
     if int(fragments) < 1:
       raise ValueError(f"{caller}: fragments must be an int >= 1 or a pytree of fragment ids, got {fragments!r}.")
-    if isinstance(k, numbers.Integral) and not isinstance(k, bool) and fragments > k:
+  else:
+    leaves = jax.tree.leaves(fragments)
+    if not leaves or not all(
+      isinstance(x, numbers.Integral) and not isinstance(x, bool) and int(x) >= 0 for x in leaves
+    ):
       raise ValueError(
-        f"{caller}: fragments={fragments} is more than k={k}: with one fragment syncing per step, at most k "
-        "fragments fit in a cycle."
+        f"{caller}: fragments must be an int >= 1 or a pytree of non-negative int fragment ids shaped like "
+        f"the params, got {fragments!r}."
       )
-    return
-  leaves = jax.tree.leaves(fragments)
-  if not leaves or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and int(x) >= 0 for x in leaves):
+  if isinstance(k, (jax.Array, np.ndarray)) and not isinstance(k, jax.core.Tracer):
+    k = int(k)  # a concrete array (checked by then to be an integer scalar)
+  if isinstance(k, numbers.Integral) and not isinstance(k, bool) and count(fragments) > k:
     raise ValueError(
-      f"{caller}: fragments must be an int >= 1 or a pytree of non-negative int fragment ids shaped like the "
-      f"params, got {fragments!r}."
+      f"{caller}: fragments={fragments!r} makes {count(fragments)} fragments, more than k={k}: with one "
+      "fragment syncing per step, at most k fragments fit in a cycle."
     )
 
 
@@ -197,6 +201,11 @@ def merge(base, parts: dict, ids: list):
     out.append(part_leaves[ids[i]][pos] if ids[i] in part_leaves else leaf)
     i += 1
   return jax.tree.unflatten(structure, out)
+
+
+def synced_last(count_, k, n: int):
+  """The fragment that synced at the update before phase ``count`` (``n`` when none did); int32."""
+  return syncing((jnp.minimum(count_, k - 1) + k - 1) % k, k, n)
 
 
 def syncing(count_, k, n: int):

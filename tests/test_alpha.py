@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from lookahead_optax import AdaptiveAlphaState, adaptive_alpha, find_lookahead_state, lookahead, theory
+from lookahead_optax import AdaptiveAlphaState, adaptive_alpha, find_lookahead_state, lookahead, ranger, theory
 from lookahead_optax.theory import adaptive_alpha_value
 
 
@@ -67,9 +67,29 @@ def test_ema_fisher_and_clipping_inside_lookahead(second):
       slow = slow + expected * (fast - slow)
       np.testing.assert_allclose(state.slow, slow, rtol=1e-5, atol=1e-7)
       np.testing.assert_allclose(np.asarray(params) + np.asarray(updates), slow, rtol=1e-5, atol=1e-7)
+      np.testing.assert_array_equal(optax.apply_updates(params, updates), state.slow)  # fast == slow, bitwise
       # Which case this parameter exercises:
       assert {1.0: raw > 1, -0.3: alpha_low < raw < 1, -0.9: raw < alpha_low}[second], raw
     params = optax.apply_updates(params, updates)
+
+
+def test_eps_is_added_to_the_fisher():
+  """An eps as large as the Fisher itself: the alpha chosen is the hand estimate with F + eps, not with F."""
+  lr, k, b2, eps = 1.0, 2, 0.9, 0.5
+  g = np.array([0.5, -1.0, 1.5], np.float32)
+  opt = lookahead(optax.sgd(lr), k, adaptive_alpha(0.01, fisher="ema", b2=b2, eps=eps))
+  params, state = jnp.zeros(3), opt.init(jnp.zeros(3))
+  ema = np.zeros(3)
+  for t, grad in enumerate([g, -0.3 * g], start=1):
+    updates, state = jax.jit(opt.update)(jnp.asarray(grad), state, params)
+    ema = b2 * ema + (1 - b2) * grad.astype(np.float64) ** 2
+    if t < k:
+      params = optax.apply_updates(params, updates)
+  fast = np.asarray(params) - lr * (-0.3 * g)
+  with_eps = hand_alpha(np.zeros(3), fast, -0.3 * g, ema / (1 - b2**k), eps=eps)
+  without = hand_alpha(np.zeros(3), fast, -0.3 * g, ema / (1 - b2**k))
+  assert 0.01 < with_eps < 1 and abs(with_eps - without) > 0.05  # in range, and eps changes it
+  assert float(state.alpha) == pytest.approx(with_eps, rel=1e-5)
 
 
 def test_inner_fisher_reads_adams_second_moment():
@@ -107,6 +127,7 @@ def test_inner_fisher_reads_adams_second_moment():
         slow[name] = slow[name] + expected * (fast - slow[name])
         np.testing.assert_allclose(states[name].slow, slow[name], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(params[name], slow[name], rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(params[name], states[name].slow)  # fast == slow, bitwise
   assert any(low < a < 1 for a in chosen["inner"] + chosen["ema"]), chosen  # not every sync clipped
   assert chosen["inner"] == chosen["auto"]
   assert chosen["inner"] != pytest.approx(chosen["ema"], rel=1e-3)  # the two sources really differ here
@@ -230,6 +251,18 @@ def test_an_alpha_outside_0_1_at_run_time_is_reported_under_jit(how):
       params = optax.apply_updates(params, updates)
     jax.block_until_ready(params)
   assert len([w for w in caught if issubclass(w.category, AlphaRangeWarning)]) == (1 if how == "schedule" else 2)
+
+
+@pytest.mark.parametrize(
+  "value,match",
+  [(jnp.array([0.5]), r"must return a real scalar, got float32\[1\]"), ("x", r"must return a number, got 'x'")],
+)
+def test_an_alpha_schedule_that_returns_no_real_scalar_is_named(value, match):
+  """Found when the step is traced, before anything runs, with the argument named."""
+  params = {"w": jnp.ones(3)}
+  opt = ranger(0.1, k=1, alpha=lambda n: value)
+  with pytest.raises(ValueError, match=r"^ranger: alpha=<function .*>, a schedule, " + match):
+    jax.jit(opt.update)(params, opt.init(params), params)
 
 
 def test_an_alpha_in_range_from_a_schedule_is_not_reported():

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmarks.overhead import optimizer_step, tree_bytes  # the step the overhead benchmark times
-from lookahead_optax import adaptive_alpha, diloco, lookahead, replica_mean, snoo, streaming
+from lookahead_optax import adaptive_alpha, diloco, force_sync, lookahead, replica_mean, snoo, streaming
 from tests.compiled import count_primitive
 from tests.helpers import jit_and_count_traces
 
@@ -332,6 +332,26 @@ def test_the_step_has_no_side_effects(name):
   # No host call at all: the placement check counts into the state (a callback would make each call wait for the step).
   for callback in ("debug_callback", "io_callback", "pure_callback"):
     assert count_primitive(jaxpr.jaxpr, callback) == 0, callback
+
+
+@pytest.mark.parametrize("name", sorted(n for n in PATHS if not n.startswith(REPLICAS)))
+def test_force_sync_has_no_side_effects_and_compiles_once(name):
+  """force_sync under jit, on every path outside a replica axis: no host call, one trace for every call."""
+  build, dtype, _ = PATHS[name]
+  tx = build()
+  params = make_params(1 << 12, dtype)
+  state, traces = tx.init(params), []
+  grads = {"grads": params} if "adaptive" in name else {}  # adaptive alpha's estimate takes the last gradient
+  sync = jax.jit(lambda s, p: (traces.append(1), force_sync(s, p, tx, **grads))[1])
+  jaxpr = jax.make_jaxpr(lambda s, p: force_sync(s, p, tx, **grads))(state, params)
+  assert jaxpr.effects == set()
+  for callback in ("debug_callback", "io_callback", "pure_callback"):
+    assert count_primitive(jaxpr.jaxpr, callback) == 0, callback
+  for _ in range(3):
+    updates, state = jax.jit(tx.update)(params, state, params)
+    params = optax.apply_updates(params, updates)
+    state, params = sync(state, params)
+  assert len(traces) == 1
 
 
 def replica_steps(name, steps):

@@ -48,6 +48,33 @@ def test_invalid_slow_dtype(dtype):
     lookahead(optax.sgd(0.1), slow_dtype=dtype)
 
 
+def test_a_64_bit_slow_dtype_needs_64_bit_jax():
+  """Without jax_enable_x64, float64 would be stored as float32: refused at construction, saying why."""
+  with pytest.raises(ValueError, match=r"^lookahead: slow_dtype=float64 needs 64-bit JAX.*would store float32"):
+    lookahead(optax.sgd(0.1), slow_dtype=jnp.float64)
+
+
+def test_a_64_bit_slow_dtype_is_taken_with_64_bit_jax(x64):
+  state = lookahead(optax.sgd(0.1), slow_dtype=jnp.float64).init({"w": jnp.ones(2, jnp.float32)})
+  assert state.slow["w"].dtype == jnp.float64
+
+
+def test_a_slow_dtype_narrower_than_the_params_is_refused_at_init():
+  opt = lookahead(optax.sgd(0.1), slow_dtype=jnp.bfloat16)
+  with pytest.raises(
+    ValueError, match=r"^lookahead: slow_dtype=bfloat16 is narrower than params\['w'\]'s dtype float32"
+  ):
+    opt.init({"w": jnp.ones(2), "b": jnp.ones((), jnp.bfloat16)})
+
+
+def test_a_python_float_param_is_refused_at_init():
+  """A Python float has no dtype for its slow weight: named at init instead of failing at the first update."""
+  with pytest.raises(
+    ValueError, match=r"^lookahead: params\['b'\] is a Python float \(1\.5\): pass the params as arrays"
+  ):
+    lookahead(optax.sgd(0.1)).init({"w": jnp.ones(2), "b": 1.5})
+
+
 @pytest.mark.parametrize(
   "name", ["axis_name", "fragments", "communication_dtype", "error_feedback", "delay", "mixing", "placement_check"]
 )
@@ -69,7 +96,7 @@ def test_invalid_schedule(schedule):
     (dict(inner_state_policy="reset"), r"schedule=Streaming\(fragments=2.*inner_state_policy='reset'"),
     (dict(alpha=optax.constant_schedule(0.5)), r"schedule=Streaming\(fragments=2.* needs a constant alpha.*got alpha="),
     (dict(alpha=adaptive_alpha()), r"schedule=Streaming\(fragments=2.* needs a constant alpha"),
-    (dict(k=1), r"fragments=2 is more than k=1"),
+    (dict(k=1), r"fragments=2 makes 2 fragments, more than k=1"),
   ],
 )
 def test_a_fragment_schedule_names_what_it_rules_out(kwargs, match):

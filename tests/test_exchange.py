@@ -19,7 +19,7 @@ import numpy as np
 import optax
 import pytest
 
-from lookahead_optax import ReplicaMeanState, _compression, _exchange, lookahead, replica_mean
+from lookahead_optax import ReplicaMeanState, _compression, _exchange, lookahead, replica_mean, resize_replicas
 from lookahead_optax._compression import compress, decompress
 from tests.compiled import collective_results_reach, count_primitive, input_shapes
 from tests.helpers import make_params, replica_grad, replica_step, stack_replicas
@@ -328,13 +328,25 @@ def test_a_weight_with_a_non_finite_replica_counts_only_the_finite_ones():
   np.testing.assert_array_equal(new.excluded, [1] * 4)
 
 
-def test_a_negative_or_non_scalar_weight_is_refused():
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, -3.0])
+def test_a_traced_weight_that_is_not_finite_and_non_negative_counts_as_absent(bad):
+  """A replica whose weight arrives NaN, infinite or negative is left out; it cannot skew the others' mean."""
+  xs = replicas_of(SHAPES, 3, seed=15)
+  tx = replica_mean("replica")
+  mean, new = weighted(tx)(xs, jax.vmap(tx.init)(xs), jnp.asarray([1.0, bad, 2.0], jnp.float32))
+  for k, want in expected_mean(xs, [1.0, 0.0, 2.0], lambda x: x).items():
+    np.testing.assert_allclose(mean[k], np.broadcast_to(want, mean[k].shape), rtol=1e-6, atol=1e-6, err_msg=k)
+  np.testing.assert_array_equal(new.present, [3.0] * 3)
+
+
+@pytest.mark.parametrize("value,shown", [(-1.0, r"-1\.0"), (np.nan, "nan"), (np.inf, "inf")])
+def test_a_negative_non_finite_or_non_scalar_weight_is_refused(value, shown):
   tx = replica_mean("replica")
   u = {"w": jnp.ones((2, 3))}
   with pytest.raises(ValueError, match=r"^replica_mean: replica_weight must be one scalar per replica.*shape \(2,\)"):
     jax.vmap(lambda u, s: tx.update(u, s, replica_weight=jnp.ones(2)), axis_name="replica")(u, jax.vmap(tx.init)(u))
-  with pytest.raises(ValueError, match=r"^replica_mean: replica_weight must be >= 0.*got -1\.0"):
-    jax.vmap(lambda u, s: tx.update(u, s, replica_weight=-1.0), axis_name="replica")(u, jax.vmap(tx.init)(u))
+  with pytest.raises(ValueError, match=rf"^replica_mean: replica_weight must be a finite number >= 0.*got {shown}\."):
+    jax.vmap(lambda u, s: tx.update(u, s, replica_weight=value), axis_name="replica")(u, jax.vmap(tx.init)(u))
 
 
 # ------------------------------------------------------------------ top-k
@@ -466,10 +478,19 @@ def test_error_feedback_needs_a_compressed_dtype(dtype):
     replica_mean("replica", dtype=dtype, error_feedback=True)
 
 
-@pytest.mark.parametrize("value", [1, 0, "yes", None, np.bool_(True)])
+@pytest.mark.parametrize("value", [1, 0, "yes", None])
 def test_error_feedback_must_be_a_bool(value):
   with pytest.raises(ValueError, match=rf"^replica_mean: error_feedback must be True or False, got {value!r}\."):
     replica_mean("replica", dtype="int8", error_feedback=value)
+
+
+def test_numpy_scalars_are_taken_where_python_ones_are():
+  """A numpy bool or float (from a config loaded with numpy) is taken as the Python value: same state."""
+  ours = replica_mean("replica", dtype="int8", error_feedback=np.bool_(True), top_k=np.float32(0.25))
+  python = replica_mean("replica", dtype="int8", error_feedback=True, top_k=0.25)
+  params = {"w": jnp.ones((4, 3))}
+  chex.assert_trees_all_equal(ours.init(params), python.init(params))
+  assert resize_replicas({"w": jnp.ones((2, 3))}, np.int64(3))["w"].shape == (3, 3)
 
 
 def test_axis_name_none_is_refused():

@@ -301,6 +301,14 @@ def test_a_0_1_state_is_named():
     (dict(outer=optax.sgd(0.5)), dict(), r"made by a lookahead with an outer optimizer.*This one has outer=None"),
     (dict(), dict(outer=optax.sgd(0.5)), r"made by a lookahead with alpha and no outer optimizer"),
     (dict(slow_dtype=jnp.float32), dict(), r"slow weights of dtype float32.*slow_dtype=None"),
+    (
+      dict(alpha=adaptive_alpha(fisher="ema")),
+      dict(),
+      r"made by a lookahead with adaptive_alpha keeping its own gradient EMA.*This one has alpha=0\.5",
+    ),
+    (dict(), dict(alpha=adaptive_alpha(fisher="ema")), r"with no gradient EMA for alpha.*fisher='ema'"),
+    (dict(alpha=adaptive_alpha()), dict(alpha=adaptive_alpha(fisher="ema")), r"with no gradient EMA for alpha"),
+    (dict(alpha=adaptive_alpha(fisher="ema")), dict(alpha=adaptive_alpha()), r"keeping its own gradient EMA"),
   ],
 )
 def test_a_state_of_another_configuration_is_named(saved, loaded, match):

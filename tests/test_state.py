@@ -10,7 +10,17 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from lookahead_optax import adaptive_alpha, diloco, find_lookahead_state, force_sync, lookahead, slow_params, snoo
+from lookahead_optax import (
+  _streaming,
+  adaptive_alpha,
+  diloco,
+  find_lookahead_state,
+  force_sync,
+  lookahead,
+  slow_params,
+  snoo,
+  streaming,
+)
 from tests.helpers import make_params, quadratic_grad, replica_grad, run
 
 J = 3  # force the sync after three inner steps of a k = 5 optimizer
@@ -27,6 +37,10 @@ CONFIGS = {
   "slow_dtype outer": lambda k: snoo(optax.adam(0.05), k, slow_dtype=jnp.float32),
   "adaptive alpha": lambda k: lookahead(optax.adam(0.05), k, adaptive_alpha(0.1)),
   "adaptive ema": lambda k: lookahead(optax.sgd(0.05, momentum=0.9), k, adaptive_alpha(0.1, fisher="ema")),
+  "adaptive reset": lambda k: lookahead(optax.adam(0.05), k, adaptive_alpha(0.1), inner_state_policy="reset"),
+  "adaptive interpolate": lambda k: lookahead(
+    optax.sgd(0.05, momentum=0.9), k, adaptive_alpha(0.1, fisher="ema"), inner_state_policy="interpolate"
+  ),
   "chain with clipping": lambda k: optax.chain(optax.clip_by_global_norm(1.0), lookahead(optax.adam(0.05), k, 0.5)),
   "inject_hyperparams": lambda k: optax.inject_hyperparams(lookahead)(inner=optax.adam(0.05), k=k, alpha=0.5),
 }
@@ -82,13 +96,39 @@ def test_force_sync_is_pure_and_leaves_the_rest_of_the_state_alone():
   chex.assert_trees_all_equal(state[0], states[-1][0])  # the noise transformation's state is not advanced
 
 
-def test_force_sync_right_after_a_sync_is_a_sync_with_no_inner_step():
+@pytest.mark.parametrize("name", ["constant alpha", "outer (SNOO)", "alpha schedule"])
+def test_force_sync_right_after_a_sync_keeps_the_model_and_state(name):
+  """Nothing to sync: no outer (momentum) step on a zero pseudo-gradient, no sync counted (the model saved at the
+  end of a run that ends on a sync is the one trained)."""
   params = make_params()
-  opt = lookahead(optax.sgd(0.1), 2, 0.5)
-  fasts, states = run(opt, params, quadratic_grad, 2)  # synced: fast == slow
+  opt = CONFIGS[name](2)
+  fasts, states = run(opt, params, quadratic_grad, 4)  # synced at the 4th update: fast == slow
   state, synced = force_sync(states[-1], fasts[-1], opt)
   chex.assert_trees_all_equal(synced, fasts[-1])
-  assert int(state.syncs) == 2
+  chex.assert_trees_all_equal(state, states[-1])
+  again, _ = force_sync(opt.init(params), params, opt)  # nor before the first update
+  chex.assert_trees_all_equal(again, opt.init(params))
+
+
+def test_force_sync_with_fragments_leaves_the_fragment_that_just_synced():
+  """Fragment 1 of 2 synced at the last update (k=4: at steps 1 and 5): only fragment 0 syncs now, as a
+  regular sync of an optimizer whose fragment 0 comes due at this point would."""
+  params = make_params()
+  opt = lookahead(optax.sgd(0.1), 4, outer=optax.sgd(0.5, momentum=0.9), schedule=streaming(2))
+  fasts, states = run(opt, params, quadratic_grad, 6)  # fragment 0 synced at step 3, fragment 1 at step 5
+  before = states[-1]
+  state, synced = force_sync(before, fasts[-1], opt)
+  assert int(before.syncs) == 3 and int(state.syncs) == 4  # only fragment 0 counted
+  ids = _streaming.assign("lookahead", 2, params)
+  fragment = iter(ids)
+  for p, s_old, s_new, f in zip(
+    jax.tree.leaves(synced), jax.tree.leaves(before.slow), jax.tree.leaves(state.slow), jax.tree.leaves(fasts[-1])
+  ):
+    if next(fragment) == 1:  # untouched: its slow weights and the params as they were
+      chex.assert_trees_all_equal((s_new, p), (s_old, f))
+    else:  # moved: slow + outer step on (slow - fast), with the fragment's momentum
+      assert not jnp.array_equal(s_new, s_old)
+  chex.assert_trees_all_equal(state.outer_state[1], before.outer_state[1])
 
 
 def test_force_sync_errors():

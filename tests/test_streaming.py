@@ -148,7 +148,12 @@ def test_streaming_defaults_and_accepted_values():
 @pytest.mark.parametrize(
   "kwargs,match",
   [
-    (dict(k=8, schedule=streaming(9)), r"fragments=9 is more than k=8"),
+    (dict(k=8, schedule=streaming(9)), r"fragments=9 makes 9 fragments, more than k=8"),
+    (dict(k=jnp.array(8), schedule=streaming(9)), r"fragments=9 makes 9 fragments, more than k=8"),
+    (
+      dict(k=2, schedule=streaming({"a": 0, "b": 1, "c": 2})),
+      r"fragments=\{'a': 0, 'b': 1, 'c': 2\} makes 3 fragments, more than k=2",
+    ),
     (
       dict(k=4, schedule=streaming(2), inner_state_policy="reset"),
       r"schedule=Streaming\(fragments=2, delay=0, mixing=0\.5\) syncs the params a fragment at a time, "
@@ -237,6 +242,19 @@ def test_fragments_without_replicas_match_per_fragment_lookahead(k, n, steps):
         np.testing.assert_array_equal(f, s)
         synced.add(i)
   assert synced == set(range(n))
+
+
+def test_fragments_called_eagerly_follow_the_jitted_trajectory():
+  """Outside jit, only the fragment that synced takes its slow weights from the caller's sum; the others keep
+  theirs (eager and jitted runs agree to rounding)."""
+  params, k, n, steps = make_params(), 6, 2, 14
+  opt = lookahead(optax.sgd(INNER_LR), k, 0.5, schedule=streaming(n))
+  jitted_fasts, jitted_states = run(opt, params, quadratic_grad, steps)
+  eager_fasts, eager_states = run(opt, params, quadratic_grad, steps, jit=False)
+  for t in range(steps):
+    close = dict(rtol=1e-6, atol=1e-7, custom_message=f"step {t}")
+    chex.assert_trees_all_close(eager_fasts[t], jitted_fasts[t], **close)
+    chex.assert_trees_all_close(eager_states[t].slow, jitted_states[t].slow, **close)
 
 
 def test_constant_alpha_with_fragments_moves_each_fragment_at_its_own_syncs():
