@@ -5,7 +5,8 @@ rule, applied to every state node (a ``NamedTuple``, as optax states are):
 
 - A node that has a field holding a params-shaped tree of floating-point arrays
   (one buffer per parameter, like Adam's ``mu`` and ``nu`` or momentum's
-  ``trace``) is a moment node. ``"reset"`` replaces the whole node by its fresh
+  ``trace``; with a single array as params, not a scalar unless the params
+  are one) is a moment node. ``"reset"`` replaces the whole node by its fresh
   ``init`` value, so the counters that belong to those buffers (Adam's
   bias-correction ``count``) restart with them. ``"interpolate"`` moves its
   floating-point leaves toward their value at the previous sync and keeps its
@@ -23,7 +24,7 @@ restarts Adam's moments every sync while the learning-rate schedule runs on.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +39,29 @@ def _is_node(x: Any) -> bool:
   return isinstance(x, tuple) and hasattr(x, "_fields")
 
 
-def _is_moment_buffer(x: Any, params_structure) -> bool:
-  """A params-shaped tree with at least one floating-point leaf: one buffer per parameter."""
+class ParamsShape(NamedTuple):
+  """What a moment buffer is compared with: the params' tree structure, and whether the params are one scalar."""
+
+  structure: Any
+  scalar: bool
+
+
+def params_shape(params) -> ParamsShape:
+  leaves, structure = jax.tree.flatten(params)
+  return ParamsShape(structure, len(leaves) == 1 and jnp.ndim(leaves[0]) == 0)
+
+
+def _is_moment_buffer(x: Any, like: ParamsShape) -> bool:
+  """A params-shaped tree with at least one floating-point leaf: one buffer per parameter.
+
+  When the params are a single array, every leaf has their structure: there a
+  scalar (a plateau's scale, another state's scalar field) is a buffer only if
+  the params are a scalar too.
+  """
   leaves, structure = jax.tree.flatten(x)
-  return structure == params_structure and any(is_inexact(leaf) for leaf in leaves)
+  if structure != like.structure or not any(is_inexact(leaf) for leaf in leaves):
+    return False
+  return like.structure.num_leaves != 1 or like.scalar or jnp.ndim(leaves[0]) > 0
 
 
 def _holds_states(x: Any) -> bool:
@@ -50,32 +70,30 @@ def _holds_states(x: Any) -> bool:
   return any(_is_node(n) and not isinstance(n, optax.MaskedNode) for n in nodes)
 
 
-def is_moment_node(node: Any, params_structure) -> bool:
+def is_moment_node(node: Any, like: ParamsShape) -> bool:
   """True for a state node that holds moment buffers and wraps no other state (see the module docstring)."""
   if not _is_node(node):
     return False
-  buffers = [_is_moment_buffer(field, params_structure) for field in node]
+  buffers = [_is_moment_buffer(field, like) for field in node]
   return any(buffers) and not any(_holds_states(f) for f, b in zip(node, buffers) if not b)
 
 
-def _map_moment_nodes(fn: Callable, params_structure, state, *others):
+def _map_moment_nodes(fn: Callable, like: ParamsShape, state, *others):
   """``fn(node, *other_nodes)`` on each moment node of ``state``; everything else kept from ``state``."""
-  if is_moment_node(state, params_structure):
+  if is_moment_node(state, like):
     return fn(state, *others)
   if _is_node(state):
-    return type(state)(*(_map_moment_nodes(fn, params_structure, *xs) for xs in zip(state, *others)))
+    return type(state)(*(_map_moment_nodes(fn, like, *xs) for xs in zip(state, *others)))
   if isinstance(state, (tuple, list)):
-    return type(state)(_map_moment_nodes(fn, params_structure, *xs) for xs in zip(state, *others))
+    return type(state)(_map_moment_nodes(fn, like, *xs) for xs in zip(state, *others))
   if isinstance(state, dict):
-    return type(state)(
-      (key, _map_moment_nodes(fn, params_structure, state[key], *(o[key] for o in others))) for key in state
-    )
+    return type(state)((key, _map_moment_nodes(fn, like, state[key], *(o[key] for o in others))) for key in state)
   return state
 
 
 def reset_moments(state, fresh, params):
   """``state`` with its moment nodes taken from ``fresh`` (a new ``init``); all else kept."""
-  return _map_moment_nodes(lambda _, new: new, jax.tree.structure(params), state, fresh)
+  return _map_moment_nodes(lambda _, new: new, params_shape(params), state, fresh)
 
 
 def interpolate_moments(state, snapshot, alpha, params):
@@ -89,7 +107,7 @@ def interpolate_moments(state, snapshot, alpha, params):
       lambda x, x0: (x + (1 - alpha) * (x0 - x)).astype(x.dtype) if is_inexact(x) else x, current, previous
     )
 
-  return _map_moment_nodes(node, jax.tree.structure(params), state, snapshot)
+  return _map_moment_nodes(node, params_shape(params), state, snapshot)
 
 
 def at_sync(policy: str, inner_state, slow_inner_state, alpha, params, fresh: Callable[[], Any]):

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from lookahead_optax import find_lookahead_state, lookahead
-from lookahead_optax._policy import is_moment_node
+from lookahead_optax._policy import is_moment_node, params_shape
 from tests.helpers import make_params, quadratic_grad, run
 from tests.references import MOMENT_STATES, reference_lookahead, reset_moments
 
@@ -73,12 +73,31 @@ def test_interpolate_moves_the_moments_and_keeps_the_schedule():
   ],
 )
 def test_which_nodes_hold_moments(state, moments):
-  structure = jax.tree.structure(make_params())
   nodes = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, tuple) and hasattr(x, "_fields"))
   nodes = [x for x in nodes if isinstance(x, tuple) and hasattr(x, "_fields")]
-  found = [type(x).__name__ for x in nodes if is_moment_node(x, structure)]
+  found = [type(x).__name__ for x in nodes if is_moment_node(x, params_shape(make_params()))]
   assert bool(found) == moments, found
   assert all(name in {t.__name__ for t in MOMENT_STATES} for name in found), found
+
+
+@pytest.mark.parametrize("policy", ["reset", "interpolate"])
+@pytest.mark.parametrize("params", [jnp.ones(3), {"w": jnp.ones(3)}], ids=["one array", "a dict"])
+def test_a_plateau_scale_keeps_its_progress_with_any_params(policy, params):
+  """reduce_on_plateau's scale (a float scalar) is not a moment buffer, also when the params are one array
+  (every scalar has their tree structure then): it keeps the value the plateau gave it at each sync."""
+  inner = lambda: optax.chain(optax.adam(0.1), optax.contrib.reduce_on_plateau(factor=0.5, patience=0, cooldown=0))
+  opt = lookahead(inner(), 3, 0.5, inner_state_policy=policy)
+  state, plain = opt.init(params), inner()
+  plain_state = plain.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for t in range(7):  # a loss that never improves: the scale halves at every step, syncs at steps 2 and 5
+    updates, state = opt.update(grads, state, params, value=jnp.asarray(1.0 + t))
+    params = optax.apply_updates(params, updates)
+    _, plain_state = plain.update(grads, plain_state, params, value=jnp.asarray(1.0 + t))
+    assert float(state.inner_state[1].scale) == float(plain_state[1].scale) < 1.0, t
+  # and it still acts on the moments: reset restarts Adam's count at the last sync (step 5)
+  if policy == "reset":
+    assert int(state.inner_state[0][0].count) == 1
 
 
 def test_reset_under_multisteps_counts_optimizer_steps():
