@@ -202,7 +202,7 @@ def observe_gradient(rule, alpha_state, grads):
   return AdaptiveAlphaState(fisher=fisher, count=optax.safe_increment(alpha_state.count))
 
 
-def alpha_at_sync(rule, syncs, alpha_state, inner_state, delta, grads, mask, dtype, caller="lookahead"):
+def alpha_at_sync(rule, syncs, alpha_state, inner_state, delta, grads, mask, dtype, caller: str):
   """The alpha used at this sync, a scalar of ``dtype`` (that of the slow weights, :func:`alpha_dtype`).
 
   ``delta`` is the pseudo-gradient (slow - fast); ``delta`` and ``grads`` hold

@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import DTypeLike
 
@@ -303,7 +304,7 @@ def check_params(cfg: Config, params) -> None:
   """
   for path, p in jax.tree_util.tree_leaves_with_path(params):
     where = f"params{jax.tree_util.keystr(path)}"
-    if isinstance(p, (float, complex)):
+    if isinstance(p, (float, complex)) and not isinstance(p, np.generic):  # (numpy's float64 is a float)
       raise ValueError(
         f"{cfg.caller}: {where} is a Python {type(p).__name__} ({p!r}): pass the params as arrays, e.g. "
         "jax.tree.map(jnp.asarray, params), so that they and their slow weights have a dtype."

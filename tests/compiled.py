@@ -80,6 +80,13 @@ def count_primitive(jaxpr, name: str) -> int:
   return n
 
 
+def assert_calls_no_host(closed_jaxpr) -> None:
+  """No effects and no host callback (debug, io or pure) anywhere in the program: it never waits on the host."""
+  assert closed_jaxpr.effects == set()
+  for callback in ("debug_callback", "io_callback", "pure_callback"):
+    assert count_primitive(closed_jaxpr.jaxpr, callback) == 0, callback
+
+
 def input_shapes(jaxpr, name: str) -> list:
   """The shapes of the first operand of every ``name`` equation in ``jaxpr``, nested jaxprs included."""
   found = []

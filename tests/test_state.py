@@ -21,6 +21,7 @@ from lookahead_optax import (
   snoo,
   streaming,
 )
+from tests.compiled import assert_calls_no_host
 from tests.helpers import make_params, quadratic_grad, replica_grad, run
 
 J = 3  # force the sync after three inner steps of a k = 5 optimizer
@@ -165,7 +166,9 @@ def test_force_sync_under_axis_name_averages_like_a_regular_sync(small):
     return stacked, state
 
   stacked, state = train(long, J)
-  state, synced = jax.vmap(lambda s, p: force_sync(s, p, long), axis_name="replica")(state, stacked)
+  replica_sync = jax.vmap(lambda s, p: force_sync(s, p, long), axis_name="replica")
+  assert_calls_no_host(jax.make_jaxpr(replica_sync)(state, stacked))  # the replica path calls no host either
+  state, synced = replica_sync(state, stacked)
   ref_params, ref_state = train(short, J)
   assert_states_close(synced, ref_params, "params of every replica")
   assert_states_close(state.slow, ref_state.slow, "slow weights")
